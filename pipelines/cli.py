@@ -1,0 +1,82 @@
+"""The ``mergeline`` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from storage.errors import MergelineError, SystemFailure
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Fine-tune one model per task, merge the task vectors, publish the best merge.")
+console = Console(stderr=False)
+errors = Console(stderr=True)
+
+SpecArg = Annotated[Path, typer.Argument(help="The pipeline spec (YAML).", show_default=False)]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a spec field: dotted.key=value (repeatable).")]
+
+
+@app.command()
+def run(spec: SpecArg, set_: SetOpt = None,
+        summary: Annotated[Path | None, typer.Option(help="Write the run summary JSON here.")] = None) -> None:
+    """Run the whole pipeline: fine-tune, task vectors, merge search, publish."""
+    from pipelines.report import print_summary
+    from pipelines.run import run_pipeline
+    from pipelines.specfile import load_spec
+
+    loaded = load_spec(spec, set_ or [])
+    result = run_pipeline(loaded, console, summary)
+    print_summary(result, console)
+
+
+@app.command()
+def validate(spec: SpecArg, set_: SetOpt = None) -> None:
+    """Check a spec (and its overrides) without running it."""
+    from pipelines.plan import make_plan
+    from pipelines.specfile import load_spec
+
+    loaded = load_spec(spec, set_ or [])
+    plan = make_plan(loaded)
+    console.print(f"{spec}: valid · {len(plan.tasks)} tasks · {len(plan.candidates)} candidates · "
+                  f"mode {loaded.finetune.mode}")
+
+
+@app.command()
+def schema() -> None:
+    """Print the spec's JSON schema."""
+    from pipelines.spec import json_schema
+
+    sys.stdout.write(json.dumps(json_schema(), indent=1) + "\n")
+
+
+def main() -> None:
+    """Entry point: user mistakes exit 2 with one line, system failures exit 1."""
+    try:
+        app(standalone_mode=False)
+    except MergelineError as error:
+        errors.print(f"[red]error:[/] {error}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except SystemFailure as error:
+        errors.print(f"[red]failed:[/] {error}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        errors.print("interrupted: nothing half-written is visible; rerun the same command to resume")
+        sys.exit(130)
+    except Exception as error:  # click usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(error, click.exceptions.ClickException):
+            error.show()
+            sys.exit(2)
+        if isinstance(error, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()

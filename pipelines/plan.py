@@ -1,0 +1,119 @@
+"""Spec -> Plan: pure, deterministic, testable without Ray.
+
+The plan expands the merge search into concrete candidates with stable ids and freezes
+everything each stage needs as plain data (it travels to Ray workers as dicts).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+from pipelines.spec import Spec
+from pipelines.specfile import expand_params
+from storage.digest import digest_json
+
+#: Bumped whenever the meaning of a stored artifact changes; part of every cache key.
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One merge method + its params + its coefficient (shared float or per-task mapping)."""
+
+    method: str
+    params: dict[str, Any]
+    coefficient: float | dict[str, float]
+
+    @property
+    def id(self) -> str:
+        text = digest_json([self.method, self.params, self.coefficient])
+        return f"{self.method}-{text[:10]}"
+
+    def coefficient_norm(self) -> float:
+        values = self.coefficient.values() if isinstance(self.coefficient, dict) else [self.coefficient]
+        return sum(float(v) ** 2 for v in values) ** 0.5
+
+    def coefficients_for(self, tasks: list[str]) -> dict[str, float]:
+        if isinstance(self.coefficient, dict):
+            return {task: float(self.coefficient[task]) for task in tasks}
+        return {task: float(self.coefficient) for task in tasks}
+
+
+@dataclass(frozen=True)
+class TaskPlan:
+    name: str
+    dataset: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Plan:
+    spec: Spec
+    spec_digest: str
+    tasks: tuple[TaskPlan, ...]
+    candidates: tuple[Candidate, ...]
+    base_model: dict[str, Any]
+    finetune: dict[str, Any]
+    evaluation: dict[str, Any]
+
+    @property
+    def task_names(self) -> list[str]:
+        return [task.name for task in self.tasks]
+
+
+def make_plan(spec: Spec) -> Plan:
+    dump = spec.model_dump(mode="json")
+    candidates: list[Candidate] = []
+    for candidate in spec.merge.candidates:
+        for params in expand_params(candidate.params):
+            for value in candidate.coefficient.points():
+                candidates.append(Candidate(candidate.method, params, value))
+    unique = tuple(dict((c.id, c) for c in candidates).values())
+    return Plan(
+        spec=spec,
+        spec_digest=digest_json(dump),
+        tasks=tuple(TaskPlan(t["name"], t["dataset"]) for t in dump["tasks"]),
+        candidates=unique,
+        base_model=dump["base_model"],
+        finetune=dump["finetune"],
+        evaluation=dump["evaluation"],
+    )
+
+
+def finetune_config_for_key(finetune: dict[str, Any]) -> dict[str, Any]:
+    """The parts of the fine-tune config that change the task vector (not resources)."""
+    return {k: v for k, v in finetune.items() if k != "resources"}
+
+
+def task_vector_key(base_digest: str, dataset_digest: str, finetune: dict[str, Any]) -> str:
+    return digest_json(
+        {
+            "base": base_digest,
+            "dataset": dataset_digest,
+            "finetune": finetune_config_for_key(finetune),
+            "format": FORMAT_VERSION,
+        }
+    )[:32]
+
+
+def base_model_key(base_model: dict[str, Any], pretrain_dataset_digest: str | None) -> str:
+    return digest_json({"model": base_model, "data": pretrain_dataset_digest, "format": FORMAT_VERSION})[:32]
+
+
+def code_version() -> str:
+    """The installed package version plus a digest of the code's own source files."""
+    from importlib import metadata
+    from pathlib import Path
+
+    hasher = hashlib.sha256()
+    root = Path(__file__).resolve().parent.parent
+    for package in ("pipelines", "workers", "storage"):
+        for path in sorted((root / package).rglob("*.py")):
+            hasher.update(path.relative_to(root).as_posix().encode())
+            hasher.update(path.read_bytes())
+    try:
+        version = metadata.version("mergeline")
+    except metadata.PackageNotFoundError:
+        version = "0+unknown"
+    return f"{version}+{hasher.hexdigest()[:12]}"

@@ -1,0 +1,145 @@
+"""Load a spec from YAML, apply ``--set dotted.key=value`` overrides, validate it."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from pipelines.spec import Spec
+from storage.errors import MergeInputError, SpecError
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.0.c=value`` -> (["a", "b", "0", "c"], value parsed as a YAML scalar or list)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise SpecError(f"--set {text!r} is not of the form dotted.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as error:
+        raise SpecError(f"--set {text!r}: the value is not valid YAML ({error.problem})") from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(document: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``document`` with each override applied in order."""
+    result = yaml.safe_load(yaml.safe_dump(document))
+    for text in overrides:
+        path, value = parse_override(text)
+        node: Any = result
+        for depth, part in enumerate(path[:-1]):
+            where = ".".join(path[: depth + 1])
+            if isinstance(node, list):
+                node = node[_list_index(node, part, where, text)]
+            elif isinstance(node, dict):
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+            else:
+                raise SpecError(f"--set {text!r}: '{where}' is not a mapping or list")
+        last = path[-1]
+        if isinstance(node, list):
+            node[_list_index(node, last, ".".join(path), text)] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise SpecError(f"--set {text!r}: the parent of '{last}' is not a mapping or list")
+    return result
+
+
+def _list_index(node: list[Any], part: str, where: str, text: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise SpecError(f"--set {text!r}: '{where}' is not an index of a list of {len(node)}")
+    return int(part)
+
+
+def read_document(path: str | Path) -> dict[str, Any]:
+    spec_path = Path(path)
+    if not spec_path.is_file():
+        raise SpecError(f"spec file {str(spec_path)!r} does not exist: check the path")
+    try:
+        document = yaml.safe_load(spec_path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or "syntax error"
+        raise SpecError(f"{spec_path}: YAML {problem}{where}: fix the syntax") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"{spec_path}: not a UTF-8 text file") from None
+    if document is None:
+        raise SpecError(f"{spec_path}: the file is empty: write a spec (see examples/)")
+    if not isinstance(document, dict):
+        raise SpecError(f"{spec_path}: the document must be a mapping of spec fields")
+    return document
+
+
+def validate_document(document: dict[str, Any], origin: str = "spec") -> Spec:
+    try:
+        spec = Spec.model_validate(document)
+    except ValidationError as error:
+        raise SpecError(f"{origin}: {describe_validation_error(error)}") from None
+    check_candidates(spec, origin)
+    return spec
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> Spec:
+    document = apply_overrides(read_document(path), overrides or [])
+    return validate_document(document, str(path))
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """One readable line per problem, each naming the field path."""
+    lines = []
+    for item in error.errors()[:5]:
+        where = _field_path(item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown field: remove it or check its spelling (see `mergeline schema`)"
+        elif item["type"] == "missing":
+            message = "required field is missing"
+        lines.append(f"field '{where}': {message}" if where else message)
+    more = len(error.errors()) - 5
+    if more > 0:
+        lines.append(f"... and {more} more")
+    return "; ".join(lines)
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    parts: list[str] = []
+    for part in loc:
+        if isinstance(part, int):
+            parts[-1:] = [f"{parts[-1]}[{part}]"] if parts else [f"[{part}]"]
+        elif part in {"sklearn", "builtin"} and parts:
+            continue  # discriminator tags pydantic inserts into the location
+        else:
+            parts.append(str(part))
+    return ".".join(parts)
+
+
+def check_candidates(spec: Spec, origin: str) -> None:
+    """Every candidate names a registered method whose params (each value or list) validate."""
+    from workers.merge import get_method
+
+    for index, candidate in enumerate(spec.merge.candidates):
+        where = f"merge.candidates[{index}]"
+        try:
+            method = get_method(candidate.method)
+            for params in expand_params(candidate.params):
+                method.params_model.model_validate(params)
+        except MergeInputError as error:
+            raise SpecError(f"{origin}: field '{where}': {error}") from None
+        except ValidationError as error:
+            raise SpecError(f"{origin}: field '{where}.params': {describe_validation_error(error)}") from None
+
+
+def expand_params(params: dict[str, Any]) -> list[dict[str, Any]]:
+    """A params mapping whose values may be lists -> every combination, in a stable order."""
+    if not params:
+        return [{}]
+    keys = sorted(params)
+    axes = [params[k] if isinstance(params[k], list) else [params[k]] for k in keys]
+    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*axes)]

@@ -1,0 +1,1 @@
+"""The work each stage runs inside Ray: reads inputs from the store, writes outputs back."""

@@ -1,0 +1,66 @@
+"""Stages 5-6: score merge candidates on every task's validation split, then the best on test.
+
+A :class:`CandidateScorer` loads θ0, the task vectors, the heads and the evaluation splits
+once, then scores many candidates; the driver runs several of them as Ray actors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from pipelines.plan import Candidate
+from pipelines.stages.base import load_base
+from storage.objectstore import open_store
+from storage.taskvectors import read_task_vector
+from workers.data import load_dataset
+from workers.merge import merge
+from workers.models import build_backbone
+from workers.search.evaluate import accuracy
+
+
+class CandidateScorer:
+    def __init__(
+        self,
+        store_cfg: dict[str, Any],
+        base_key: str,
+        base_meta: dict[str, Any],
+        tasks: dict[str, dict[str, Any]],
+        evaluation: dict[str, Any],
+    ) -> None:
+        """``tasks`` maps task name -> {"key": task-vector key, "dataset": dataset spec}."""
+        torch.set_num_threads(1)
+        store = open_store(store_cfg["uri"], store_cfg.get("endpoint_url"))
+        self.base = load_base(store_cfg, base_key)
+        self.backbone = build_backbone(base_meta["config"], base_meta["input_dim"])
+        self.task_vectors: dict[str, dict[str, torch.Tensor]] = {}
+        self.heads: dict[str, dict[str, torch.Tensor]] = {}
+        self.splits = {}
+        for name, task in tasks.items():
+            self.task_vectors[name], self.heads[name] = read_task_vector(store, task["key"])
+            self.splits[name] = load_dataset(task["dataset"], evaluation, f"tasks[{name}].dataset")
+
+    def score(self, candidates: list[Candidate], split: str = "val") -> list[dict[str, Any]]:
+        """Per-task accuracy on ``split`` for each candidate, in order."""
+        return [self._score_one(candidate, split) for candidate in candidates]
+
+    def _score_one(self, candidate: Candidate, split: str) -> dict[str, Any]:
+        per_task: dict[str, float] = {}
+        for task, state in self._models(candidate):
+            per_task[task] = accuracy(self.backbone, state, self.heads[task], *self.splits[task].split(split))
+        return {"id": candidate.id, "accuracy": per_task}
+
+    def _models(self, candidate: Candidate):
+        """(task, merged state) pairs: one shared model, or one per task for retrieval methods."""
+        from workers.merge import get_method
+
+        method = get_method(candidate.method)
+        if "task" in method.params_model.model_fields:  # retrieval methods: one model per task
+            for task in self.task_vectors:
+                params = dict(candidate.params) | {"task": task}
+                yield task, merge(candidate.method, self.base, self.task_vectors, candidate.coefficient, **params)
+            return
+        state = merge(candidate.method, self.base, self.task_vectors, candidate.coefficient, **candidate.params)
+        for task in self.task_vectors:
+            yield task, state

@@ -1,0 +1,1 @@
+"""Object store, artifact formats, digests and MLflow lineage: the I/O edge of mergeline."""

@@ -1,0 +1,47 @@
+"""Error types shared by every layer.
+
+User mistakes raise a :class:`MergelineError` subclass; the CLI prints its message on one
+line and exits 2. Failures of the system raise :class:`SystemFailure` (exit 1).
+"""
+
+from __future__ import annotations
+
+
+class MergelineError(Exception):
+    """A mistake the user can fix; the message says what is wrong and how to fix it."""
+
+    exit_code = 2
+
+
+class SpecError(MergelineError):
+    """The spec file is missing, malformed or invalid."""
+
+
+class DataError(MergelineError):
+    """A dataset is missing, unknown or unusable as requested."""
+
+
+class ModelError(MergelineError):
+    """A base model is missing, unknown or incompatible."""
+
+
+class MergeInputError(MergelineError):
+    """Task vectors do not match the base model (names, shapes, values) or bad merge params."""
+
+
+class ArtifactError(MergelineError):
+    """A stored artifact is missing, corrupt or fails its checksum."""
+
+
+class ServiceError(MergelineError):
+    """A service named in the spec (Ray, storage, tracking) cannot be reached."""
+
+
+class SystemFailure(Exception):
+    """A failure of the system, not the user: rerunning the same command resumes."""
+
+    exit_code = 1
+
+    def __init__(self, stage: str, cause: str) -> None:
+        super().__init__(f"stage '{stage}' failed: {cause}. Rerun the same command to resume.")
+        self.stage = stage

@@ -1,0 +1,97 @@
+"""Typed readers and writers for the store's artifacts: base models, task vectors, models.
+
+Layout (DESIGN.md): ``task-vectors/<key>/{delta,head}.safetensors`` + ``manifest.json``;
+``base-models/<key>/model.safetensors``; ``models/<name>/<run-id>/model.safetensors`` +
+``config.json``; ``runs/<run-id>/summary.json``. Manifests are always written last.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+
+from storage.artifacts import ArtifactRef, find_artifact, read_file, write_artifact
+from storage.objectstore import ObjectStore
+from storage.tensors import bytes_to_tensors, tensors_to_bytes
+
+
+def task_vector_prefix(key: str) -> str:
+    return f"task-vectors/{key}"
+
+
+def base_model_prefix(key: str) -> str:
+    return f"base-models/{key}"
+
+
+def model_prefix(name: str, run_id: str) -> str:
+    return f"models/{name}/{run_id}"
+
+
+def write_task_vector(
+    store: ObjectStore, key: str, delta: dict[str, torch.Tensor], head: dict[str, torch.Tensor], meta: dict[str, Any]
+) -> ArtifactRef:
+    files = {"delta.safetensors": tensors_to_bytes(delta), "head.safetensors": tensors_to_bytes(head)}
+    return write_artifact(store, task_vector_prefix(key), files, meta)
+
+
+def read_task_vector(store: ObjectStore, key: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    prefix = task_vector_prefix(key)
+    delta = bytes_to_tensors(read_file(store, prefix, "delta.safetensors"), store.url(prefix))
+    head = bytes_to_tensors(read_file(store, prefix, "head.safetensors"), store.url(prefix))
+    return delta, head
+
+
+def find_task_vector(store: ObjectStore, key: str) -> ArtifactRef | None:
+    return find_artifact(store, task_vector_prefix(key))
+
+
+def write_base_model(store: ObjectStore, key: str, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> ArtifactRef:
+    return write_artifact(store, base_model_prefix(key), {"model.safetensors": tensors_to_bytes(state)}, meta)
+
+
+def read_base_model(store: ObjectStore, key: str) -> dict[str, torch.Tensor]:
+    prefix = base_model_prefix(key)
+    return bytes_to_tensors(read_file(store, prefix, "model.safetensors"), store.url(prefix))
+
+
+def write_merged_model(
+    store: ObjectStore,
+    name: str,
+    run_id: str,
+    backbone: dict[str, torch.Tensor],
+    heads: dict[str, dict[str, torch.Tensor]],
+    config: dict[str, Any],
+    meta: dict[str, Any],
+) -> ArtifactRef:
+    tensors = dict(backbone)
+    for task, head in heads.items():
+        tensors.update({f"heads.{task}.{k}": v for k, v in head.items()})
+    files = {
+        "model.safetensors": tensors_to_bytes(tensors),
+        "config.json": json.dumps(config, indent=1, sort_keys=True).encode(),
+    }
+    return write_artifact(store, model_prefix(name, run_id), files, meta)
+
+
+def split_merged_tensors(
+    tensors: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    """Inverse of the merged-model layout: backbone tensors and ``heads.<task>.<name>``."""
+    backbone: dict[str, torch.Tensor] = {}
+    heads: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        if name.startswith("heads."):
+            _, rest = name.split(".", 1)
+            task, part = rest.rsplit(".", 1)
+            heads.setdefault(task, {})[part] = tensor
+        else:
+            backbone[name] = tensor
+    return backbone, heads
+
+
+def write_summary(store: ObjectStore, run_id: str, summary: dict[str, Any]) -> str:
+    key = f"runs/{run_id}/summary.json"
+    store.put(key, json.dumps(summary, indent=1, sort_keys=False).encode())
+    return store.url(key)

@@ -1,0 +1,6 @@
+"""Dataset sources, splits and content digests."""
+
+from workers.data.sources import load_dataset, register_source
+from workers.data.splits import Splits
+
+__all__ = ["Splits", "load_dataset", "register_source"]

@@ -1,0 +1,105 @@
+"""Dataset sources, registered by name: each turns a dataset spec into :class:`Splits`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import numpy as np
+
+from storage.errors import DataError
+from workers.data.splits import Splits, check_labels, split_validation
+from workers.data.transforms import apply_transform
+
+_POOL_SEED = 20_231_121  # fixed: the pretrain / tasks partition never depends on a spec
+
+
+class DatasetSource(Protocol):
+    def __call__(self, config: dict[str, Any], evaluation: dict[str, Any], what: str) -> Splits: ...
+
+
+_SOURCES: dict[str, DatasetSource] = {}
+
+
+def register_source(name: str) -> Callable[[DatasetSource], DatasetSource]:
+    def decorator(function: DatasetSource) -> DatasetSource:
+        if name in _SOURCES:
+            raise RuntimeError(f"dataset source {name!r} is registered twice")
+        _SOURCES[name] = function
+        return function
+
+    return decorator
+
+
+def load_dataset(config: dict[str, Any], evaluation: dict[str, Any], what: str) -> Splits:
+    """Materialise a dataset from its spec (a plain dict, as it travels to Ray workers)."""
+    source = config.get("source")
+    if source not in _SOURCES:
+        raise DataError(f"{what}: unknown dataset source {source!r}; known: {sorted(_SOURCES)}")
+    return _SOURCES[source](config, evaluation, what)
+
+
+def _sklearn_arrays(name: str, what: str) -> tuple[np.ndarray, np.ndarray]:
+    import sklearn.datasets as bundled
+
+    loaders = {
+        "digits": bundled.load_digits,
+        "iris": bundled.load_iris,
+        "wine": bundled.load_wine,
+        "breast_cancer": bundled.load_breast_cancer,
+    }
+    if name not in loaders:
+        raise DataError(f"{what}: unknown sklearn dataset {name!r}; known: {sorted(loaders)}")
+    bunch = loaders[name]()
+    x = bunch.data.astype(np.float32)
+    if name == "digits":
+        x = x / 16.0  # pixel intensities 0..16 -> 0..1
+    else:
+        x = (x - x.mean(axis=0)) / (x.std(axis=0) + 1e-8)
+    return x, bunch.target.astype(np.int64)
+
+
+@register_source("sklearn")
+def load_sklearn(config: dict[str, Any], evaluation: dict[str, Any], what: str) -> Splits:
+    """A scikit-learn bundled dataset, optionally one fixed pool, a class subset, a transform."""
+    x, y = _sklearn_arrays(config["name"], what)
+    order = np.random.default_rng(_POOL_SEED).permutation(len(y))
+    cut = int(len(y) * config.get("pretrain_fraction", 0.4))
+    pool = config.get("pool", "all")
+    if pool == "pretrain":
+        order = np.sort(order[:cut])
+    elif pool == "tasks":
+        order = np.sort(order[cut:])
+    x, y = x[order], y[order]
+
+    classes = config.get("classes")
+    if classes:
+        present = set(np.unique(y).tolist())
+        missing = [c for c in classes if c not in present]
+        if missing:
+            raise DataError(
+                f"{what}: classes {missing} do not exist in {config['name']} "
+                f"(it has {sorted(present)}): fix dataset.classes"
+            )
+        keep = np.isin(y, classes)
+        remap = {c: i for i, c in enumerate(classes)}
+        x, y = x[keep], np.array([remap[int(v)] for v in y[keep]], dtype=np.int64)
+    num_classes = len(classes) if classes else int(y.max()) + 1
+
+    x = apply_transform(x, config.get("transform") or {}, config["name"])
+    seed = int(evaluation.get("split_seed", 0))
+    test_order = np.random.default_rng(seed + 1).permutation(len(y))
+    n_test = int(len(y) * config.get("test_fraction", 0.3))
+    test, train = test_order[:n_test], test_order[n_test:]
+    x_train, y_train, x_val, y_val = split_validation(
+        x[train],
+        y[train],
+        float(evaluation.get("val_fraction", 0.1)),
+        int(evaluation.get("val_max", 5000)),
+        seed,
+        what,
+    )
+    splits = Splits(x_train, y_train, x_val, y_val, x[test], y[test], num_classes)
+    for name in ("train", "val", "test"):
+        check_labels(splits.split(name)[1], num_classes, f"{what} ({name} split)")
+    return splits

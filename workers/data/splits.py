@@ -1,0 +1,65 @@
+"""Deterministic train / val / test splits and the task dataset container."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from storage.digest import digest_arrays
+from storage.errors import DataError
+
+
+@dataclass(frozen=True)
+class Splits:
+    """One task's labelled data; features are float32 rows, labels int64 in [0, num_classes)."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+
+    def digest(self) -> str:
+        """Content digest: the same bytes give the same digest wherever they come from."""
+        return digest_arrays({name: getattr(self, name) for name in _ARRAYS})
+
+    @property
+    def input_dim(self) -> int:
+        return int(self.x_train.shape[1])
+
+    @property
+    def num_rows(self) -> int:
+        return int(len(self.y_train) + len(self.y_val) + len(self.y_test))
+
+    def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        return getattr(self, f"x_{name}"), getattr(self, f"y_{name}")
+
+
+_ARRAYS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
+
+
+def split_validation(
+    x: np.ndarray, y: np.ndarray, val_fraction: float, val_max: int, seed: int, what: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Hold out ``min(val_fraction * n, val_max)`` training examples for validation."""
+    count = min(int(len(y) * val_fraction), val_max)
+    if count < 1 or count >= len(y):
+        raise DataError(
+            f"{what}: {len(y)} training examples are too few for evaluation.val_fraction "
+            f"{val_fraction}: use more data or a larger val_fraction"
+        )
+    order = np.random.default_rng(seed).permutation(len(y))
+    val, train = order[:count], order[count:]
+    return x[train], y[train], x[val], y[val]
+
+
+def check_labels(y: np.ndarray, num_classes: int, what: str) -> None:
+    if len(y) == 0:
+        raise DataError(f"{what}: the split is empty: check the dataset and its class filter")
+    if y.min() < 0 or y.max() >= num_classes:
+        raise DataError(
+            f"{what}: labels must lie in [0, {num_classes}); found {int(y.min())}..{int(y.max())}"
+        )

@@ -1,0 +1,160 @@
+"""The merge-method registry: one method per file, registered under its file name.
+
+A method file defines a pydantic params model and an implementation, and registers them with
+`@register("<file name>", params_model=...)`. Registering a name twice, or under a name that is
+not the file's, fails at import.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from pydantic import BaseModel, ValidationError
+
+from storage.errors import MergeInputError
+from workers.merge.backbone import Coefficient, StateDict, TaskVectors
+from workers.merge.validation import validate_coefficient, validate_task_vectors
+
+Implementation = Callable[..., StateDict]
+"""`(base, task_vectors, coefficient, params, **internal) -> θ`, inputs already validated."""
+
+
+class MergeMethod(Protocol):
+    """What the merge engine and the search need to know about one merge method."""
+
+    name: str
+    params_model: type[BaseModel]
+    per_task_coefficients: bool  # accepts {task: α_t} as the coefficient
+    uses_coefficient: bool  # False: the coefficient is ignored (tall_masks)
+    per_tensor: bool  # with default params, each tensor merges alone (streamable, no pre-pass)
+
+    def validate_params(self, params: Mapping[str, Any]) -> BaseModel: ...
+
+    def global_trim_density(self, params: BaseModel) -> float | None: ...
+
+    def merge(
+        self,
+        base: StateDict,
+        task_vectors: TaskVectors,
+        coefficient: Coefficient = 1.0,
+        **params: Any,
+    ) -> StateDict: ...
+
+
+def _no_global_trim(params: BaseModel) -> float | None:
+    return None
+
+
+@dataclass(frozen=True)
+class RegisteredMethod:
+    """A registered merge method; `merge` validates every input before the math runs."""
+
+    name: str
+    params_model: type[BaseModel]
+    implementation: Implementation
+    per_task_coefficients: bool = True
+    uses_coefficient: bool = True
+    per_tensor: bool = True
+    trim_density: Callable[[Any], float | None] = _no_global_trim
+    internal_params: tuple[str, ...] = ()
+
+    def validate_params(self, params: Mapping[str, Any]) -> BaseModel:
+        """The user-facing params, validated; errors name the method and the param."""
+        try:
+            return self.params_model.model_validate(dict(params))
+        except ValidationError as error:
+            first = error.errors()[0]
+            field = str(first["loc"][0]) if first["loc"] else "params"
+            known = ", ".join(self.params_model.model_fields) or "none"
+            got = "" if first["type"] == "missing" else f" (got {first['input']!r})"
+            raise MergeInputError(
+                f"{self.name} param '{field}': {first['msg']}{got}; {self.name} params are: "
+                f"{known}. Fix the value, or leave it out to use the default"
+            ) from None
+
+    def global_trim_density(self, params: BaseModel) -> float | None:
+        """The density of a whole-backbone ties trim these params need, else None.
+
+        When not None, streaming tensor by tensor needs `thresholds={task: float}` computed
+        first with `ties.global_trim_thresholds` (see the method's docstring for what it sees).
+        """
+        return self.trim_density(params)
+
+    def merge(
+        self,
+        base: StateDict,
+        task_vectors: TaskVectors,
+        coefficient: Coefficient = 1.0,
+        **params: Any,
+    ) -> StateDict:
+        """θ0 merged with the task vectors; inputs are untouched, the result is a new dict."""
+        validate_task_vectors(base, task_vectors)
+        if self.uses_coefficient:
+            validate_coefficient(
+                coefficient, task_vectors, method=self.name, per_task=self.per_task_coefficients
+            )
+        internal = {key: params.pop(key) for key in self.internal_params if key in params}
+        validated = self.validate_params(params)
+        if "thresholds" in internal and self.trim_density(validated) is None:
+            raise MergeInputError(
+                f"{self.name} param 'thresholds' applies only to a global ties trim, which these "
+                "params do not use: drop it"
+            )
+        return self.implementation(base, task_vectors, coefficient, validated, **internal)
+
+
+_REGISTRY: dict[str, RegisteredMethod] = {}
+
+
+def register(
+    name: str,
+    *,
+    params_model: type[BaseModel],
+    per_task_coefficients: bool = True,
+    uses_coefficient: bool = True,
+    per_tensor: bool = True,
+    global_trim_density: Callable[[Any], float | None] = _no_global_trim,
+    internal_params: tuple[str, ...] = (),
+) -> Callable[[Implementation], Implementation]:
+    """Register the decorated implementation as merge method `name` (its file name)."""
+
+    def decorator(implementation: Implementation) -> Implementation:
+        if name in _REGISTRY:
+            owner = _REGISTRY[name].implementation.__module__
+            raise ValueError(f"merge method '{name}' is already registered by {owner}")
+        file_name = implementation.__module__.rsplit(".", 1)[-1]
+        if file_name != name:
+            raise ValueError(
+                f"merge method '{name}' must be registered from a file named {name}.py, "
+                f"not {file_name}.py"
+            )
+        _REGISTRY[name] = RegisteredMethod(
+            name=name,
+            params_model=params_model,
+            implementation=implementation,
+            per_task_coefficients=per_task_coefficients,
+            uses_coefficient=uses_coefficient,
+            per_tensor=per_tensor,
+            trim_density=global_trim_density,
+            internal_params=internal_params,
+        )
+        return implementation
+
+    return decorator
+
+
+def list_methods() -> list[str]:
+    """Names of the registered merge methods, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_method(name: str) -> RegisteredMethod:
+    """The registered method `name`; an unknown name raises MergeInputError listing the known."""
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise MergeInputError(
+            f"unknown merge method {name!r}: choose one of {', '.join(list_methods())}"
+        ) from None

@@ -1,0 +1,35 @@
+"""Scoring a backbone state on labelled splits, without touching the module's own weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from workers.models.heads import apply_head
+
+
+@torch.no_grad()
+def features_at(backbone: nn.Module, state: dict[str, torch.Tensor], x: np.ndarray | torch.Tensor) -> torch.Tensor:
+    inputs = torch.as_tensor(x)
+    return functional_call(backbone, state, (inputs,))
+
+
+@torch.no_grad()
+def accuracy(
+    backbone: nn.Module,
+    state: dict[str, torch.Tensor],
+    head: dict[str, torch.Tensor],
+    x: np.ndarray | torch.Tensor,
+    y: np.ndarray | torch.Tensor,
+) -> float:
+    """Top-1 accuracy of ``head`` on the backbone's features at parameters ``state``."""
+    logits = apply_head(head, features_at(backbone, state, x))
+    labels = torch.as_tensor(y)
+    return float((logits.argmax(dim=1) == labels).float().mean())
+
+
+def normalized(merged: dict[str, float], finetuned: dict[str, float]) -> dict[str, float]:
+    """acc_t(merged) / acc_t(single-task fine-tuned) per task."""
+    return {task: merged[task] / max(finetuned[task], 1e-12) for task in merged}
