@@ -68,7 +68,8 @@ def publish(plan: Plan, run_id: str, store: ObjectStore, store_cfg: dict[str, An
 
     with _local_copy(store, stored["prefix"]) as model_dir:
         published = tracker.publish(str(model_dir), str(SERVING_CODE), name, tags, aliases,
-                                    {f"test_{k}": v for k, v in test_scores.items()})
+                                    {f"test_{k}": v for k, v in test_scores.items()},
+                                    serving=(base_meta["input_dim"], {"task": plan.task_names[0]}))
     return {"uri": stored["uri"], "sha256": stored["sha256"], "mlflow_run_id": published.mlflow_run_id,
             "registered_model": published.registered_model, "version": published.version,
             "aliases": published.aliases, "promotion": reason}

@@ -68,6 +68,8 @@ def run_pipeline(spec: Spec, console: Console, summary_path: Path | None = None)
         scores = {row["id"]: row["objective"] for row in rows}
         best = choose_best(list(plan.candidates), scores, spec.merge.objective)
         test = get(scorers[0].score.remote([best], "test"), "final evaluation")[0]["accuracy"]
+        for scorer in scorers:  # give their CPUs back to the publish stage
+            ray.kill(scorer)
         timings["search_s"] = time.perf_counter() - t0
         best_row = next(row for row in rows if row["id"] == best.id)
         tracker.log_search(rows_for_tracking(rows), spec.merge.objective,

@@ -23,7 +23,7 @@ class MergedModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
         self.backbone, self.state, self.heads = load_merged(Path(context.artifacts["model"]))
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> np.ndarray:
+    def predict(self, context, model_input, params=None):  # untyped: MLflow infers no schema
         task = (params or {}).get("task") or next(iter(self.heads))
         if task not in self.heads:
             raise ValueError(f"unknown task {task!r}; this model serves {sorted(self.heads)}")

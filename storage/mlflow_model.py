@@ -23,6 +23,9 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
+import numpy as np
+from mlflow.models import ModelSignature
+from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.environment_variables import MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT
@@ -153,6 +156,15 @@ def _global_tracking_uri(uri: str) -> Iterator[None]:
         mlflow.set_tracking_uri(previous)
 
 
+def serving_signature(input_width: int, params: dict[str, str]) -> ModelSignature:
+    """A float32 feature matrix in, one label per row out; string inference params."""
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, input_width))]),
+        outputs=Schema([TensorSpec(np.dtype(np.int64), (-1,))]),
+        params=ParamSchema([ParamSpec(name, "string", default) for name, default in params.items()]),
+    )
+
+
 def log_and_register(
     tracking_uri: str,
     run_id: str,
@@ -161,6 +173,7 @@ def log_and_register(
     registered_model: str,
     tags: dict[str, str],
     pip_requirements: list[str] | None = None,
+    signature: ModelSignature | None = None,
 ) -> ModelVersion:
     """Log ``model_dir`` under run ``run_id`` as a pyfunc from ``code_path``; register it.
 
@@ -176,5 +189,6 @@ def log_and_register(
                 artifacts={"model": model_dir},
                 pip_requirements=pip_requirements or default_pip_requirements(),
                 tags=tags,
+                signature=signature,
             )
         return mlflow.register_model(info.model_uri, registered_model, tags=tags)

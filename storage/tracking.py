@@ -32,6 +32,7 @@ from storage.mlflow_model import (
     log_and_register,
     quiet_run_links,
     redact_uri,
+    serving_signature,
     to_csv,
     to_dataset_input,
     to_metrics,
@@ -227,18 +228,22 @@ class MlflowTracker:
         aliases: list[str],
         metrics: dict[str, float],
         pip_requirements: list[str] | None = None,
+        serving: tuple[int, dict[str, str]] | None = None,
     ) -> PublishedModel:
         """Child run ``publish``: log a pyfunc model from code, register it, tag and alias it.
 
         Nothing is pickled: the model class is read from ``code_path`` when loaded, and the
-        files of ``model_dir`` are its artifact ``model``.
+        files of ``model_dir`` are its artifact ``model``. ``serving`` = (input width, inference
+        params with their defaults) gives the model a signature.
         """
+        signature = serving_signature(*serving) if serving else None
         tags = {key: to_text(value) for key, value in tags.items()}
         with self._child("publish", tags) as run_id:
             self._log(run_id, {}, to_metrics(metrics))
             with quiet_run_links(self._has_password):
                 version = log_and_register(
-                    self.uri, run_id, model_dir, code_path, registered_model, tags, pip_requirements
+                    self.uri, run_id, model_dir, code_path, registered_model, tags,
+                    pip_requirements, signature,
                 )
             for alias in aliases:
                 self.set_alias(registered_model, alias, int(version.version))

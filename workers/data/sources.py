@@ -59,17 +59,22 @@ def _sklearn_arrays(name: str, what: str) -> tuple[np.ndarray, np.ndarray]:
     return x, bunch.target.astype(np.int64)
 
 
+def pool_indices(count: int, pool: str, pretrain_fraction: float) -> np.ndarray:
+    """Row indices of a fixed pool: 'pretrain' and 'tasks' are disjoint and cover 'all'."""
+    order = np.random.default_rng(_POOL_SEED).permutation(count)
+    cut = int(count * pretrain_fraction)
+    if pool == "pretrain":
+        return np.sort(order[:cut])
+    if pool == "tasks":
+        return np.sort(order[cut:])
+    return np.arange(count)
+
+
 @register_source("sklearn")
 def load_sklearn(config: dict[str, Any], evaluation: dict[str, Any], what: str) -> Splits:
     """A scikit-learn bundled dataset, optionally one fixed pool, a class subset, a transform."""
     x, y = _sklearn_arrays(config["name"], what)
-    order = np.random.default_rng(_POOL_SEED).permutation(len(y))
-    cut = int(len(y) * config.get("pretrain_fraction", 0.4))
-    pool = config.get("pool", "all")
-    if pool == "pretrain":
-        order = np.sort(order[:cut])
-    elif pool == "tasks":
-        order = np.sort(order[cut:])
+    order = pool_indices(len(y), config.get("pool", "all"), config.get("pretrain_fraction", 0.4))
     x, y = x[order], y[order]
 
     classes = config.get("classes")

@@ -1,0 +1,59 @@
+"""Shared fixtures: small specs, a local Ray for the integration tier."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest_plugins = ["tests.conftest_mlflow"]
+
+REPO = Path(__file__).resolve().parent.parent
+
+#: The run summary's keys, exactly as DESIGN.md lists them.
+SUMMARY_KEYS = {
+    "run_id", "status", "mode", "tasks", "search", "best", "model", "timings",
+}
+TASK_KEYS = {"task_vector_uri", "sha256", "cache_hit", "zero_shot", "finetuned"}
+SEARCH_KEYS = {"candidates_evaluated", "seconds", "strategy"}
+BEST_KEYS = {"method", "params", "coefficients", "val", "test"}
+MODEL_KEYS = {"uri", "mlflow_run_id", "registered_model", "version", "aliases"}
+TIMING_KEYS = {"finetune_s", "search_s", "total_s"}
+
+TINY_SPEC: dict[str, Any] = {
+    "name": "tiny",
+    "base_model": {
+        "source": "builtin", "name": "mlp", "hidden": [32], "features": 8, "seed": 0,
+        "pretrain": {"dataset": {"source": "sklearn", "name": "digits", "pool": "pretrain"},
+                     "steps": 60, "batch_size": 32, "lr": 3e-3},
+    },
+    "tasks": [
+        {"name": "perm1", "dataset": {"source": "sklearn", "name": "digits", "pool": "tasks",
+                                      "transform": {"kind": "permute", "seed": 1}}},
+        {"name": "perm2", "dataset": {"source": "sklearn", "name": "digits", "pool": "tasks",
+                                      "transform": {"kind": "permute", "seed": 2}}},
+    ],
+    "finetune": {"steps": 30, "batch_size": 32, "lr": 1e-3},
+    "merge": {"candidates": [{"method": "task_arithmetic", "coefficient": {"start": 0.0, "stop": 1.0, "num": 5}}]},
+}
+
+
+@pytest.fixture
+def tiny_spec(tmp_path: Path) -> dict[str, Any]:
+    """A spec dict that runs the whole pipeline in seconds, storing under ``tmp_path``."""
+    spec = copy.deepcopy(TINY_SPEC)
+    spec["storage"] = {"uri": f"file://{tmp_path}/store"}
+    spec["tracking"] = {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "tiny"}
+    return spec
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """One local Ray for the whole session (the pipeline reuses an initialised Ray)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    yield
+    ray.shutdown()

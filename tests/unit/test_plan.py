@@ -1,0 +1,58 @@
+"""Planning is pure: candidates, ids and cache keys."""
+
+from __future__ import annotations
+
+import sys
+
+from pipelines.plan import Candidate, make_plan, task_vector_key
+from pipelines.selection import choose_best
+from pipelines.specfile import apply_overrides, validate_document
+from tests.conftest import TINY_SPEC
+
+
+def _plan(*overrides: str):
+    return make_plan(validate_document(apply_overrides(TINY_SPEC, list(overrides))))
+
+
+def test_candidates_expand_params_and_coefficients_with_stable_ids() -> None:
+    plan = _plan(
+        "merge.candidates=[{method: task_arithmetic, coefficient: {num: 3}},"
+        " {method: ties, params: {density: [0.1, 0.2]}, coefficient: {values: [0.5, 1.0]}}]"
+    )
+    assert len(plan.candidates) == 3 + 2 * 2
+    again = _plan(
+        "merge.candidates=[{method: task_arithmetic, coefficient: {num: 3}},"
+        " {method: ties, params: {density: [0.1, 0.2]}, coefficient: {values: [0.5, 1.0]}}]"
+    )
+    assert [c.id for c in plan.candidates] == [c.id for c in again.candidates]
+    assert len({c.id for c in plan.candidates}) == len(plan.candidates)
+    assert {tuple(c.params.items()) for c in plan.candidates if c.method == "ties"} == {
+        (("density", 0.1),), (("density", 0.2),)}
+
+
+def test_planning_does_not_start_ray() -> None:
+    _plan()
+    import ray
+
+    assert not ray.is_initialized()
+    assert "pipelines.run" not in sys.modules or not ray.is_initialized()
+
+
+def test_task_vector_key_depends_on_inputs_not_resources() -> None:
+    finetune = _plan().finetune
+    key = task_vector_key("base", "data", finetune)
+    assert key == task_vector_key("base", "data", finetune)
+    assert key != task_vector_key("base2", "data", finetune)
+    assert key != task_vector_key("base", "data2", finetune)
+    assert key != task_vector_key("base", "data", finetune | {"steps": finetune["steps"] + 1})
+    moved = finetune | {"resources": {"num_gpus": 1, "num_cpus": 4, "num_workers": 2}}
+    assert key == task_vector_key("base", "data", moved)
+
+
+def test_best_candidate_ties_break_on_coefficient_norm_then_method() -> None:
+    a, b, c = Candidate("ties", {}, 0.6), Candidate("task_arithmetic", {}, 0.6), Candidate("task_arithmetic", {}, 0.3)
+    scores = {x.id: {"mean_normalized_accuracy": 0.9} for x in (a, b, c)}
+    assert choose_best([a, b, c], scores, "mean_normalized_accuracy") == c
+    assert choose_best([a, b], scores, "mean_normalized_accuracy") == b
+    scores[a.id] = {"mean_normalized_accuracy": 0.95}
+    assert choose_best([a, b, c], scores, "mean_normalized_accuracy") == a
