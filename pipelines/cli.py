@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -12,18 +13,28 @@ from rich.console import Console
 
 from storage.errors import MergelineError, SystemFailure
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Fine-tune one model per task, merge the task vectors, publish the best merge.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Fine-tune one model per task, merge the task vectors, publish the best merge.",
+)
 console = Console(stderr=False)
 errors = Console(stderr=True)
 
 SpecArg = Annotated[Path, typer.Argument(help="The pipeline spec (YAML).", show_default=False)]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a spec field: dotted.key=value (repeatable).")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a spec field: dotted.key=value (repeatable)."),
+]
 
 
 @app.command()
-def run(spec: SpecArg, set_: SetOpt = None,
-        summary: Annotated[Path | None, typer.Option(help="Write the run summary JSON here.")] = None) -> None:
+def run(
+    spec: SpecArg,
+    set_: SetOpt = None,
+    summary: Annotated[Path | None, typer.Option(help="Write the run summary JSON here.")] = None,
+) -> None:
     """Run the whole pipeline: fine-tune, task vectors, merge search, publish."""
     from pipelines.report import print_summary
     from pipelines.run import run_pipeline
@@ -42,8 +53,10 @@ def validate(spec: SpecArg, set_: SetOpt = None) -> None:
 
     loaded = load_spec(spec, set_ or [])
     plan = make_plan(loaded)
-    console.print(f"{spec}: valid · {len(plan.tasks)} tasks · {len(plan.candidates)} candidates · "
-                  f"mode {loaded.finetune.mode}")
+    console.print(
+        f"{spec}: valid · {len(plan.tasks)} tasks · {len(plan.candidates)} candidates · "
+        f"mode {loaded.finetune.mode}"
+    )
 
 
 @app.command()
@@ -56,6 +69,8 @@ def schema() -> None:
 
 def main() -> None:
     """Entry point: user mistakes exit 2 with one line, system failures exit 1."""
+    for name in ("mlflow", "alembic"):  # their INFO lines (database migrations) are noise here
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         app(standalone_mode=False)
     except MergelineError as error:
@@ -65,7 +80,9 @@ def main() -> None:
         errors.print(f"[red]failed:[/] {error}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
-        errors.print("interrupted: nothing half-written is visible; rerun the same command to resume")
+        errors.print(
+            "interrupted: nothing half-written is visible; rerun the same command to resume"
+        )
         sys.exit(130)
     except Exception as error:  # click usage errors arrive here in non-standalone mode
         import click

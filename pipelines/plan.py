@@ -32,7 +32,9 @@ class Candidate:
         return f"{self.method}-{text[:10]}"
 
     def coefficient_norm(self) -> float:
-        values = self.coefficient.values() if isinstance(self.coefficient, dict) else [self.coefficient]
+        values = (
+            self.coefficient.values() if isinstance(self.coefficient, dict) else [self.coefficient]
+        )
         return sum(float(v) ** 2 for v in values) ** 0.5
 
     def coefficients_for(self, tasks: list[str]) -> dict[str, float]:
@@ -98,7 +100,9 @@ def task_vector_key(base_digest: str, dataset_digest: str, finetune: dict[str, A
 
 
 def base_model_key(base_model: dict[str, Any], pretrain_dataset_digest: str | None) -> str:
-    return digest_json({"model": base_model, "data": pretrain_dataset_digest, "format": FORMAT_VERSION})[:32]
+    return digest_json(
+        {"model": base_model, "data": pretrain_dataset_digest, "format": FORMAT_VERSION}
+    )[:32]
 
 
 def code_version() -> str:

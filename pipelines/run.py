@@ -33,8 +33,14 @@ def new_run_id() -> str:
 
 
 def progress_bar(console: Console) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=console, transient=False)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
 
 
 def run_pipeline(spec: Spec, console: Console, summary_path: Path | None = None) -> dict[str, Any]:
@@ -44,16 +50,25 @@ def run_pipeline(spec: Spec, console: Console, summary_path: Path | None = None)
     started = time.perf_counter()
     store = open_store(spec.storage.uri, spec.storage.endpoint_url)
     store_cfg = {"uri": store.uri, "endpoint_url": spec.storage.endpoint_url}
+    datasets = fingerprint_datasets(plan)  # bad data fails before any service is touched
     tracker = MlflowTracker(spec.tracking.uri, spec.tracking.experiment)
-    tracker.check()
+    tracker.check()  # an unreachable tracking server fails before any fine-tuning starts
 
-    console.print(f"[bold]mergeline[/] run [cyan]{run_id}[/] · spec '{spec.name}' · "
-                  f"{len(plan.tasks)} tasks · {len(plan.candidates)} candidates")
-    datasets = fingerprint_datasets(plan)
+    console.print(
+        f"[bold]mergeline[/] run [cyan]{run_id}[/] · spec '{spec.name}' · "
+        f"{len(plan.tasks)} tasks · {len(plan.candidates)} candidates"
+    )
     version = code_version()
-    tags = {"mergeline.run_id": run_id, "mergeline.spec_digest": plan.spec_digest,
-            "mergeline.code_version": version, "mergeline.spec_name": spec.name}
-    with ray_session(spec.compute.ray_address, spec.compute.num_cpus), tracker.pipeline_run(run_id, tags):
+    tags = {
+        "mergeline.run_id": run_id,
+        "mergeline.spec_digest": plan.spec_digest,
+        "mergeline.code_version": version,
+        "mergeline.spec_name": spec.name,
+    }
+    with (
+        ray_session(spec.compute.ray_address, spec.compute.num_cpus),
+        tracker.pipeline_run(run_id, tags),
+    ):
         base_key, base_meta = prepare_base(plan, store_cfg, datasets, console)
         t0 = time.perf_counter()
         tasks = finetune_all(plan, store, store_cfg, base_key, base_meta, datasets, console)
@@ -72,16 +87,31 @@ def run_pipeline(spec: Spec, console: Console, summary_path: Path | None = None)
             ray.kill(scorer)
         timings["search_s"] = time.perf_counter() - t0
         best_row = next(row for row in rows if row["id"] == best.id)
-        tracker.log_search(rows_for_tracking(rows), spec.merge.objective,
-                                        {"id": best.id, "method": best.method, **best_row["objective"]})
+        tracker.log_search(
+            rows_for_tracking(rows),
+            spec.merge.objective,
+            {"id": best.id, "method": best.method, **best_row["objective"]},
+        )
 
         finetuned_test = {t: info["meta"]["finetuned"]["test"] for t, info in tasks.items()}
         test_scores = objective_scores(test, finetuned_test)
-        published = publish(plan, run_id, store, store_cfg, tracker, base_key, base_meta, tasks,
-                            best, test_scores, version)
+        published = publish(
+            plan,
+            run_id,
+            store,
+            store_cfg,
+            tracker,
+            base_key,
+            base_meta,
+            tasks,
+            best,
+            test_scores,
+            version,
+        )
         timings["total_s"] = time.perf_counter() - started
-        summary = build_summary(run_id, plan, tasks, best, best_row, test, test_scores, published,
-                                rows, timings)
+        summary = build_summary(
+            run_id, plan, tasks, best, best_row, test, test_scores, published, rows, timings
+        )
         console.print(f"promotion: {published['promotion']}")
         write_summary(store, run_id, summary)
         tracker.log_summary(summary)
@@ -95,56 +125,92 @@ def run_pipeline(spec: Spec, console: Console, summary_path: Path | None = None)
 
 def fingerprint_datasets(plan: Plan) -> dict[str, Splits]:
     """Stage 1: materialise every task's splits and check they can share one backbone."""
-    datasets = {t.name: load_dataset(t.dataset, plan.evaluation, f"tasks[{i}].dataset")
-                for i, t in enumerate(plan.tasks)}
+    datasets = {
+        t.name: load_dataset(t.dataset, plan.evaluation, f"tasks[{i}].dataset")
+        for i, t in enumerate(plan.tasks)
+    }
     dims = {name: data.input_dim for name, data in datasets.items()}
     if len(set(dims.values())) > 1:
-        raise DataError(f"tasks have different feature dimensions {dims}: every task must feed "
-                        "the same base model")
+        raise DataError(
+            f"tasks have different feature dimensions {dims}: every task must feed "
+            "the same base model"
+        )
     return datasets
 
 
-def prepare_base(plan: Plan, store_cfg: dict[str, Any], datasets: dict[str, Splits],
-                 console: Console) -> tuple[str, dict[str, Any]]:
+def prepare_base(
+    plan: Plan, store_cfg: dict[str, Any], datasets: dict[str, Splits], console: Console
+) -> tuple[str, dict[str, Any]]:
     pretrain = plan.base_model.get("pretrain")
     input_dim = next(iter(datasets.values())).input_dim
     pretrain_digest = None
     if pretrain:
-        pretrain_data = load_dataset(pretrain["dataset"], plan.evaluation, "base_model.pretrain.dataset")
+        pretrain_data = load_dataset(
+            pretrain["dataset"], plan.evaluation, "base_model.pretrain.dataset"
+        )
         if pretrain_data.input_dim != input_dim:
-            raise DataError(f"base_model.pretrain.dataset has {pretrain_data.input_dim} features "
-                            f"but the tasks have {input_dim}: pretrain on data of the same shape")
+            raise DataError(
+                f"base_model.pretrain.dataset has {pretrain_data.input_dim} features "
+                f"but the tasks have {input_dim}: pretrain on data of the same shape"
+            )
         pretrain_digest = pretrain_data.digest()
     key = base_model_key(plan.base_model, pretrain_digest)
     with console.status("base model: pretraining (cached after the first run)"):
         job = ray.remote(pretrain_base_job).options(num_cpus=1, max_retries=2)
-        meta = get(job.remote(store_cfg, key, plan.base_model, plan.evaluation, input_dim), "base model")
+        meta = get(
+            job.remote(store_cfg, key, plan.base_model, plan.evaluation, input_dim), "base model"
+        )
     state = "cache hit" if meta.pop("cache_hit") else f"pretrained in {meta['seconds']:.1f}s"
     console.print(f"base model {meta['digest'][:12]} ({state})")
     return key, meta
 
 
-def finetune_all(plan: Plan, store, store_cfg: dict[str, Any], base_key: str, base_meta: dict[str, Any],
-                 datasets: dict[str, Splits], console: Console) -> dict[str, dict[str, Any]]:
+def finetune_all(
+    plan: Plan,
+    store,
+    store_cfg: dict[str, Any],
+    base_key: str,
+    base_meta: dict[str, Any],
+    datasets: dict[str, Splits],
+    console: Console,
+) -> dict[str, dict[str, Any]]:
     """Stages 2-4: one Ray task per task whose vector is not in the store yet."""
     resources = plan.finetune["resources"]
     job = ray.remote(run_finetune_job).options(
-        num_cpus=resources["num_cpus"], num_gpus=resources["num_gpus"], max_retries=2,
-        retry_exceptions=False)
+        num_cpus=resources["num_cpus"],
+        num_gpus=resources["num_gpus"],
+        max_retries=2,
+        retry_exceptions=False,
+    )
     results: dict[str, dict[str, Any]] = {}
     pending: dict[Any, str] = {}
     for task in plan.tasks:
         key = task_vector_key(base_meta["digest"], datasets[task.name].digest(), plan.finetune)
         existing = find_task_vector(store, key)
         if existing is not None:
-            results[task.name] = {"key": key, "ref": existing, "meta": existing.meta, "cache_hit": True}
+            results[task.name] = {
+                "key": key,
+                "ref": existing,
+                "meta": existing.meta,
+                "cache_hit": True,
+            }
             continue
-        ref = job.remote(store_cfg, key, task.name, task.dataset, plan.evaluation, base_key,
-                         base_meta, plan.finetune)
+        ref = job.remote(
+            store_cfg,
+            key,
+            task.name,
+            task.dataset,
+            plan.evaluation,
+            base_key,
+            base_meta,
+            plan.finetune,
+        )
         pending[ref] = task.name
         results[task.name] = {"key": key, "cache_hit": False}
     with progress_bar(console) as progress:
-        bar = progress.add_task("fine-tune", total=len(plan.tasks), completed=len(plan.tasks) - len(pending))
+        bar = progress.add_task(
+            "fine-tune", total=len(plan.tasks), completed=len(plan.tasks) - len(pending)
+        )
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             name = pending.pop(done[0])
@@ -154,40 +220,70 @@ def finetune_all(plan: Plan, store, store_cfg: dict[str, Any], base_key: str, ba
         if not info["cache_hit"]:
             info["ref"] = find_task_vector(store, info["key"])
             info["meta"] = info["ref"].meta
-        console.print(f"  {name}: {'cache hit' if info['cache_hit'] else 'fine-tuned'} "
-                      f"→ {info['ref'].uri}")
+        console.print(
+            f"  {name}: {'cache hit' if info['cache_hit'] else 'fine-tuned'} → {info['ref'].uri}"
+        )
     return {task.name: results[task.name] for task in plan.tasks}
 
 
-def log_finetune(tracker: MlflowTracker, name: str, info: dict[str, Any], data: Splits, plan: Plan) -> None:
+def log_finetune(
+    tracker: MlflowTracker, name: str, info: dict[str, Any], data: Splits, plan: Plan
+) -> None:
     meta = info["meta"]
-    metrics = {f"{kind}_{split}_accuracy": meta[kind][split]
-               for kind in ("zero_shot", "finetuned") for split in ("val", "test")}
+    metrics = {
+        f"{kind}_{split}_accuracy": meta[kind][split]
+        for kind in ("zero_shot", "finetuned")
+        for split in ("val", "test")
+    }
     metrics |= {"final_loss": meta["final_loss"], "seconds": meta["seconds"]}
-    dataset = DatasetInfo(name=name, source=str(plan.tasks[plan.task_names.index(name)].dataset),
-                          digest=meta["dataset_digest"], num_rows=data.num_rows)
-    tags = {"mergeline.task": name, "mergeline.task_vector_uri": info["ref"].uri,
-            "mergeline.task_vector_sha256": info["ref"].sha256,
-            "mergeline.cache_hit": str(info["cache_hit"]).lower(), "mergeline.mode": meta["mode"]}
+    dataset = DatasetInfo(
+        name=name,
+        source=str(plan.tasks[plan.task_names.index(name)].dataset),
+        digest=meta["dataset_digest"],
+        num_rows=data.num_rows,
+    )
+    tags = {
+        "mergeline.task": name,
+        "mergeline.task_vector_uri": info["ref"].uri,
+        "mergeline.task_vector_sha256": info["ref"].sha256,
+        "mergeline.cache_hit": str(info["cache_hit"]).lower(),
+        "mergeline.mode": meta["mode"],
+    }
     history = [{"step": i, "loss": v} for i, v in enumerate(meta.get("loss_history", []))]
-    tracker.log_finetune(name, {k: v for k, v in meta["finetune"].items()}, metrics, dataset, tags, history)
+    tracker.log_finetune(
+        name, {k: v for k, v in meta["finetune"].items()}, metrics, dataset, tags, history
+    )
 
 
-def start_scorers(plan: Plan, store_cfg: dict[str, Any], base_key: str, base_meta: dict[str, Any],
-                  tasks: dict[str, dict[str, Any]]) -> list[Any]:
-    specs = {name: {"key": info["key"], "dataset": plan.tasks[plan.task_names.index(name)].dataset}
-             for name, info in tasks.items()}
+def start_scorers(
+    plan: Plan,
+    store_cfg: dict[str, Any],
+    base_key: str,
+    base_meta: dict[str, Any],
+    tasks: dict[str, dict[str, Any]],
+) -> list[Any]:
+    specs = {
+        name: {"key": info["key"], "dataset": plan.tasks[plan.task_names.index(name)].dataset}
+        for name, info in tasks.items()
+    }
     count = max(1, min(plan.spec.merge.num_actors, len(plan.candidates)))
     actor = ray.remote(num_cpus=1)(CandidateScorer)
-    return [actor.remote(store_cfg, base_key, base_meta, specs, plan.evaluation) for _ in range(count)]
+    return [
+        actor.remote(store_cfg, base_key, base_meta, specs, plan.evaluation) for _ in range(count)
+    ]
 
 
-def search(plan: Plan, scorers: list[Any], finetuned_val: dict[str, float], console: Console) -> list[dict[str, Any]]:
+def search(
+    plan: Plan, scorers: list[Any], finetuned_val: dict[str, float], console: Console
+) -> list[dict[str, Any]]:
     """Stage 5: fan candidates out over the scorer actors in small chunks."""
     candidates = list(plan.candidates)
     size = max(1, math.ceil(len(candidates) / (len(scorers) * 4)))
-    chunks = [candidates[i:i + size] for i in range(0, len(candidates), size)]
-    pending = {scorers[i % len(scorers)].score.remote(chunk, "val"): chunk for i, chunk in enumerate(chunks)}
+    chunks = [candidates[i : i + size] for i in range(0, len(candidates), size)]
+    pending = {
+        scorers[i % len(scorers)].score.remote(chunk, "val"): chunk
+        for i, chunk in enumerate(chunks)
+    }
     by_id: dict[str, dict[str, Any]] = {}
     with progress_bar(console) as progress:
         bar = progress.add_task("merge search", total=len(candidates))
@@ -200,10 +296,17 @@ def search(plan: Plan, scorers: list[Any], finetuned_val: dict[str, float], cons
     return [by_id[c.id] for c in candidates]
 
 
-def _row(candidate: Candidate, accuracy: dict[str, float], finetuned: dict[str, float]) -> dict[str, Any]:
-    return {"id": candidate.id, "method": candidate.method, "params": candidate.params,
-            "coefficient": candidate.coefficient, "accuracy": accuracy,
-            "objective": objective_scores(accuracy, finetuned)}
+def _row(
+    candidate: Candidate, accuracy: dict[str, float], finetuned: dict[str, float]
+) -> dict[str, Any]:
+    return {
+        "id": candidate.id,
+        "method": candidate.method,
+        "params": candidate.params,
+        "coefficient": candidate.coefficient,
+        "accuracy": accuracy,
+        "objective": objective_scores(accuracy, finetuned),
+    }
 
 
 def rows_for_tracking(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

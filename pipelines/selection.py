@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from pipelines.plan import Candidate
@@ -22,6 +23,31 @@ def choose_best(
     """Highest objective; ties broken by the smaller coefficient norm, then by method name."""
 
     def rank(candidate: Candidate) -> tuple[Any, ...]:
-        return (-round(scores[candidate.id][objective], 12), candidate.coefficient_norm(), candidate.method, candidate.id)
+        return (
+            -round(scores[candidate.id][objective], 12),
+            candidate.coefficient_norm(),
+            candidate.method,
+            candidate.id,
+        )
 
     return min(candidates, key=rank)
+
+
+def decide_promotion(
+    score: float, objective: str, tasks: str, champion_tags: dict[str, str] | None
+) -> tuple[bool, str]:
+    """Promote to champion only if the new test objective beats the current champion's.
+
+    A champion over a different task set is not comparable: the new version replaces it.
+    """
+    if champion_tags is None:
+        return True, "no champion yet"
+    if champion_tags.get("mergeline.tasks") != tasks:
+        return True, "the task set changed"
+    previous = float(champion_tags.get("mergeline.test_objective", "nan"))
+    if math.isnan(previous) or score > previous:
+        return True, f"{objective} {score:.4f} beats the champion's {previous:.4f}"
+    return (
+        False,
+        f"not promoted: {objective} {score:.4f} does not beat the champion's {previous:.4f}",
+    )

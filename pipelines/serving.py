@@ -29,11 +29,15 @@ class MergedModel(mlflow.pyfunc.PythonModel):
             raise ValueError(f"unknown task {task!r}; this model serves {sorted(self.heads)}")
         x = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
         with torch.no_grad():
-            logits = apply_head(self.heads[task], torch.func.functional_call(self.backbone, self.state, (x,)))
+            logits = apply_head(
+                self.heads[task], torch.func.functional_call(self.backbone, self.state, (x,))
+            )
         return logits.argmax(dim=1).numpy()
 
 
-def load_merged(directory: Path) -> tuple[torch.nn.Module, dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+def load_merged(
+    directory: Path,
+) -> tuple[torch.nn.Module, dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
     """A merged model directory -> (backbone module, merged state, heads)."""
     config = json.loads((directory / "config.json").read_text())
     backbone_state, heads = split_merged_tensors(load_file(str(directory / "model.safetensors")))

@@ -188,7 +188,9 @@ class TrackingSpec(_Model):
     @classmethod
     def _scheme(cls, value: str) -> str:
         if not re.match(r"^(sqlite:///|https?://).+", value):
-            raise ValueError(f"tracking.uri {value!r} must start with sqlite:///, http:// or https://")
+            raise ValueError(
+                f"tracking.uri {value!r} must start with sqlite:///, http:// or https://"
+            )
         return value
 
 
@@ -218,7 +220,9 @@ class Spec(_Model):
         seen: set[str] = set()
         for index, task in enumerate(self.tasks):
             if task.name in seen:
-                raise ValueError(f"tasks[{index}].name {task.name!r} is used twice: task names must be unique")
+                raise ValueError(
+                    f"tasks[{index}].name {task.name!r} is used twice: task names must be unique"
+                )
             seen.add(task.name)
         return self
 

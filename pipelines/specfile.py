@@ -149,7 +149,9 @@ def check_candidates(spec: Spec, origin: str) -> None:
         except MergeInputError as error:
             raise SpecError(f"{origin}: field '{where}': {error}") from None
         except ValidationError as error:
-            raise SpecError(f"{origin}: field '{where}.params': {describe_validation_error(error)}") from None
+            raise SpecError(
+                f"{origin}: field '{where}.params': {describe_validation_error(error)}"
+            ) from None
 
 
 def expand_params(params: dict[str, Any]) -> list[dict[str, Any]]:

@@ -24,11 +24,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
 import numpy as np
-from mlflow.models import ModelSignature
-from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.environment_variables import MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT
+from mlflow.models import ModelSignature
+from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
 MAX_DATASET_DIGEST_LENGTH = 36  # MLflow refuses longer dataset digests
 _INVALID_KEY_CHARACTERS = re.compile(r"[^\w./\- :]")
@@ -161,7 +161,9 @@ def serving_signature(input_width: int, params: dict[str, str]) -> ModelSignatur
     return ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, input_width))]),
         outputs=Schema([TensorSpec(np.dtype(np.int64), (-1,))]),
-        params=ParamSchema([ParamSpec(name, "string", default) for name, default in params.items()]),
+        params=ParamSchema(
+            [ParamSpec(name, "string", default) for name, default in params.items()]
+        ),
     )
 
 

@@ -30,13 +30,22 @@ def model_prefix(name: str, run_id: str) -> str:
 
 
 def write_task_vector(
-    store: ObjectStore, key: str, delta: dict[str, torch.Tensor], head: dict[str, torch.Tensor], meta: dict[str, Any]
+    store: ObjectStore,
+    key: str,
+    delta: dict[str, torch.Tensor],
+    head: dict[str, torch.Tensor],
+    meta: dict[str, Any],
 ) -> ArtifactRef:
-    files = {"delta.safetensors": tensors_to_bytes(delta), "head.safetensors": tensors_to_bytes(head)}
+    files = {
+        "delta.safetensors": tensors_to_bytes(delta),
+        "head.safetensors": tensors_to_bytes(head),
+    }
     return write_artifact(store, task_vector_prefix(key), files, meta)
 
 
-def read_task_vector(store: ObjectStore, key: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def read_task_vector(
+    store: ObjectStore, key: str
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     prefix = task_vector_prefix(key)
     delta = bytes_to_tensors(read_file(store, prefix, "delta.safetensors"), store.url(prefix))
     head = bytes_to_tensors(read_file(store, prefix, "head.safetensors"), store.url(prefix))
@@ -47,8 +56,12 @@ def find_task_vector(store: ObjectStore, key: str) -> ArtifactRef | None:
     return find_artifact(store, task_vector_prefix(key))
 
 
-def write_base_model(store: ObjectStore, key: str, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> ArtifactRef:
-    return write_artifact(store, base_model_prefix(key), {"model.safetensors": tensors_to_bytes(state)}, meta)
+def write_base_model(
+    store: ObjectStore, key: str, state: dict[str, torch.Tensor], meta: dict[str, Any]
+) -> ArtifactRef:
+    return write_artifact(
+        store, base_model_prefix(key), {"model.safetensors": tensors_to_bytes(state)}, meta
+    )
 
 
 def read_base_model(store: ObjectStore, key: str) -> dict[str, torch.Tensor]:

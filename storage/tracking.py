@@ -242,8 +242,14 @@ class MlflowTracker:
             self._log(run_id, {}, to_metrics(metrics))
             with quiet_run_links(self._has_password):
                 version = log_and_register(
-                    self.uri, run_id, model_dir, code_path, registered_model, tags,
-                    pip_requirements, signature,
+                    self.uri,
+                    run_id,
+                    model_dir,
+                    code_path,
+                    registered_model,
+                    tags,
+                    pip_requirements,
+                    signature,
                 )
             for alias in aliases:
                 self.set_alias(registered_model, alias, int(version.version))

@@ -14,7 +14,14 @@ REPO = Path(__file__).resolve().parent.parent
 
 #: The run summary's keys, exactly as DESIGN.md lists them.
 SUMMARY_KEYS = {
-    "run_id", "status", "mode", "tasks", "search", "best", "model", "timings",
+    "run_id",
+    "status",
+    "mode",
+    "tasks",
+    "search",
+    "best",
+    "model",
+    "timings",
 }
 TASK_KEYS = {"task_vector_uri", "sha256", "cache_hit", "zero_shot", "finetuned"}
 SEARCH_KEYS = {"candidates_evaluated", "seconds", "strategy"}
@@ -25,18 +32,44 @@ TIMING_KEYS = {"finetune_s", "search_s", "total_s"}
 TINY_SPEC: dict[str, Any] = {
     "name": "tiny",
     "base_model": {
-        "source": "builtin", "name": "mlp", "hidden": [32], "features": 8, "seed": 0,
-        "pretrain": {"dataset": {"source": "sklearn", "name": "digits", "pool": "pretrain"},
-                     "steps": 60, "batch_size": 32, "lr": 3e-3},
+        "source": "builtin",
+        "name": "mlp",
+        "hidden": [32],
+        "features": 8,
+        "seed": 0,
+        "pretrain": {
+            "dataset": {"source": "sklearn", "name": "digits", "pool": "pretrain"},
+            "steps": 60,
+            "batch_size": 32,
+            "lr": 3e-3,
+        },
     },
     "tasks": [
-        {"name": "perm1", "dataset": {"source": "sklearn", "name": "digits", "pool": "tasks",
-                                      "transform": {"kind": "permute", "seed": 1}}},
-        {"name": "perm2", "dataset": {"source": "sklearn", "name": "digits", "pool": "tasks",
-                                      "transform": {"kind": "permute", "seed": 2}}},
+        {
+            "name": "perm1",
+            "dataset": {
+                "source": "sklearn",
+                "name": "digits",
+                "pool": "tasks",
+                "transform": {"kind": "permute", "seed": 1},
+            },
+        },
+        {
+            "name": "perm2",
+            "dataset": {
+                "source": "sklearn",
+                "name": "digits",
+                "pool": "tasks",
+                "transform": {"kind": "permute", "seed": 2},
+            },
+        },
     ],
     "finetune": {"steps": 30, "batch_size": 32, "lr": 1e-3},
-    "merge": {"candidates": [{"method": "task_arithmetic", "coefficient": {"start": 0.0, "stop": 1.0, "num": 5}}]},
+    "merge": {
+        "candidates": [
+            {"method": "task_arithmetic", "coefficient": {"start": 0.0, "stop": 1.0, "num": 5}}
+        ]
+    },
 }
 
 

@@ -35,11 +35,18 @@ def run_finetune_job(
     backbone = build_backbone(base_meta["config"], base_meta["input_dim"])
     backbone.load_state_dict(theta0)
 
-    head = fit_linear_probe(features_at(backbone, theta0, data.x_train).numpy(), data.y_train, data.num_classes)
+    head = fit_linear_probe(
+        features_at(backbone, theta0, data.x_train).numpy(), data.y_train, data.num_classes
+    )
     zero_shot = {s: accuracy(backbone, theta0, head, *data.split(s)) for s in ("val", "test")}
 
-    config = TrainConfig(finetune["steps"], finetune["batch_size"], finetune["lr"],
-                         finetune.get("weight_decay", 0.0), finetune.get("seed", 0))
+    config = TrainConfig(
+        finetune["steps"],
+        finetune["batch_size"],
+        finetune["lr"],
+        finetune.get("weight_decay", 0.0),
+        finetune.get("seed", 0),
+    )
     history = train(backbone, head, data.x_train, data.y_train, config, f"task '{task}'")
     theta = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
     finetuned = {s: accuracy(backbone, theta, head, *data.split(s)) for s in ("val", "test")}
@@ -63,4 +70,3 @@ def run_finetune_job(
     }
     ref = write_task_vector(store, key, delta, head, meta)
     return ref.meta
-

@@ -48,7 +48,9 @@ class CandidateScorer:
     def _score_one(self, candidate: Candidate, split: str) -> dict[str, Any]:
         per_task: dict[str, float] = {}
         for task, state in self._models(candidate):
-            per_task[task] = accuracy(self.backbone, state, self.heads[task], *self.splits[task].split(split))
+            per_task[task] = accuracy(
+                self.backbone, state, self.heads[task], *self.splits[task].split(split)
+            )
         return {"id": candidate.id, "accuracy": per_task}
 
     def _models(self, candidate: Candidate):
@@ -59,8 +61,23 @@ class CandidateScorer:
         if "task" in method.params_model.model_fields:  # retrieval methods: one model per task
             for task in self.task_vectors:
                 params = dict(candidate.params) | {"task": task}
-                yield task, merge(candidate.method, self.base, self.task_vectors, candidate.coefficient, **params)
+                yield (
+                    task,
+                    merge(
+                        candidate.method,
+                        self.base,
+                        self.task_vectors,
+                        candidate.coefficient,
+                        **params,
+                    ),
+                )
             return
-        state = merge(candidate.method, self.base, self.task_vectors, candidate.coefficient, **candidate.params)
+        state = merge(
+            candidate.method,
+            self.base,
+            self.task_vectors,
+            candidate.coefficient,
+            **candidate.params,
+        )
         for task in self.task_vectors:
             yield task, state

@@ -25,7 +25,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("local_ray")]
 
 
 def _run(document: dict, tmp_path: Path, name: str = "summary.json") -> dict:
-    return run_pipeline(validate_document(document), Console(file=open("/dev/null", "w")), tmp_path / name)
+    return run_pipeline(
+        validate_document(document), Console(file=open("/dev/null", "w")), tmp_path / name
+    )
 
 
 def test_pipeline_runs_end_to_end_then_hits_the_cache(tiny_spec: dict, tmp_path: Path) -> None:
@@ -45,7 +47,11 @@ def test_pipeline_runs_end_to_end_then_hits_the_cache(tiny_spec: dict, tmp_path:
     assert stored["run_id"] == first["run_id"]
     for task in first["tasks"].values():
         prefix = Path(task["task_vector_uri"].removeprefix("file://"))
-        assert {p.name for p in prefix.iterdir()} == {"delta.safetensors", "head.safetensors", "manifest.json"}
+        assert {p.name for p in prefix.iterdir()} == {
+            "delta.safetensors",
+            "head.safetensors",
+            "manifest.json",
+        }
     assert Path(first["model"]["uri"].removeprefix("file://"), "model.safetensors").is_file()
 
     client = MlflowClient(tiny_spec["tracking"]["uri"])
@@ -55,8 +61,12 @@ def test_pipeline_runs_end_to_end_then_hits_the_cache(tiny_spec: dict, tmp_path:
     for name, task in first["tasks"].items():
         assert version.tags[f"mergeline.task.{name}.task_vector_sha256"] == task["sha256"]
     runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
-    parent = [r for r in runs if r.data.tags.get("mergeline.run_id") == first["run_id"]
-              and "mlflow.parentRunId" not in r.data.tags]
+    parent = [
+        r
+        for r in runs
+        if r.data.tags.get("mergeline.run_id") == first["run_id"]
+        and "mlflow.parentRunId" not in r.data.tags
+    ]
     assert len(parent) == 1
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
     assert len(children) == 2 + 1 + 1  # two fine-tunes, the search, the publish step
@@ -65,7 +75,9 @@ def test_pipeline_runs_end_to_end_then_hits_the_cache(tiny_spec: dict, tmp_path:
     assert all(task["cache_hit"] for task in second["tasks"].values())
     assert second["best"]["coefficients"] == first["best"]["coefficients"]
     assert second["best"]["val"] == first["best"]["val"]
-    assert {t: v["sha256"] for t, v in second["tasks"].items()} == {t: v["sha256"] for t, v in first["tasks"].items()}
+    assert {t: v["sha256"] for t, v in second["tasks"].items()} == {
+        t: v["sha256"] for t, v in first["tasks"].items()
+    }
     assert second["model"]["version"] == first["model"]["version"] + 1
 
 
@@ -78,7 +90,11 @@ def test_published_model_serves_the_evaluated_predictions(tiny_spec: dict, tmp_p
     summary = _run(tiny_spec, tmp_path)
     mlflow.set_tracking_uri(tiny_spec["tracking"]["uri"])
     model = mlflow.pyfunc.load_model(f"models:/tiny/{summary['model']['version']}")
-    data = load_dataset(tiny_spec["tasks"][0]["dataset"], {"val_fraction": 0.1, "val_max": 5000, "split_seed": 0}, "t")
+    data = load_dataset(
+        tiny_spec["tasks"][0]["dataset"],
+        {"val_fraction": 0.1, "val_max": 5000, "split_seed": 0},
+        "t",
+    )
     predicted = model.predict(data.x_test, params={"task": "perm1"})
     measured = float((np.asarray(predicted) == data.y_test).mean())
     assert measured == pytest.approx(summary["best"]["test"]["per_task"]["perm1"], abs=1e-9)
@@ -92,8 +108,14 @@ def test_a_failed_run_registers_nothing(tiny_spec: dict, tmp_path: Path) -> None
     assert client.search_registered_models() == []
 
 
-def test_pipeline_against_a_real_mlflow_server(tiny_spec: dict, tmp_path: Path, mlflow_server: str) -> None:
-    tiny_spec["tracking"] = {"uri": mlflow_server, "experiment": "tiny-server", "registered_model": "tiny-server"}
+def test_pipeline_against_a_real_mlflow_server(
+    tiny_spec: dict, tmp_path: Path, mlflow_server: str
+) -> None:
+    tiny_spec["tracking"] = {
+        "uri": mlflow_server,
+        "experiment": "tiny-server",
+        "registered_model": "tiny-server",
+    }
     summary = _run(tiny_spec, tmp_path)
     client = MlflowClient(mlflow_server)
     version = client.get_model_version_by_alias("tiny-server", "candidate")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from pipelines.plan import Candidate, make_plan, task_vector_key
-from pipelines.selection import choose_best
+from pipelines.selection import choose_best, decide_promotion
 from pipelines.specfile import apply_overrides, validate_document
 from tests.conftest import TINY_SPEC
 
@@ -27,7 +27,9 @@ def test_candidates_expand_params_and_coefficients_with_stable_ids() -> None:
     assert [c.id for c in plan.candidates] == [c.id for c in again.candidates]
     assert len({c.id for c in plan.candidates}) == len(plan.candidates)
     assert {tuple(c.params.items()) for c in plan.candidates if c.method == "ties"} == {
-        (("density", 0.1),), (("density", 0.2),)}
+        (("density", 0.1),),
+        (("density", 0.2),),
+    }
 
 
 def test_planning_does_not_start_ray() -> None:
@@ -50,9 +52,23 @@ def test_task_vector_key_depends_on_inputs_not_resources() -> None:
 
 
 def test_best_candidate_ties_break_on_coefficient_norm_then_method() -> None:
-    a, b, c = Candidate("ties", {}, 0.6), Candidate("task_arithmetic", {}, 0.6), Candidate("task_arithmetic", {}, 0.3)
+    a, b, c = (
+        Candidate("ties", {}, 0.6),
+        Candidate("task_arithmetic", {}, 0.6),
+        Candidate("task_arithmetic", {}, 0.3),
+    )
     scores = {x.id: {"mean_normalized_accuracy": 0.9} for x in (a, b, c)}
     assert choose_best([a, b, c], scores, "mean_normalized_accuracy") == c
     assert choose_best([a, b], scores, "mean_normalized_accuracy") == b
     scores[a.id] = {"mean_normalized_accuracy": 0.95}
     assert choose_best([a, b, c], scores, "mean_normalized_accuracy") == a
+
+
+def test_promotion_needs_a_strictly_better_score_on_the_same_tasks() -> None:
+    objective = "mean_normalized_accuracy"
+    champion = {"mergeline.tasks": "a,b", "mergeline.test_objective": "0.800000"}
+    assert decide_promotion(0.9, objective, "a,b", None)[0]
+    assert decide_promotion(0.81, objective, "a,b", champion)[0]
+    promote, reason = decide_promotion(0.8, objective, "a,b", champion)
+    assert not promote and "does not beat" in reason
+    assert decide_promotion(0.1, objective, "a,b,c", champion)[0]

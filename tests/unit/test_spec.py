@@ -31,7 +31,9 @@ def test_default_coefficient_grid_is_21_points_step_005() -> None:
 def test_overrides_parse_yaml_values_and_reach_nested_lists() -> None:
     assert parse_override("finetune.steps=5") == (["finetune", "steps"], 5)
     assert parse_override("base_model.hidden=[4, 8]") == (["base_model", "hidden"], [4, 8])
-    document = apply_overrides(TINY_SPEC, ["tasks.1.name=other", "finetune.lr=1e-2", "compute.ray_address=auto"])
+    document = apply_overrides(
+        TINY_SPEC, ["tasks.1.name=other", "finetune.lr=1e-2", "compute.ray_address=auto"]
+    )
     assert document["tasks"][1]["name"] == "other"
     assert document["finetune"]["lr"] == pytest.approx(0.01)
     assert document["compute"]["ray_address"] == "auto"
@@ -66,10 +68,16 @@ def test_bad_specs_name_the_field(overrides: list[str], fragment: str) -> None:
 
 
 def test_method_params_are_validated_per_value_of_a_grid() -> None:
-    document = apply_overrides(TINY_SPEC, ["merge.candidates.0.method=ties", "merge.candidates.0.params.density=[0.1, 1.5]"])
+    document = apply_overrides(
+        TINY_SPEC,
+        ["merge.candidates.0.method=ties", "merge.candidates.0.params.density=[0.1, 1.5]"],
+    )
     with pytest.raises(SpecError, match=r"merge.candidates\[0\].params"):
         validate_document(document)
-    ok = apply_overrides(TINY_SPEC, ["merge.candidates.0.method=ties", "merge.candidates.0.params.density=[0.1, 0.2]"])
+    ok = apply_overrides(
+        TINY_SPEC,
+        ["merge.candidates.0.method=ties", "merge.candidates.0.params.density=[0.1, 0.2]"],
+    )
     assert validate_document(ok).merge.candidates[0].params == {"density": [0.1, 0.2]}
 
 

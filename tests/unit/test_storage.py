@@ -32,7 +32,9 @@ def test_task_vector_round_trip(store) -> None:
 
 
 def test_a_directory_without_manifest_does_not_exist(store, tmp_path: Path) -> None:
-    write_task_vector(store, "k2", {"w": torch.ones(2)}, {"weight": torch.ones(1, 2), "bias": torch.ones(1)}, {})
+    write_task_vector(
+        store, "k2", {"w": torch.ones(2)}, {"weight": torch.ones(1, 2), "bias": torch.ones(1)}, {}
+    )
     (tmp_path / "store/task-vectors/k2/manifest.json").unlink()
     assert find_task_vector(store, "k2") is None
     (tmp_path / "store/task-vectors/k3").mkdir(parents=True)
@@ -58,7 +60,9 @@ def test_manifest_is_written_last_and_lists_every_file(store, tmp_path: Path) ->
 
 
 def test_truncated_safetensors_is_an_artifact_error(store, tmp_path: Path) -> None:
-    write_task_vector(store, "k4", {"w": torch.ones(2)}, {"weight": torch.ones(1, 2), "bias": torch.ones(1)}, {})
+    write_task_vector(
+        store, "k4", {"w": torch.ones(2)}, {"weight": torch.ones(1, 2), "bias": torch.ones(1)}, {}
+    )
     find_artifact(store, "task-vectors/k4")
     path = tmp_path / "store/task-vectors/k4/delta.safetensors"
     path.write_bytes(path.read_bytes()[:10])

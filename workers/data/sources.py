@@ -12,6 +12,7 @@ from workers.data.splits import Splits, check_labels, split_validation
 from workers.data.transforms import apply_transform
 
 _POOL_SEED = 20_231_121  # fixed: the pretrain / tasks partition never depends on a spec
+_STD_FLOOR = 0.1  # constant pixels (digits' borders) stay 0 instead of dividing by ~0
 
 
 class DatasetSource(Protocol):
@@ -52,11 +53,11 @@ def _sklearn_arrays(name: str, what: str) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{what}: unknown sklearn dataset {name!r}; known: {sorted(loaders)}")
     bunch = loaders[name]()
     x = bunch.data.astype(np.float32)
-    if name == "digits":
-        x = x / 16.0  # pixel intensities 0..16 -> 0..1
-    else:
-        x = (x - x.mean(axis=0)) / (x.std(axis=0) + 1e-8)
-    return x, bunch.target.astype(np.int64)
+    # Standardise each input with statistics of the fixed pretrain pool only (no task example
+    # informs them). Centred inputs also keep permuted domains nearly orthogonal.
+    reference = x[pool_indices(len(x), "pretrain", 0.4)]
+    x = (x - reference.mean(axis=0)) / (reference.std(axis=0) + _STD_FLOOR)
+    return x.astype(np.float32), bunch.target.astype(np.int64)
 
 
 def pool_indices(count: int, pool: str, pretrain_fraction: float) -> np.ndarray:

@@ -17,7 +17,7 @@ def apply_transform(x: np.ndarray, transform: dict[str, Any], dataset: str) -> n
         order = np.random.default_rng(int(transform.get("seed", 0))).permutation(x.shape[1])
         return np.ascontiguousarray(x[:, order])
     if kind == "invert":
-        return np.ascontiguousarray(x.max() - x)
+        return np.ascontiguousarray(-x)  # inputs are standardised: invert about the mean
     side = int(round(np.sqrt(x.shape[1])))
     if side * side != x.shape[1]:
         raise DataError(f"transform {kind!r} needs square images; {dataset} rows are not")

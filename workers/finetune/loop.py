@@ -54,14 +54,17 @@ def train(
     history: list[dict[str, float]] = []
     backbone.train()
     for step in range(config.steps):
-        batch = torch.randint(0, len(labels), (min(config.batch_size, len(labels)),), generator=generator)
+        batch = torch.randint(
+            0, len(labels), (min(config.batch_size, len(labels)),), generator=generator
+        )
         features = backbone(inputs[batch])
         logits = head(features) if isinstance(head, nn.Module) else apply_head(head, features)
         loss = nn.functional.cross_entropy(logits, labels[batch])
         value = float(loss.detach())
         if not math.isfinite(value):
             raise DivergenceError(
-                f"{what}: the loss became {value} at step {step}: lower finetune.lr or check the data"
+                f"{what}: the loss became {value} at step {step}: "
+                "lower finetune.lr or check the data"
             )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -16,7 +16,9 @@ class MLPBackbone(nn.Module):
     def __init__(self, input_dim: int, hidden: list[int], features: int) -> None:
         super().__init__()
         widths = [input_dim, *hidden, features]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths, widths[1:], strict=False))
+        self.layers = nn.ModuleList(
+            nn.Linear(a, b) for a, b in zip(widths, widths[1:], strict=False)
+        )
         self.feature_dim = features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

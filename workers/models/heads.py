@@ -7,7 +7,9 @@ import torch
 from sklearn.linear_model import LogisticRegression
 
 
-def fit_linear_probe(features: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, torch.Tensor]:
+def fit_linear_probe(
+    features: np.ndarray, labels: np.ndarray, num_classes: int
+) -> dict[str, torch.Tensor]:
     """Multinomial logistic regression (L2, C=1) on frozen features; deterministic (lbfgs)."""
     probe = LogisticRegression(max_iter=2000, C=1.0)
     probe.fit(features, labels)

@@ -11,7 +11,9 @@ from workers.models.heads import apply_head
 
 
 @torch.no_grad()
-def features_at(backbone: nn.Module, state: dict[str, torch.Tensor], x: np.ndarray | torch.Tensor) -> torch.Tensor:
+def features_at(
+    backbone: nn.Module, state: dict[str, torch.Tensor], x: np.ndarray | torch.Tensor
+) -> torch.Tensor:
     inputs = torch.as_tensor(x)
     return functional_call(backbone, state, (inputs,))
 

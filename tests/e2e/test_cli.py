@@ -1,0 +1,90 @@
+"""The CLI as a user runs it: the quickstart twice, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, SUMMARY_KEYS
+
+pytestmark = pytest.mark.e2e
+QUICKSTART = REPO / "examples" / "quickstart.yaml"
+
+
+def mergeline(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    env = os.environ | {"COLUMNS": "120", "NO_COLOR": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.slow
+def test_quickstart_runs_twice_and_the_second_run_is_all_cache_hits(tmp_path: Path) -> None:
+    first = mergeline("run", str(QUICKSTART), "--summary", "first.json", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "zero-shot" in first.stdout and "fine-tuned" in first.stdout and "merged" in first.stdout
+    summary = json.loads((tmp_path / "first.json").read_text())
+    assert set(summary) == SUMMARY_KEYS
+    assert summary["status"] == "succeeded" and summary["mode"] == "standard"
+    assert len(summary["tasks"]) >= 3
+    assert not any(task["cache_hit"] for task in summary["tasks"].values())
+    zero_shot = [t["zero_shot"]["test"] / t["finetuned"]["test"] for t in summary["tasks"].values()]
+    assert all(t["zero_shot"]["test"] < t["finetuned"]["test"] for t in summary["tasks"].values())
+    merged = summary["best"]["test"]["mean_normalized_accuracy"]
+    assert merged - sum(zero_shot) / len(zero_shot) >= 0.10
+    assert "candidate" in summary["model"]["aliases"]
+    assert (
+        tmp_path / ".mergeline" / "store" / "runs" / summary["run_id"] / "summary.json"
+    ).is_file()
+
+    second = mergeline("run", str(QUICKSTART), "--summary", "second.json", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    again = json.loads((tmp_path / "second.json").read_text())
+    assert all(task["cache_hit"] for task in again["tasks"].values())
+    assert again["best"]["coefficients"] == summary["best"]["coefficients"]
+    assert again["best"]["method"] == summary["best"]["method"]
+    assert again["model"]["version"] == summary["model"]["version"] + 1
+    assert "hit" in second.stdout
+
+
+def test_validate_and_schema(tmp_path: Path) -> None:
+    ok = mergeline("validate", str(QUICKSTART), "--set", "finetune.steps=10", cwd=tmp_path)
+    assert ok.returncode == 0 and "valid" in ok.stdout
+    schema = mergeline("schema", cwd=tmp_path)
+    assert schema.returncode == 0
+    assert "finetune" in json.loads(schema.stdout)["properties"]
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["run", "missing.yaml"], "does not exist"),
+        (["run", str(QUICKSTART), "--set", "finetune.steps=-5"], "finetune.steps"),
+        (
+            ["run", str(QUICKSTART), "--set", "merge.candidates.0.method=nope"],
+            "unknown merge method",
+        ),
+        (["run", str(QUICKSTART), "--set", "tasks.0.dataset.name=mnist"], "tasks[0].dataset.name"),
+        (["run", str(QUICKSTART), "--set", "tasks.0.dataset.classes=[1, 99]"], "99"),
+        (["validate", str(QUICKSTART), "--set", "nonsense"], "dotted.key=value"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_nothing_registered(
+    tmp_path: Path, args: list[str], fragment: str
+) -> None:
+    result = mergeline(*args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert fragment in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1
+    assert not (tmp_path / ".mergeline" / "store" / "models").exists()
