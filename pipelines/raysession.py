@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -21,6 +24,8 @@ def ray_session(address: str | None, num_cpus: int | None) -> Iterator[None]:
         yield
         return
     options: dict[str, Any] = {"logging_level": logging.ERROR, "configure_logging": True}
+    if address:
+        check_reachable(address)
     try:
         if address:
             ray.init(address=address, **options)
@@ -36,6 +41,35 @@ def ray_session(address: str | None, num_cpus: int | None) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail within ``timeout_s`` when a cluster address does not answer (Ray itself retries
+    for minutes). ``auto`` needs a cluster started on this machine or ``RAY_ADDRESS``."""
+    target = address
+    if address == "auto":
+        target = os.environ.get("RAY_ADDRESS", "")
+        if not target:
+            current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+            if not current.is_file():
+                raise ServiceError(
+                    "compute.ray_address is 'auto' but no Ray cluster runs on this machine and "
+                    "RAY_ADDRESS is unset: start one with `ray start --head` or set the address"
+                )
+            target = current.read_text().strip()
+    host_port = target.split("://", 1)[-1].rstrip("/")
+    host, _, port = host_port.rpartition(":")
+    if not host or not port.isdigit():
+        raise ServiceError(
+            f"compute.ray_address {address!r} is not host:port, ray://host:port or 'auto'"
+        )
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as error:
+        raise ServiceError(
+            f"Ray at {address} is unreachable ({error.strerror or error}): start the cluster "
+            "or fix compute.ray_address (null starts a local Ray)"
+        ) from None
 
 
 def get(refs: Any, stage: str) -> Any:
