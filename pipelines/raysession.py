@@ -72,13 +72,26 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
         ) from None
 
 
+def wait_any(refs: list[Any], poll_s: float = 0.25) -> list[Any]:
+    """The refs that are ready (at least one). Polls, because a blocking ``ray.wait`` does
+    not return to Python, so Ctrl-C would not stop the driver until a task finished."""
+    while True:
+        done, _ = ray.wait(refs, num_returns=1, timeout=poll_s)
+        if done:
+            return done
+
+
 def get(refs: Any, stage: str) -> Any:
-    """``ray.get`` that re-raises user errors as themselves and system failures as such."""
+    """``ray.get`` that re-raises user errors as themselves and system failures as such
+    (and, like :func:`wait_any`, lets Ctrl-C through while it waits)."""
+    pending = refs if isinstance(refs, list) else [refs]
     try:
+        while len(ray.wait(pending, num_returns=len(pending), timeout=0.25)[0]) < len(pending):
+            pass
         return ray.get(refs)
     except RayTaskError as error:
         cause = error.cause if isinstance(getattr(error, "cause", None), BaseException) else None
-        if isinstance(cause, MergelineError):
+        if isinstance(cause, MergelineError | SystemFailure):  # e.g. storage down past retries
             raise cause from None
         raise SystemFailure(stage, _first_line(cause or error)) from None
     except RayError as error:
