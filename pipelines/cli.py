@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -11,6 +12,10 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from pipelines.diagnose import diagnose_app
+from pipelines.inspect_commands import lineage_command, ls_command
+from pipelines.merge_command import merge_command
+from pipelines.runs_command import report_command, runs_command
 from storage.errors import MergelineError, SystemFailure
 
 app = typer.Typer(
@@ -59,6 +64,14 @@ def validate(spec: SpecArg, set_: SetOpt = None) -> None:
     )
 
 
+app.command("merge")(merge_command)
+app.add_typer(diagnose_app, name="diagnose")
+app.command("ls")(ls_command)
+app.command("lineage")(lineage_command)
+app.command("runs")(runs_command)
+app.command("report")(report_command)
+
+
 @app.command()
 def schema() -> None:
     """Print the spec's JSON schema."""
@@ -69,10 +82,15 @@ def schema() -> None:
 
 def main() -> None:
     """Entry point: user mistakes exit 2 with one line, system failures exit 1."""
-    for name in ("mlflow", "alembic"):  # their INFO lines (database migrations) are noise here
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no migration chatter
+    for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # typer turns Ctrl-C into a returned 130
+        if code == 130:
+            raise KeyboardInterrupt
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except MergelineError as error:
         errors.print(f"[red]error:[/] {error}", highlight=False, soft_wrap=True)
         sys.exit(2)

@@ -16,6 +16,8 @@ from storage.digest import digest_json
 
 #: Bumped whenever the meaning of a stored artifact changes; part of every cache key.
 FORMAT_VERSION = 1
+#: tall_masks' λ_t grid when the spec gives none (MERGING.md); each task picks its own on val.
+TALL_MASKS_LAMS = (0.2, 0.3, 0.4, 0.5, 0.6)
 
 
 @dataclass(frozen=True)
@@ -68,8 +70,13 @@ def make_plan(spec: Spec) -> Plan:
     dump = spec.model_dump(mode="json")
     candidates: list[Candidate] = []
     for candidate in spec.merge.candidates:
-        for params in expand_params(candidate.params):
-            for value in candidate.coefficient.points():
+        grid = candidate.params
+        points = candidate.coefficient.points()
+        if candidate.method == "tall_masks":  # per-task retrieval: λ_t is searched, not λ
+            grid = {"lam": list(TALL_MASKS_LAMS)} | grid
+            points = [1.0]
+        for params in expand_params(grid):
+            for value in points:
                 candidates.append(Candidate(candidate.method, params, value))
     unique = tuple(dict((c.id, c) for c in candidates).values())
     return Plan(
@@ -83,9 +90,13 @@ def make_plan(spec: Spec) -> Plan:
     )
 
 
+#: Fine-tune settings that say how a task vector is computed, not what it is.
+EXECUTION_ONLY = ("resources", "checkpoint_every", "on_task_failure")
+
+
 def finetune_config_for_key(finetune: dict[str, Any]) -> dict[str, Any]:
     """The parts of the fine-tune config that change the task vector (not resources)."""
-    return {k: v for k, v in finetune.items() if k != "resources"}
+    return {k: v for k, v in finetune.items() if k not in EXECUTION_ONLY}
 
 
 def task_vector_key(base_digest: str, dataset_digest: str, finetune: dict[str, Any]) -> str:

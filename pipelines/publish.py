@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -10,10 +11,12 @@ import ray
 
 from pipelines.plan import Candidate, Plan
 from pipelines.raysession import get
-from pipelines.selection import decide_promotion
+from pipelines.selection import champion_score, decide_promotion
 from pipelines.stages.publish import merge_and_store_job
+from storage.artifacts import find_artifact
 from storage.objectstore import ObjectStore
-from storage.tracking import MlflowTracker
+from storage.taskvectors import base_model_prefix
+from storage.tracking_guard import GuardedTracker
 
 SERVING_CODE = Path(__file__).with_name("serving.py")
 
@@ -23,7 +26,7 @@ def publish(
     run_id: str,
     store: ObjectStore,
     store_cfg: dict[str, Any],
-    tracker: MlflowTracker,
+    tracker: GuardedTracker,
     base_key: str,
     base_meta: dict[str, Any],
     tasks: dict[str, dict[str, Any]],
@@ -52,8 +55,15 @@ def publish(
         "run_id": run_id,
         "base_digest": base_meta["digest"],
         "code_version": version,
+        "candidate": {"id": best.id, **config["candidate"]},
         "task_vectors": {
-            t: {"uri": info["ref"].uri, "sha256": info["ref"].sha256} for t, info in tasks.items()
+            t: {
+                "uri": info["ref"].uri,
+                "sha256": info["ref"].sha256,
+                "mode": info["meta"].get("mode"),
+                "dataset_digest": info["meta"]["dataset_digest"],
+            }
+            for t, info in tasks.items()
         },
         "test": test_scores,
     }
@@ -73,34 +83,48 @@ def publish(
         "publish",
     )
 
-    tags = {
-        "mergeline.run_id": run_id,
-        "mergeline.model_uri": stored["uri"],
-        "mergeline.model_sha256": stored["sha256"],
-        "mergeline.base_digest": base_meta["digest"],
-        "mergeline.code_version": version,
-        "mergeline.method": best.method,
-        "mergeline.candidate": best.id,
-        "mergeline.objective": objective,
-        "mergeline.test_objective": f"{test_scores[objective]:.6f}",
-        "mergeline.tasks": ",".join(sorted(tasks)),
-        "mergeline.mode": plan.finetune["mode"],
+    tags = lineage_tags(plan, run_id, store, store_cfg, base_key, base_meta, tasks, best, version)
+    tags |= {"mergeline.model_uri": stored["uri"], "mergeline.model_sha256": stored["sha256"]}
+    score = test_scores[objective]
+    tags["mergeline.test_objective"] = repr(float(score))  # exact: promotion compares it later
+    result: dict[str, Any] = {
+        "uri": stored["uri"],
+        "sha256": stored["sha256"],
+        "mlflow_run_id": None,
+        "registered_model": name,
+        "version": None,
+        "aliases": [],
     }
-    for task, info in tasks.items():
-        tags[f"mergeline.task.{task}.task_vector_uri"] = info["ref"].uri
-        tags[f"mergeline.task.{task}.task_vector_sha256"] = info["ref"].sha256
-        tags[f"mergeline.task.{task}.dataset_digest"] = info["meta"]["dataset_digest"]
+    if not tracker.enabled:
+        reason = f"not registered: {tracker.disabled}"
+        return result | {"promotion": _promotion(False, reason, None, score)}
 
     champion = tracker.get_alias_version(name, "champion")
+    champion_tags = champion.get("tags", {}) if champion else None
     promote, reason = decide_promotion(
-        test_scores[objective],
+        score,
         objective,
         tags["mergeline.tasks"],
-        champion.get("tags", {}) if champion else None,
+        champion_tags,
+        plan.spec.publish.min_improvement,
+        {t: info["meta"]["dataset_digest"] for t, info in tasks.items()},
     )
+    previous = champion_score(champion_tags)
+    promotion = _promotion(promote, reason, previous, score)
+    tags |= {
+        "mergeline.promotion.promoted": str(promote).lower(),
+        "mergeline.promotion.reason": reason,
+        "mergeline.promotion.score": repr(float(score)),
+        "mergeline.promotion.champion_score": "" if previous is None else repr(previous),
+        "mergeline.promotion.champion_version": str(champion["version"]) if champion else "",
+        "mergeline.promotion.min_improvement": repr(plan.spec.publish.min_improvement),
+    }
+    tags = {key: value for key, value in tags.items() if value}
     aliases = ["candidate", "champion"] if promote else ["candidate"]
-    tags["mergeline.promotion"] = reason
 
+    registered = tracker.find_run_version(name, run_id)
+    if registered is not None:  # this run registered it before it was interrupted: reuse it
+        return result | _registered_before(tracker, registered, aliases, promotion)
     with _local_copy(store, stored["prefix"]) as model_dir:
         published = tracker.publish(
             str(model_dir),
@@ -111,15 +135,83 @@ def publish(
             {f"test_{k}": v for k, v in test_scores.items()},
             serving=(base_meta["input_dim"], {"task": plan.task_names[0]}),
         )
-    return {
-        "uri": stored["uri"],
-        "sha256": stored["sha256"],
+    if published is None:  # tracking failed just now, under tracking.on_error: warn
+        reason = f"not registered: {tracker.disabled}"
+        return result | {"promotion": _promotion(False, reason, previous, score)}
+    return result | {
         "mlflow_run_id": published.mlflow_run_id,
         "registered_model": published.registered_model,
         "version": published.version,
         "aliases": published.aliases,
-        "promotion": reason,
+        "promotion": promotion,
     }
+
+
+def lineage_tags(
+    plan: Plan,
+    run_id: str,
+    store: ObjectStore,
+    store_cfg: dict[str, Any],
+    base_key: str,
+    base_meta: dict[str, Any],
+    tasks: dict[str, dict[str, Any]],
+    best: Candidate,
+    version: str,
+) -> dict[str, str]:
+    """The registry version's tags: enough to walk back to every input without the runs."""
+    base = find_artifact(store, base_model_prefix(base_key))
+    tags = {
+        "mergeline.run_id": run_id,
+        "mergeline.spec_digest": plan.spec_digest,
+        "mergeline.code_version": version,
+        "mergeline.store": store.uri,
+        "mergeline.store_endpoint_url": store_cfg.get("endpoint_url") or "",
+        "mergeline.base_digest": base_meta["digest"],
+        "mergeline.base_model_uri": base.uri if base else "",
+        "mergeline.base_model_sha256": base.sha256 if base else "",
+        "mergeline.base_model": json.dumps(base_meta["config"], sort_keys=True),
+        "mergeline.method": best.method,
+        "mergeline.candidate": best.id,
+        "mergeline.candidate.params": json.dumps(best.params, sort_keys=True),
+        "mergeline.candidate.coefficient": json.dumps(best.coefficient, sort_keys=True),
+        "mergeline.objective": plan.spec.merge.objective,
+        "mergeline.tasks": ",".join(sorted(tasks)),
+        "mergeline.mode": plan.finetune["mode"],
+    }
+    for task, info in tasks.items():
+        dataset = plan.tasks[plan.task_names.index(task)].dataset
+        tags[f"mergeline.task.{task}.task_vector_uri"] = info["ref"].uri
+        tags[f"mergeline.task.{task}.task_vector_sha256"] = info["ref"].sha256
+        tags[f"mergeline.task.{task}.mode"] = info["meta"].get("mode", plan.finetune["mode"])
+        tags[f"mergeline.task.{task}.dataset_digest"] = info["meta"]["dataset_digest"]
+        tags[f"mergeline.task.{task}.dataset_source"] = json.dumps(dataset, sort_keys=True)
+    return tags
+
+
+def _registered_before(
+    tracker: GuardedTracker,
+    registered: dict[str, Any],
+    aliases: list[str],
+    promotion: dict[str, Any],
+) -> dict[str, Any]:
+    """The result of publishing a version again: no new version, the same aliases."""
+    version = registered["version"]
+    if "champion" in registered["aliases"] and "champion" not in aliases:
+        aliases = [*aliases, "champion"]  # promoted before the interruption: it still is
+        promotion = promotion | {"promoted": True, "reason": "promoted before the rerun"}
+    for alias in aliases:
+        tracker.set_alias(registered["registered_model"], alias, version)
+    return {
+        "mlflow_run_id": registered["run_id"],
+        "registered_model": registered["registered_model"],
+        "version": version,
+        "aliases": aliases,
+        "promotion": promotion,
+    }
+
+
+def _promotion(promoted: bool, reason: str, champion: float | None, score: float) -> dict[str, Any]:
+    return {"promoted": promoted, "reason": reason, "champion_score": champion, "score": score}
 
 
 class _local_copy:

@@ -9,6 +9,9 @@ from rich.table import Table
 
 from pipelines.plan import Candidate, Plan
 
+#: The summary's ``model`` section; ``version`` is None when the model was not registered.
+MODEL_KEYS = ("uri", "mlflow_run_id", "registered_model", "version", "aliases", "promotion")
+
 
 def build_summary(
     run_id: str,
@@ -21,26 +24,41 @@ def build_summary(
     published: dict[str, Any],
     rows: list[dict[str, Any]],
     timings: dict[str, float],
+    search_info: dict[str, Any] | None = None,
+    rebuilt: dict[str, str | None] | None = None,
+    started: str | None = None,
+    skipped: dict[str, str] | None = None,
 ) -> dict[str, Any]:
+    """``rebuilt`` maps each task to why it was fine-tuned (None: a cache hit); ``skipped``
+    (under ``finetune.on_task_failure: skip``) each task left out of the merge to why."""
     names = plan.task_names
     return {
         "run_id": run_id,
         "status": "succeeded",
+        "started": started,
+        "spec": {
+            "name": plan.spec.name,
+            "digest": plan.spec_digest,
+            "objective": plan.spec.merge.objective,
+        },
         "mode": plan.finetune["mode"],
         "tasks": {
             name: {
                 "task_vector_uri": info["ref"].uri,
                 "sha256": info["ref"].sha256,
                 "cache_hit": info["cache_hit"],
+                "rebuilt_reason": (rebuilt or {}).get(name),
                 "zero_shot": dict(info["meta"]["zero_shot"]),
                 "finetuned": dict(info["meta"]["finetuned"]),
+                **execution_keys(info),
             }
             for name, info in tasks.items()
         },
         "search": {
-            "candidates_evaluated": len(rows),
+            "candidates_evaluated": sum(1 for row in rows if not row.get("derived")),
             "seconds": round(timings["search_s"], 3),
             "strategy": "grid",
+            **(search_info or {}),  # strategy, per_task, fast_path, surrogate when they apply
         },
         "best": {
             "method": best.method,
@@ -49,11 +67,22 @@ def build_summary(
             "val": dict(best_row["objective"]),
             "test": {**test_scores, "per_task": dict(test)},
         },
-        "model": {
-            key: published[key]
-            for key in ("uri", "mlflow_run_id", "registered_model", "version", "aliases")
-        },
+        "model": {key: published[key] for key in MODEL_KEYS},
         "timings": {key: round(value, 3) for key, value in timings.items()},
+    } | ({"skipped": dict(skipped)} if skipped else {})
+
+
+def execution_keys(info: dict[str, Any]) -> dict[str, Any]:
+    """How a task's vector was made in this run: engine, workers, attempts, resumed_from_step.
+
+    A cache hit ran nothing (0 attempts); engine and workers then say how it was built.
+    """
+    meta, execution = info["meta"], info.get("execution") or {}
+    return {
+        "engine": execution.get("engine", meta.get("engine", "torch")),
+        "workers": execution.get("workers", meta.get("workers", 1)),
+        "attempts": execution.get("attempts", 0),
+        "resumed_from_step": execution.get("resumed_from_step", 0),
     }
 
 
@@ -70,7 +99,7 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
             f"{task['finetuned']['test']:.3f}",
             f"{merged:.3f}",
             f"{merged / max(task['finetuned']['test'], 1e-12):.3f}",
-            "hit" if task["cache_hit"] else "built",
+            "hit" if task["cache_hit"] else task.get("rebuilt_reason") or "built",
         )
     zero = [
         t["zero_shot"]["test"] / max(t["finetuned"]["test"], 1e-12)
@@ -92,10 +121,13 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
         f"{best['test']['mean_normalized_accuracy']:.3f} (test)"
     )
     model = summary["model"]
-    console.print(
-        f"published {model['registered_model']} v{model['version']} "
-        f"aliases {model['aliases']} → {model['uri']}"
-    )
+    if model["version"] is None:
+        console.print(f"[yellow]model not registered[/] → {model['uri']}")
+    else:
+        console.print(
+            f"published {model['registered_model']} v{model['version']} "
+            f"aliases {model['aliases']} → {model['uri']}"
+        )
     timings = summary["timings"]
     console.print(
         f"fine-tune {timings['finetune_s']:.1f}s · search {timings['search_s']:.1f}s · "

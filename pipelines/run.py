@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -12,19 +13,35 @@ import ray
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from pipelines.cache import trusted_artifacts
+from pipelines.incremental import rebuilt_reasons
 from pipelines.plan import Candidate, Plan, base_model_key, code_version, make_plan, task_vector_key
 from pipelines.publish import publish
-from pipelines.raysession import get, ray_session
+from pipelines.raysession import check_reachable, get, ray_session, wait_any
+from pipelines.recovery import run_key, task_failed, without_tasks
 from pipelines.report import build_summary
+from pipelines.retrieval import best_by_method, per_task_lambda_candidates
+from pipelines.scheduling import actor_options, finetune_options
+from pipelines.search_settings import resolve_search
 from pipelines.selection import choose_best, objective_scores
 from pipelines.spec import Spec
 from pipelines.stages.base import pretrain_base_job
 from pipelines.stages.finetune import run_finetune_job
 from pipelines.stages.search import CandidateScorer
-from storage.errors import DataError
-from storage.objectstore import open_store
-from storage.taskvectors import find_task_vector, write_summary
+from pipelines.stages.tangent_search import TangentScorer
+from pipelines.strategies import TangentSearch, task_scores
+from storage.errors import DataError, MergelineError
+from storage.objectstore import open_store, open_store_from
+from storage.runs import write_candidates
+from storage.runstate import begin_run, finish_run
+from storage.taskvectors import (
+    base_model_prefix,
+    find_task_vector,
+    task_vector_prefix,
+    write_summary,
+)
 from storage.tracking import DatasetInfo, MlflowTracker
+from storage.tracking_guard import GuardedTracker
 from workers.data import Splits, load_dataset
 
 
@@ -45,13 +62,31 @@ def progress_bar(console: Console) -> Progress:
 
 def run_pipeline(spec: Spec, console: Console, summary_path: Path | None = None) -> dict[str, Any]:
     plan = make_plan(spec)
-    run_id = new_run_id()
+    started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    store = open_store(spec.storage.uri, spec.storage.endpoint_url)
-    store_cfg = {"uri": store.uri, "endpoint_url": spec.storage.endpoint_url}
+    store = open_store(spec.storage.uri, spec.storage.endpoint_url, spec.storage.retry_seconds)
+    store_cfg = {
+        "uri": store.uri,
+        "endpoint_url": spec.storage.endpoint_url,
+        "retry_seconds": spec.storage.retry_seconds,
+    }
     datasets = fingerprint_datasets(plan)  # bad data fails before any service is touched
-    tracker = MlflowTracker(spec.tracking.uri, spec.tracking.experiment)
+    base_key = fingerprint_pretrain(plan, datasets)
+    input_dim = next(iter(datasets.values())).input_dim
+    # The same command after a crash continues the same run (same id, one registry version).
+    digests = {name: data.digest() for name, data in datasets.items()}
+    resume_key = run_key(plan, digests, base_key)
+    run_id, starts = begin_run(store, resume_key, new_run_id())
+    if starts > 1:
+        console.print(f"resuming run {run_id} (start {starts}): finished work is reused")
+    if spec.compute.ray_address:
+        check_reachable(spec.compute.ray_address)
+    tracker = GuardedTracker(
+        MlflowTracker(spec.tracking.uri, spec.tracking.experiment),
+        spec.tracking.on_error,
+        lambda message: console.print(f"[yellow]warning:[/] {message}", soft_wrap=True),
+    )
     tracker.check()  # an unreachable tracking server fails before any fine-tuning starts
 
     console.print(
@@ -69,9 +104,16 @@ def run_pipeline(spec: Spec, console: Console, summary_path: Path | None = None)
         ray_session(spec.compute.ray_address, spec.compute.num_cpus),
         tracker.pipeline_run(run_id, tags),
     ):
-        base_key, base_meta = prepare_base(plan, store_cfg, datasets, console)
+        base_key, base_meta = prepare_base(plan, store_cfg, base_key, input_dim, console)
         t0 = time.perf_counter()
         tasks = finetune_all(plan, store, store_cfg, base_key, base_meta, datasets, console)
+        skipped = {name: info["skipped"] for name, info in tasks.items() if "skipped" in info}
+        tasks = {name: info for name, info in tasks.items() if name not in skipped}
+        plan = without_tasks(plan, skipped)  # finetune.on_task_failure: skip
+        rebuilt = rebuilt_reasons(store, spec.name, tasks)
+        for name, reason in rebuilt.items():
+            if reason:
+                console.print(f"  {name} rebuilt: {reason}")
         timings["finetune_s"] = time.perf_counter() - t0
         for name, info in tasks.items():
             log_finetune(tracker, name, info, datasets[name], plan)
@@ -79,22 +121,33 @@ def run_pipeline(spec: Spec, console: Console, summary_path: Path | None = None)
         t0 = time.perf_counter()
         finetuned_val = {t: info["meta"]["finetuned"]["val"] for t, info in tasks.items()}
         scorers = start_scorers(plan, store_cfg, base_key, base_meta, tasks)
-        rows = search(plan, scorers, finetuned_val, console)
-        scores = {row["id"]: row["objective"] for row in rows}
-        best = choose_best(list(plan.candidates), scores, spec.merge.objective)
+        reference = {t: info["meta"] for t, info in tasks.items()}
+        search_info: dict[str, Any] = {}
+        if resolve_search(spec).tangent:  # linear mode, per-task, surrogate or negation
+            outcome = TangentSearch(plan, scorers, reference, console).run()
+            rows, best, search_info = outcome.rows, outcome.best, outcome.info
+        else:
+            rows = search(plan, scorers, finetuned_val, console)
+            derived = per_task_lambda_candidates(rows, finetuned_val)
+            rows += [row for _, row in derived]
+            scores = {row["id"]: row["objective"] for row in rows}
+            candidates = list(plan.candidates) + [candidate for candidate, _ in derived]
+            best = choose_best(candidates, scores, spec.merge.objective)
+            console.print(best_by_method(rows, spec.merge.objective))
         test = get(scorers[0].score.remote([best], "test"), "final evaluation")[0]["accuracy"]
         for scorer in scorers:  # give their CPUs back to the publish stage
             ray.kill(scorer)
         timings["search_s"] = time.perf_counter() - t0
         best_row = next(row for row in rows if row["id"] == best.id)
-        tracker.log_search(
-            rows_for_tracking(rows),
-            spec.merge.objective,
-            {"id": best.id, "method": best.method, **best_row["objective"]},
-        )
+        with tempfile.TemporaryDirectory(prefix="mergeline-plots-") as plot_dir:
+            tracker.log_search(
+                rows_for_tracking(rows),
+                spec.merge.objective,
+                {"id": best.id, "method": best.method, **best_row["objective"]},
+                plots=search_plots(rows, spec.merge.objective, best, test, reference, plot_dir),
+            )
 
-        finetuned_test = {t: info["meta"]["finetuned"]["test"] for t, info in tasks.items()}
-        test_scores = objective_scores(test, finetuned_test)
+        test_scores = task_scores(spec, test, reference, "test")
         published = publish(
             plan,
             run_id,
@@ -110,10 +163,25 @@ def run_pipeline(spec: Spec, console: Console, summary_path: Path | None = None)
         )
         timings["total_s"] = time.perf_counter() - started
         summary = build_summary(
-            run_id, plan, tasks, best, best_row, test, test_scores, published, rows, timings
+            run_id,
+            plan,
+            tasks,
+            best,
+            best_row,
+            test,
+            test_scores,
+            published,
+            rows,
+            timings,
+            search_info,
+            rebuilt,
+            started_at,
+            skipped,
         )
-        console.print(f"promotion: {published['promotion']}")
+        console.print(f"promotion: {published['promotion']['reason']}")
+        write_candidates(store, run_id, spec.merge.objective, best.id, rows)  # summary last
         write_summary(store, run_id, summary)
+        finish_run(store, resume_key, run_id)
         tracker.log_summary(summary)
     if summary_path:
         import json
@@ -138,9 +206,8 @@ def fingerprint_datasets(plan: Plan) -> dict[str, Splits]:
     return datasets
 
 
-def prepare_base(
-    plan: Plan, store_cfg: dict[str, Any], datasets: dict[str, Splits], console: Console
-) -> tuple[str, dict[str, Any]]:
+def fingerprint_pretrain(plan: Plan, datasets: dict[str, Splits]) -> str:
+    """Stage 1: the base model's cache key (its config and its pretraining data's digest)."""
     pretrain = plan.base_model.get("pretrain")
     input_dim = next(iter(datasets.values())).input_dim
     pretrain_digest = None
@@ -154,7 +221,15 @@ def prepare_base(
                 f"but the tasks have {input_dim}: pretrain on data of the same shape"
             )
         pretrain_digest = pretrain_data.digest()
-    key = base_model_key(plan.base_model, pretrain_digest)
+    return base_model_key(plan.base_model, pretrain_digest)
+
+
+def prepare_base(
+    plan: Plan, store_cfg: dict[str, Any], key: str, input_dim: int, console: Console
+) -> tuple[str, dict[str, Any]]:
+    store = open_store_from(store_cfg)
+    # A cached base that fails its checksum is reported and made invisible: the job rebuilds it.
+    trusted_artifacts(store, store_cfg, {"base": base_model_prefix(key)}, console, "base model")
     with console.status("base model: pretraining (cached after the first run)"):
         job = ray.remote(pretrain_base_job).options(num_cpus=1, max_retries=2)
         meta = get(
@@ -175,18 +250,18 @@ def finetune_all(
     console: Console,
 ) -> dict[str, dict[str, Any]]:
     """Stages 2-4: one Ray task per task whose vector is not in the store yet."""
-    resources = plan.finetune["resources"]
-    job = ray.remote(run_finetune_job).options(
-        num_cpus=resources["num_cpus"],
-        num_gpus=resources["num_gpus"],
-        max_retries=2,
-        retry_exceptions=False,
-    )
+    job = ray.remote(run_finetune_job).options(**finetune_options(plan))
     results: dict[str, dict[str, Any]] = {}
     pending: dict[Any, str] = {}
+    keys = {
+        t.name: task_vector_key(base_meta["digest"], datasets[t.name].digest(), plan.finetune)
+        for t in plan.tasks
+    }
+    prefixes = {name: task_vector_prefix(key) for name, key in keys.items()}
+    cached = trusted_artifacts(store, store_cfg, prefixes, console)  # corrupt ones: rebuilt
     for task in plan.tasks:
-        key = task_vector_key(base_meta["digest"], datasets[task.name].digest(), plan.finetune)
-        existing = find_task_vector(store, key)
+        key = keys[task.name]
+        existing = cached.get(task.name)
         if existing is not None:
             results[task.name] = {
                 "key": key,
@@ -212,11 +287,18 @@ def finetune_all(
             "fine-tune", total=len(plan.tasks), completed=len(plan.tasks) - len(pending)
         )
         while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
+            done = wait_any(list(pending))
             name = pending.pop(done[0])
-            get(done[0], f"fine-tune '{name}'")
+            try:
+                results[name]["execution"] = get(done[0], f"fine-tune '{name}'")
+            except MergelineError as error:  # fail the run, or skip the task (on_task_failure)
+                policy = plan.finetune["on_task_failure"]
+                results[name]["skipped"] = task_failed(name, error, policy, list(pending))
             progress.advance(bar)
     for name, info in results.items():
+        if "skipped" in info:
+            console.print(f"  {name}: skipped ({info['skipped']})", soft_wrap=True)
+            continue
         if not info["cache_hit"]:
             info["ref"] = find_task_vector(store, info["key"])
             info["meta"] = info["ref"].meta
@@ -227,7 +309,7 @@ def finetune_all(
 
 
 def log_finetune(
-    tracker: MlflowTracker, name: str, info: dict[str, Any], data: Splits, plan: Plan
+    tracker: GuardedTracker, name: str, info: dict[str, Any], data: Splits, plan: Plan
 ) -> None:
     meta = info["meta"]
     metrics = {
@@ -267,10 +349,15 @@ def start_scorers(
         for name, info in tasks.items()
     }
     count = max(1, min(plan.spec.merge.num_actors, len(plan.candidates)))
-    actor = ray.remote(num_cpus=1)(CandidateScorer)
-    return [
-        actor.remote(store_cfg, base_key, base_meta, specs, plan.evaluation) for _ in range(count)
-    ]
+    settings = resolve_search(plan.spec)
+    if settings.tangent:
+        count = 1 if settings.all_fast else count
+        actor = ray.remote(**actor_options(plan))(TangentScorer)
+        args = (store_cfg, base_key, base_meta, specs, plan.evaluation, plan.finetune["mode"])
+    else:
+        actor = ray.remote(**actor_options(plan))(CandidateScorer)
+        args = (store_cfg, base_key, base_meta, specs, plan.evaluation)
+    return [actor.remote(*args) for _ in range(count)]
 
 
 def search(
@@ -288,7 +375,7 @@ def search(
     with progress_bar(console) as progress:
         bar = progress.add_task("merge search", total=len(candidates))
         while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
+            done = wait_any(list(pending))
             chunk = pending.pop(done[0])
             for candidate, row in zip(chunk, get(done[0], "merge search"), strict=True):
                 by_id[candidate.id] = _row(candidate, row["accuracy"], finetuned_val)
@@ -324,3 +411,25 @@ def rows_for_tracking(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         item |= row["objective"]
         flat.append(item)
     return flat
+
+
+def search_plots(
+    rows: list[dict[str, Any]],
+    objective: str,
+    best: Candidate,
+    test: dict[str, float],
+    reference: dict[str, dict[str, Any]],
+    directory: str,
+) -> dict[str, str]:
+    """PNGs for the search run: score vs coefficient, the best's per-task normalized accuracy."""
+    from pipelines.plots import draw_search_plots
+
+    best_row = next(row for row in rows if row["id"] == best.id)
+    normalized = {
+        split: {
+            task: value / max(reference[task]["finetuned"][split], 1e-12)
+            for task, value in accuracy.items()
+        }
+        for split, accuracy in (("val", best_row["accuracy"]), ("test", test))
+    }
+    return draw_search_plots(rows, objective, best.id, normalized, Path(directory))

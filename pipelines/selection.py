@@ -34,20 +34,52 @@ def choose_best(
 
 
 def decide_promotion(
-    score: float, objective: str, tasks: str, champion_tags: dict[str, str] | None
+    score: float,
+    objective: str,
+    tasks: str,
+    champion_tags: dict[str, str] | None,
+    min_improvement: float = 0.0,
+    datasets: dict[str, str] | None = None,
 ) -> tuple[bool, str]:
-    """Promote to champion only if the new test objective beats the current champion's.
+    """Promote to champion only if the test objective beats the champion's by ``min_improvement``.
 
-    A champion over a different task set is not comparable: the new version replaces it.
+    Scores are comparable only on the same tasks (names and, where both versions record them,
+    dataset digests) and the same objective: otherwise the champion stays, and the reason says
+    how to move the alias by hand. ``tasks`` is the sorted task names joined by commas.
     """
     if champion_tags is None:
         return True, "no champion yet"
+    by_hand = "move the 'champion' alias by hand if this version should serve"
     if champion_tags.get("mergeline.tasks") != tasks:
-        return True, "the task set changed"
-    previous = float(champion_tags.get("mergeline.test_objective", "nan"))
-    if math.isnan(previous) or score > previous:
-        return True, f"{objective} {score:.4f} beats the champion's {previous:.4f}"
+        shown = champion_tags.get("mergeline.tasks", "unknown")
+        return False, f"not promoted: the champion serves tasks [{shown}], not [{tasks}]: {by_hand}"
+    changed = [
+        task
+        for task, digest in (datasets or {}).items()
+        if champion_tags.get(f"mergeline.task.{task}.dataset_digest", digest) != digest
+    ]
+    if changed:
+        return False, f"not promoted: the datasets of {changed} changed: {by_hand}"
+    if champion_tags.get("mergeline.objective", objective) != objective:
+        previous_objective = champion_tags["mergeline.objective"]
+        return False, f"not promoted: the champion was chosen by {previous_objective}: {by_hand}"
+    previous = champion_score(champion_tags)
+    if previous is None:
+        return True, "the champion has no recorded test objective"
+    gain = score - previous
+    if score > previous and gain >= min_improvement:
+        return True, f"{objective} {score:.4f} beats the champion's {previous:.4f} by {gain:.4f}"
+    need = f" by at least {min_improvement:g}" if min_improvement > 0 else ""
     return (
         False,
-        f"not promoted: {objective} {score:.4f} does not beat the champion's {previous:.4f}",
+        f"not promoted: {objective} {score:.4f} does not beat the champion's {previous:.4f}{need}",
     )
+
+
+def champion_score(champion_tags: dict[str, str] | None) -> float | None:
+    """The test objective recorded on a version, None if it has none."""
+    try:
+        value = float((champion_tags or {})["mergeline.test_objective"])
+    except (KeyError, ValueError):
+        return None
+    return None if math.isnan(value) else value

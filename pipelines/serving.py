@@ -15,13 +15,20 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from storage.shards import SafetensorsReader
+from storage.tall import read_tall_directory
 from storage.taskvectors import split_merged_tensors
+from workers.finetune.linearized import linearized_forward, unpack_linearized
+from workers.merge.compression import retrieve_task
 from workers.models import apply_head, build_backbone
 
 
 class MergedModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
-        self.backbone, self.state, self.heads = load_merged(Path(context.artifacts["model"]))
+        directory = Path(context.artifacts["model"])
+        self.backbone, self.state, self.heads = load_merged(directory)
+        self.linear = isinstance(self.state, tuple)
+        self.task_states = {} if self.linear else load_task_states(directory, self.state)
 
     def predict(self, context, model_input, params=None):  # untyped: MLflow infers no schema
         task = (params or {}).get("task") or next(iter(self.heads))
@@ -29,22 +36,48 @@ class MergedModel(mlflow.pyfunc.PythonModel):
             raise ValueError(f"unknown task {task!r}; this model serves {sorted(self.heads)}")
         x = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
         with torch.no_grad():
-            logits = apply_head(
-                self.heads[task], torch.func.functional_call(self.backbone, self.state, (x,))
-            )
+            if self.linear:  # a linear-mode merge is the linearized model f(x; θ0) + J·τ
+                features = linearized_forward(self.backbone, *self.state, x)
+            else:
+                state = self.task_states.get(task, self.state)  # tall_masks: one per task
+                features = torch.func.functional_call(self.backbone, state, (x,))
+            logits = apply_head(self.heads[task], features)
         return logits.argmax(dim=1).numpy()
 
 
-def load_merged(
-    directory: Path,
-) -> tuple[torch.nn.Module, dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
-    """A merged model directory -> (backbone module, merged state, heads)."""
+def load_merged(directory: Path) -> tuple[torch.nn.Module, Any, dict[str, dict[str, torch.Tensor]]]:
+    """A merged model directory -> (backbone module, merged state, heads).
+
+    In linear mode (``config.json`` ``mode: linear``) the state is the pair (θ0, merged τ),
+    stored as ``base.<name>`` and ``delta.<name>`` tensors.
+    """
     config = json.loads((directory / "config.json").read_text())
-    backbone_state, heads = split_merged_tensors(load_file(str(directory / "model.safetensors")))
+    backbone_state, heads = split_merged_tensors(read_tensors(directory))
     backbone = build_backbone(config["base_model"], int(config["input_dim"]))
+    state: Any = backbone_state
+    if config.get("mode") == "linear":
+        state = unpack_linearized(backbone_state)
+        backbone_state = state[0]
     backbone.load_state_dict(backbone_state)
     backbone.eval()
-    return backbone, backbone_state, heads
+    return backbone, state, heads
+
+
+def read_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    """model.safetensors, or the shards of ``mergeline merge`` (model.safetensors.index.json)."""
+    if (directory / "model.safetensors").is_file():
+        return load_file(str(directory / "model.safetensors"))
+    with SafetensorsReader(directory) as reader:
+        return {name: reader.read(name) for name in reader.names()}
+
+
+def load_task_states(directory: Path, base: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Each task's backbone θ0 + m_t ∘ τ_MTL of a tall_masks model; empty for other models."""
+    found = read_tall_directory(directory)
+    if found is None:
+        return {}
+    multi_task, masks = found
+    return {task: retrieve_task(base, multi_task, packed) for task, packed in masks.items()}
 
 
 mlflow.models.set_model(MergedModel())

@@ -54,7 +54,71 @@ class SklearnDataset(_Model):
     transform: Transform = Transform()
 
 
-DatasetSpec = Annotated[SklearnDataset, Field(discriminator="source")]
+class FilesDataset(_Model):
+    """Labelled examples in files (JSONL, CSV, Parquet, NPZ): local paths or s3:// URIs.
+
+    Relative paths are resolved against the directory the spec is validated in.
+    """
+
+    source: Literal["files"] = "files"
+    train: str
+    test: str
+    val: str | None = Field(
+        default=None, description="Default: evaluation.val_fraction of train is held out."
+    )
+    format: Literal["auto", "jsonl", "csv", "parquet", "npz"] = Field(
+        default="auto", description="auto: from each file's extension."
+    )
+    features_column: str | list[str] | None = Field(
+        default=None,
+        description="One column (a list or a number per row) or a list of columns; "
+        "default: every column but the label. NPZ files use their arrays x and y.",
+    )
+    text_column: str | None = Field(
+        default=None, description="Text inputs; needs a base model with a tokenizer."
+    )
+    label_column: str = "label"
+    num_classes: int | None = Field(default=None, ge=2, description="Default: max label + 1.")
+    endpoint_url: str | None = Field(
+        default=None, description="S3-compatible server for s3:// files; credentials: AWS env."
+    )
+
+    @field_validator("train", "test", "val")
+    @classmethod
+    def _location(cls, value: str | None) -> str | None:
+        from storage.files import absolute_uri
+
+        if value is None:
+            return None
+        return absolute_uri(_no_credentials(value, "dataset file URI"))
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/]+", value):
+            raise ValueError("dataset.endpoint_url must be an http:// or https:// URL")
+        return None if value is None else _no_credentials(value, "dataset.endpoint_url")
+
+    @model_validator(mode="after")
+    def _inputs(self) -> FilesDataset:
+        from storage.errors import DataError
+        from workers.data.files import infer_format
+
+        if self.features_column is not None and self.text_column is not None:
+            raise ValueError("set features_column or text_column, not both")
+        try:
+            formats = {infer_format(u, self.format) for u in (self.train, self.val, self.test) if u}
+        except DataError as error:
+            raise ValueError(str(error)) from None
+        if "npz" in formats and (self.features_column or self.text_column):
+            raise ValueError(
+                "NPZ files hold the arrays x (features) and y (labels): drop features_column "
+                "and text_column"
+            )
+        return self
+
+
+DatasetSpec = Annotated[SklearnDataset | FilesDataset, Field(discriminator="source")]
 
 
 class TaskSpec(_Model):
@@ -110,6 +174,17 @@ class FinetuneSpec(_Model):
     seed: int = 0
     deepspeed: DeepSpeedSpec | None = None
     resources: ResourcesSpec = ResourcesSpec()
+    checkpoint_every: int | None = Field(
+        default=None,
+        gt=0,
+        description="Save resumable state (model, optimizer, data position, RNG) to the store "
+        "every this many steps; a retried or rerun fine-tune resumes from the newest one.",
+    )
+    on_task_failure: Literal["fail", "skip"] = Field(
+        default="fail",
+        description="A task whose fine-tune fails for good (its own error, e.g. divergence): "
+        "fail the run, or skip the task and merge the others.",
+    )
 
     @model_validator(mode="after")
     def _linear_needs_jvp(self) -> FinetuneSpec:
@@ -117,6 +192,21 @@ class FinetuneSpec(_Model):
             raise ValueError(
                 "finetune.mode 'linear' needs forward-mode AD, which ZeRO stage 3 does not "
                 "support: use deepspeed.zero_stage 0, 1 or 2"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _data_parallel(self) -> FinetuneSpec:
+        workers = self.resources.num_workers
+        if workers > 1 and self.deepspeed is None:
+            raise ValueError(
+                "finetune.resources.num_workers > 1 trains data-parallel through DeepSpeed: "
+                "set finetune.deepspeed (e.g. {zero_stage: 2}) or use one worker"
+            )
+        if self.batch_size % workers:
+            raise ValueError(
+                f"finetune.batch_size {self.batch_size} is the global batch and must split "
+                f"evenly over resources.num_workers {workers}"
             )
         return self
 
@@ -152,12 +242,73 @@ class CandidateSpec(_Model):
     coefficient: CoefficientGrid = CoefficientGrid()
 
 
+class SearchSpec(_Model):
+    """How the coefficient space is searched (MERGING.md, "Coefficient search")."""
+
+    per_task: bool | None = Field(
+        default=None, description="Default: true in linear mode if all are task_arithmetic."
+    )
+    strategy: Literal["grid", "coordinate_ascent"] | None = Field(
+        default=None, description="Default: coordinate_ascent when per_task, else grid."
+    )
+    budget: int | None = Field(default=None, gt=0, description="Most candidates to score.")
+    surrogate: Literal["none", "posthoc_linear"] = Field(
+        default="none", description="posthoc_linear: rank by the linearized model, then verify."
+    )
+    verify_top: int = Field(default=3, ge=1, description="Candidates the surrogate verifies.")
+
+
+class NegateSpec(_Model):
+    """Task negation θ0 − α τ_target: forget ``target`` while ``control`` keeps its accuracy."""
+
+    target: str
+    control: str
+    control_retention: float = Field(
+        default=0.95, gt=0.0, le=1.0, description="Control accuracy kept vs zero-shot."
+    )
+
+
 class MergeSpec(_Model):
-    objective: Literal["mean_normalized_accuracy", "mean_accuracy"] = "mean_normalized_accuracy"
+    objective: Literal["mean_normalized_accuracy", "mean_accuracy", "negate"] = (
+        "mean_normalized_accuracy"
+    )
     candidates: list[CandidateSpec] = Field(
         default_factory=lambda: [CandidateSpec(method="task_arithmetic")], min_length=1
     )
     num_actors: int = Field(default=2, ge=1, description="Ray actors that score candidates.")
+    fast_path: Literal["auto", "off"] = Field(
+        default="auto", description="auto: exact scoring without forward passes where it applies."
+    )
+    search: SearchSpec = SearchSpec()
+    negate: NegateSpec | None = None
+
+    @model_validator(mode="after")
+    def _search_fits_objective(self) -> MergeSpec:
+        linear_methods = {"task_arithmetic", "weight_average"}
+        if (self.objective == "negate") != (self.negate is not None):
+            raise ValueError(
+                "merge.objective 'negate' and merge.negate {target, control} go together: "
+                "set both or neither"
+            )
+        if self.objective == "negate":
+            if any(c.method != "task_arithmetic" or c.params for c in self.candidates):
+                raise ValueError(
+                    "merge.objective 'negate' searches θ0 − α τ_target: every candidate must "
+                    "be task_arithmetic without params"
+                )
+            if self.search.per_task or self.search.surrogate != "none":
+                raise ValueError(
+                    "merge.objective 'negate' has one coefficient: drop merge.search.per_task "
+                    "and merge.search.surrogate"
+                )
+        if self.search.surrogate == "posthoc_linear" and any(
+            c.method not in linear_methods or c.params for c in self.candidates
+        ):
+            raise ValueError(
+                "merge.search.surrogate 'posthoc_linear' ranks merges linear in the task "
+                "vectors: use task_arithmetic or weight_average candidates without params"
+            )
+        return self
 
 
 # ----------------------------------------------------------------------------- the rest
@@ -168,21 +319,52 @@ class EvaluationSpec(_Model):
 
 
 class StorageSpec(_Model):
+    """Where artifacts live. S3 credentials come only from the AWS environment or profile."""
+
     uri: str = "file://.mergeline/store"
-    endpoint_url: str | None = None
+    endpoint_url: str | None = Field(
+        default=None, description="S3-compatible server (MinIO, ...); null for AWS S3."
+    )
+    retry_seconds: float = Field(
+        default=60.0,
+        gt=0.0,
+        description="Total time one store operation retries transient errors (connection "
+        "refused or reset, 5xx, throttling) before the run fails; rerunning resumes.",
+    )
 
     @field_validator("uri")
     @classmethod
     def _scheme(cls, value: str) -> str:
         if not re.match(r"^(file|s3)://.+", value):
             raise ValueError(f"storage.uri {value!r} must start with file:// or s3://")
-        return value
+        return _no_credentials(value, "storage.uri")
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/]+", value):
+            raise ValueError("storage.endpoint_url must be an http:// or https:// URL")
+        return None if value is None else _no_credentials(value, "storage.endpoint_url")
+
+
+def _no_credentials(value: str, what: str) -> str:
+    if "@" in value.split("://", 1)[-1].split("/", 1)[0]:
+        raise ValueError(
+            f"{what} must not contain credentials (user:secret@): set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY or AWS_PROFILE in the environment instead"
+        )
+    return value
 
 
 class TrackingSpec(_Model):
     uri: str = "sqlite:///.mergeline/mlflow.db"
     experiment: str = "mergeline"
     registered_model: str | None = None
+    on_error: Literal["fail", "warn"] = Field(
+        default="fail",
+        description="fail: an unreachable tracking server stops the run before any "
+        "fine-tuning; warn: the run goes on untracked and its model is not registered.",
+    )
 
     @field_validator("uri")
     @classmethod
@@ -194,9 +376,23 @@ class TrackingSpec(_Model):
         return value
 
 
+class PublishSpec(_Model):
+    min_improvement: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="A new version becomes 'champion' only if its test objective beats the "
+        "champion's, on the same tasks, by at least this much.",
+    )
+
+
 class ComputeSpec(_Model):
     ray_address: str | None = None
     num_cpus: int | None = Field(default=None, gt=0, description="CPUs of a local Ray.")
+    scheduling: Literal["default", "spread"] = Field(
+        default="default",
+        description="spread: place fine-tune tasks and search actors over as many nodes as "
+        "possible (Ray's SPREAD strategy); default packs them where resources are free.",
+    )
 
 
 class Spec(_Model):
@@ -208,6 +404,7 @@ class Spec(_Model):
     evaluation: EvaluationSpec = EvaluationSpec()
     storage: StorageSpec = StorageSpec()
     tracking: TrackingSpec = TrackingSpec()
+    publish: PublishSpec = PublishSpec()
     compute: ComputeSpec = ComputeSpec()
 
     @field_validator("name")

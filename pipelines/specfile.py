@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from pipelines.search_settings import check_search
 from pipelines.spec import Spec
 from storage.errors import MergeInputError, SpecError
 
@@ -99,6 +100,7 @@ def validate_document(document: dict[str, Any], origin: str = "spec") -> Spec:
     except ValidationError as error:
         raise SpecError(f"{origin}: {describe_validation_error(error)}") from None
     check_candidates(spec, origin)
+    check_search(spec, origin)
     return spec
 
 
@@ -129,7 +131,7 @@ def _field_path(loc: tuple[Any, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             parts[-1:] = [f"{parts[-1]}[{part}]"] if parts else [f"[{part}]"]
-        elif part in {"sklearn", "builtin"} and parts:
+        elif part in {"sklearn", "files", "builtin"} and parts:
             continue  # discriminator tags pydantic inserts into the location
         else:
             parts.append(str(part))
@@ -145,6 +147,8 @@ def check_candidates(spec: Spec, origin: str) -> None:
         try:
             method = get_method(candidate.method)
             for params in expand_params(candidate.params):
+                if "task" in method.params_model.model_fields:  # the search sets each task
+                    params = {"task": spec.tasks[0].name} | params
                 method.params_model.model_validate(params)
         except MergeInputError as error:
             raise SpecError(f"{origin}: field '{where}': {error}") from None

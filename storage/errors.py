@@ -45,3 +45,22 @@ class SystemFailure(Exception):
     def __init__(self, stage: str, cause: str) -> None:
         super().__init__(f"stage '{stage}' failed: {cause}. Rerun the same command to resume.")
         self.stage = stage
+
+
+class StorageError(MergelineError):
+    """The object store refused a request for good: no such bucket, access denied, no keys."""
+
+
+class StorageUnavailable(SystemFailure):
+    """The object store kept failing transiently (down, 5xx, throttling) past its retries."""
+
+    def __init__(self, uri: str, cause: str) -> None:
+        super().__init__("storage", f"{uri}: {cause}")
+        self.uri, self.cause = uri, cause
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:  # crosses Ray's process boundary
+        return type(self), (self.uri, self.cause)
+
+
+class LineageError(MergelineError):
+    """A registered model version does not exist or carries no mergeline lineage."""

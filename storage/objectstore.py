@@ -2,19 +2,34 @@
 
 Writes of a single object are atomic for readers (local: write a temporary file, then rename;
 S3: a PUT is atomic). Multi-file artifacts become visible through their manifest, see
-:mod:`storage.artifacts`.
+:mod:`storage.artifacts`; :meth:`FsspecStore.create` writes an object only if it is absent,
+which is how two runs racing on one artifact end with exactly one manifest.
+
+S3 credentials come only from the standard AWS chain (environment, profile, instance role):
+this module never takes, logs or stores one. Every operation retries transient errors within
+``retry_seconds`` (see :mod:`storage.retry`); the S3 client's own retries are off so that
+bound holds.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import uuid
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 import fsspec
 
 from storage.errors import ServiceError
+from storage.retry import call_with_retries
+
+T = TypeVar("T")
+
+DEFAULT_RETRY_SECONDS = 60.0
+CONNECT_TIMEOUT_S = 5
+READ_TIMEOUT_S = 60
 
 
 class ObjectStore(Protocol):
@@ -22,7 +37,9 @@ class ObjectStore(Protocol):
 
     def url(self, key: str) -> str: ...
     def put(self, key: str, data: bytes) -> None: ...
+    def create(self, key: str, data: bytes) -> bool: ...
     def get(self, key: str) -> bytes: ...
+    def delete(self, key: str) -> None: ...
     def exists(self, key: str) -> bool: ...
     def list(self, prefix: str) -> list[str]: ...
     def local_path(self, key: str) -> str | None: ...
@@ -31,18 +48,39 @@ class ObjectStore(Protocol):
 class FsspecStore:
     """Keys are '/'-separated paths relative to the store's root URI."""
 
-    def __init__(self, uri: str, endpoint_url: str | None = None) -> None:
+    def __init__(
+        self,
+        uri: str,
+        endpoint_url: str | None = None,
+        retry_seconds: float | None = None,
+    ) -> None:
         self.uri = uri.rstrip("/")
+        self.retry_seconds = DEFAULT_RETRY_SECONDS if retry_seconds is None else retry_seconds
         scheme, _, rest = self.uri.partition("://")
         options: dict[str, object] = {}
         if scheme == "file":
             rest = str(Path(rest).expanduser().resolve())
             self.uri = f"file://{rest}"
-        elif scheme == "s3" and endpoint_url:
-            options["client_kwargs"] = {"endpoint_url": endpoint_url}
+        elif scheme == "s3":
+            options = {
+                # A fresh client per store: it picks up the credentials of the environment now.
+                "skip_instance_cache": True,
+                "use_listings_cache": False,
+                "config_kwargs": {
+                    "retries": {"total_max_attempts": 1},
+                    "connect_timeout": CONNECT_TIMEOUT_S,
+                    "read_timeout": READ_TIMEOUT_S,
+                },
+            }
+            if endpoint_url:
+                options["client_kwargs"] = {"endpoint_url": endpoint_url}
         self.scheme = scheme
         self.root = rest
         self.fs = fsspec.filesystem(scheme, **options)
+        if scheme == "s3":
+            self.fs.retries = 1  # s3fs's own loop: one attempt, ours retries
+        # Unsupported If-None-Match (HTTP 501): fall back to check-then-put, see create().
+        self.conditional_create = scheme == "s3"
 
     def url(self, key: str) -> str:
         return f"{self.uri}/{key}"
@@ -50,39 +88,117 @@ class FsspecStore:
     def _path(self, key: str) -> str:
         return f"{self.root}/{key}"
 
+    def _call(self, what: str, key: str, operation: Callable[[], T]) -> T:
+        return call_with_retries(operation, self.url(key), what, self.retry_seconds)
+
     def put(self, key: str, data: bytes) -> None:
+        """Write ``key``, replacing it if it exists."""
         path = self._path(key)
         if self.scheme == "file":
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            temporary = f"{path}.{uuid.uuid4().hex}.partial"
-            with open(temporary, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, path)
+            self._call("write", key, lambda: _write_local(path, data, exclusive=False))
         else:
-            self.fs.pipe_file(path, data)
+            self._call("write", key, lambda: self.fs.pipe_file(path, data))
+
+    def create(self, key: str, data: bytes) -> bool:
+        """Write ``key`` only if it does not exist yet; False if it already did.
+
+        S3: ``PutObject`` with ``If-None-Match: *``, atomic on the server. A server that does
+        not implement it (HTTP 501) gets check-then-put, which two simultaneous writers can
+        both pass; readers still verify every file's sha256. Local: the data goes to a
+        temporary file, then ``os.link`` to the final name, which fails if that exists.
+        """
+        path = self._path(key)
+        try:
+            if self.scheme == "file":
+                self._call("create", key, lambda: _write_local(path, data, exclusive=True))
+            elif self.conditional_create:
+                try:
+                    self._call("create", key, lambda: self.fs.pipe_file(path, data, mode="create"))
+                except NotImplementedError:
+                    self.conditional_create = False
+                    return self.create(key, data)
+            else:
+                if self.exists(key):
+                    return False
+                self.put(key, data)
+        except FileExistsError:
+            return False
+        return True
 
     def get(self, key: str) -> bytes:
-        return self.fs.cat_file(self._path(key))
+        """The object's bytes; ``FileNotFoundError`` if it does not exist."""
+        path = self._path(key)
+        return self._call("read", key, lambda: self.fs.cat_file(path))
+
+    def delete(self, key: str) -> None:
+        """Remove ``key``; nothing happens if it does not exist."""
+        path = self._path(key)
+        try:
+            self._call("delete", key, lambda: self.fs.rm_file(path))
+        except FileNotFoundError:
+            pass
 
     def exists(self, key: str) -> bool:
-        return bool(self.fs.exists(self._path(key)))
+        path = self._path(key)
+        return bool(self._call("check", key, lambda: self.fs.exists(path)))
 
     def list(self, prefix: str) -> list[str]:
         """Immediate children of ``prefix`` (names only), empty if it does not exist."""
         path = self._path(prefix).rstrip("/")
-        if not self.fs.exists(path):
+        try:
+            found = self._call("list", prefix, lambda: self.fs.ls(path, detail=False))
+        except FileNotFoundError:
             return []
-        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(path, detail=False))
+        names = {p.rstrip("/").rsplit("/", 1)[-1] for p in found}
+        return sorted(name for name in names if name and not name.endswith(".partial"))
 
     def local_path(self, key: str) -> str | None:
         """A local filesystem path for memory-mapping, when the store is local."""
         return self._path(key) if self.scheme == "file" else None
 
 
-def open_store(uri: str, endpoint_url: str | None = None) -> FsspecStore:
+def _write_local(path: str, data: bytes, exclusive: bool) -> None:
+    """Write through a temporary file so that no reader sees a partial object."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    temporary = f"{path}.{uuid.uuid4().hex}.partial"
+    with open(temporary, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
     try:
-        return FsspecStore(uri, endpoint_url)
+        if not exclusive:
+            os.replace(temporary, path)
+            return
+        try:
+            os.link(temporary, path)  # atomic, and fails if ``path`` exists
+        except OSError as error:
+            if error.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
+                raise
+            _create_exclusive(path, data)  # no hard links here (some network filesystems)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+def _create_exclusive(path: str, data: bytes) -> None:
+    """``O_EXCL`` create: readers may briefly see a partial file (a manifest that does not
+    parse counts as absent, so it stays invisible until complete)."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def open_store(
+    uri: str, endpoint_url: str | None = None, retry_seconds: float | None = None
+) -> FsspecStore:
+    try:
+        return FsspecStore(uri, endpoint_url, retry_seconds)
     except (OSError, ValueError, ImportError) as error:
         raise ServiceError(f"cannot open the object store {uri}: {error}") from None
+
+
+def open_store_from(config: Mapping[str, Any]) -> FsspecStore:
+    """The store a stage's ``store_cfg`` names: ``uri``, ``endpoint_url``, ``retry_seconds``."""
+    return open_store(config["uri"], config.get("endpoint_url"), config.get("retry_seconds"))

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import requests
 from mlflow.entities import Metric, RunStatus
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.environment_variables import (
     MLFLOW_TRACKING_INSECURE_TLS,
     MLFLOW_TRACKING_SERVER_CERT_PATH,
@@ -270,15 +271,32 @@ class MlflowTracker:
             if error.error_code == "RESOURCE_DOES_NOT_EXIST" or "not found" in error.message:
                 return None
             raise
-        return {
-            "registered_model": found.name,
-            "version": int(found.version),
-            "model_uri": f"models:/{found.name}/{found.version}",
-            "run_id": found.run_id,
-            "source": found.source,
-            "aliases": list(found.aliases),
-            "tags": dict(found.tags),
-        }
+        return _version_record(found)
+
+    def get_version(self, registered_model: str, version: int) -> dict[str, Any] | None:
+        """Version ``version`` of ``registered_model``, with its tags; None if there is none."""
+        try:
+            found = self._client.get_model_version(registered_model, str(version))
+        except MlflowException as error:
+            if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                return None
+            raise
+        return _version_record(found)
+
+    def find_run_version(self, registered_model: str, run_id: str) -> dict[str, Any] | None:
+        """The version pipeline run ``run_id`` registered (tag ``mergeline.run_id``), if any."""
+        if "'" in run_id:
+            return None  # run ids are generated without quotes; this one names no run
+        found = self._client.search_model_versions(f"tags.`mergeline.run_id` = '{run_id}'")
+        versions = [int(v.version) for v in found if v.name == registered_model]
+        if not versions:
+            return None
+        # Search results leave out aliases: read the version itself.
+        return _version_record(self._client.get_model_version(registered_model, str(min(versions))))
+
+    def run_tags(self, run_id: str) -> dict[str, str]:
+        """The tags of run ``run_id`` (``mlflow.parentRunId`` links a stage to its pipeline)."""
+        return dict(self._client.get_run(run_id).data.tags)
 
     def set_alias(self, registered_model: str, alias: str, version: int) -> None:
         """Point ``alias`` (e.g. ``champion``) at ``version``, moving it if it exists."""
@@ -289,3 +307,15 @@ class MlflowTracker:
         if self._parent_run_id is None:
             raise RuntimeError("MlflowTracker.log_summary needs a pipeline_run() first")
         self._client.log_dict(self._parent_run_id, summary, "summary.json")
+
+
+def _version_record(found: ModelVersion) -> dict[str, Any]:
+    return {
+        "registered_model": found.name,
+        "version": int(found.version),
+        "model_uri": f"models:/{found.name}/{found.version}",
+        "run_id": found.run_id,
+        "source": found.source,
+        "aliases": list(found.aliases),
+        "tags": dict(found.tags),
+    }

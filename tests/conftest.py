@@ -8,14 +8,17 @@ from typing import Any
 
 import pytest
 
-pytest_plugins = ["tests.conftest_mlflow"]
+pytest_plugins = ["tests.conftest_mlflow", "tests.conftest_s3"]
 
 REPO = Path(__file__).resolve().parent.parent
 
-#: The run summary's keys, exactly as DESIGN.md lists them.
+#: The run summary's keys: DESIGN.md's, plus ``started`` and ``spec`` (name, digest,
+#: objective) that ``mergeline runs`` and the incremental rerun's reasons read back.
 SUMMARY_KEYS = {
     "run_id",
     "status",
+    "started",
+    "spec",
     "mode",
     "tasks",
     "search",
@@ -23,10 +26,12 @@ SUMMARY_KEYS = {
     "model",
     "timings",
 }
-TASK_KEYS = {"task_vector_uri", "sha256", "cache_hit", "zero_shot", "finetuned"}
+TASK_KEYS = {"task_vector_uri", "sha256", "cache_hit", "rebuilt_reason", "zero_shot", "finetuned"}
+#: How each task's vector was made in the run (engine, workers, attempts, resumed_from_step).
+TASK_KEYS |= {"engine", "workers", "attempts", "resumed_from_step"}
 SEARCH_KEYS = {"candidates_evaluated", "seconds", "strategy"}
 BEST_KEYS = {"method", "params", "coefficients", "val", "test"}
-MODEL_KEYS = {"uri", "mlflow_run_id", "registered_model", "version", "aliases"}
+MODEL_KEYS = {"uri", "mlflow_run_id", "registered_model", "version", "aliases", "promotion"}
 TIMING_KEYS = {"finetune_s", "search_s", "total_s"}
 
 TINY_SPEC: dict[str, Any] = {

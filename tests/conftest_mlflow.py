@@ -29,6 +29,8 @@ from safetensors.torch import save_file
 from storage.tracking import DatasetInfo, MlflowTracker
 
 SERVER_START_TIMEOUT_S = 90.0
+#: server URI -> its directory (``mlflow.db``, ``artifacts/``), for tests that inspect the bytes
+SERVER_ROOTS: dict[str, Path] = {}
 
 # Loaded by MLflow ("models from code"): the class is read from this file, never unpickled.
 PYFUNC_CODE = textwrap.dedent(
@@ -92,6 +94,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
     uri = f"http://127.0.0.1:{port}"
+    SERVER_ROOTS[uri] = root
     deadline = time.monotonic() + SERVER_START_TIMEOUT_S
     try:
         while True:

@@ -11,7 +11,7 @@ from torch import nn
 
 from storage.artifacts import find_artifact
 from storage.digest import digest_state
-from storage.objectstore import open_store
+from storage.objectstore import open_store_from
 from storage.taskvectors import base_model_prefix, read_base_model, write_base_model
 from workers.data import load_dataset
 from workers.finetune import TrainConfig, train
@@ -26,7 +26,7 @@ def pretrain_base_job(
     input_dim: int,
 ) -> dict[str, Any]:
     """Build (and pretrain, if the spec asks) the base; returns its manifest meta."""
-    store = open_store(store_cfg["uri"], store_cfg.get("endpoint_url"))
+    store = open_store_from(store_cfg)
     existing = find_artifact(store, base_model_prefix(key))
     if existing is not None:
         return existing.meta | {"cache_hit": True}
@@ -65,4 +65,4 @@ def pretrain_base_job(
 
 
 def load_base(store_cfg: dict[str, Any], key: str) -> dict[str, torch.Tensor]:
-    return read_base_model(open_store(store_cfg["uri"], store_cfg.get("endpoint_url")), key)
+    return read_base_model(open_store_from(store_cfg), key)

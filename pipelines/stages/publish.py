@@ -6,8 +6,10 @@ from typing import Any
 
 from pipelines.plan import Candidate
 from pipelines.stages.base import load_base
-from storage.objectstore import open_store
+from pipelines.stages.publish_tall import write_tall_model
+from storage.objectstore import open_store_from
 from storage.taskvectors import read_task_vector, write_merged_model
+from workers.finetune import pack_linearized
 from workers.merge import merge
 
 
@@ -22,11 +24,16 @@ def merge_and_store_job(
     config: dict[str, Any],
     meta: dict[str, Any],
 ) -> dict[str, Any]:
-    store = open_store(store_cfg["uri"], store_cfg.get("endpoint_url"))
+    store = open_store_from(store_cfg)
     base = load_base(store_cfg, base_key)
     vectors, heads = {}, {}
     for task, key in task_keys.items():
         vectors[task], heads[task] = read_task_vector(store, key)
+    if candidate.method == "tall_masks":  # a model per task: θ0 + τ_MTL + packed masks
+        ref = write_tall_model(store, name, run_id, base, vectors, heads, candidate, config, meta)
+        return {"uri": ref.uri, "prefix": ref.prefix, "sha256": ref.sha256}
     merged = merge(candidate.method, base, vectors, candidate.coefficient, **candidate.params)
+    if config.get("mode") == "linear":  # served as f(x; θ0) + J f(x; θ0)·τ: keep θ0 and τ
+        merged = pack_linearized(base, merged)
     ref = write_merged_model(store, name, run_id, merged, heads, config, meta)
     return {"uri": ref.uri, "prefix": ref.prefix, "sha256": ref.sha256}

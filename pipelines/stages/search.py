@@ -12,7 +12,7 @@ import torch
 
 from pipelines.plan import Candidate
 from pipelines.stages.base import load_base
-from storage.objectstore import open_store
+from storage.objectstore import open_store_from
 from storage.taskvectors import read_task_vector
 from workers.data import load_dataset
 from workers.merge import merge
@@ -31,7 +31,7 @@ class CandidateScorer:
     ) -> None:
         """``tasks`` maps task name -> {"key": task-vector key, "dataset": dataset spec}."""
         torch.set_num_threads(1)
-        store = open_store(store_cfg["uri"], store_cfg.get("endpoint_url"))
+        store = open_store_from(store_cfg)
         self.base = load_base(store_cfg, base_key)
         self.backbone = build_backbone(base_meta["config"], base_meta["input_dim"])
         self.task_vectors: dict[str, dict[str, torch.Tensor]] = {}
@@ -61,6 +61,8 @@ class CandidateScorer:
         if "task" in method.params_model.model_fields:  # retrieval methods: one model per task
             for task in self.task_vectors:
                 params = dict(candidate.params) | {"task": task}
+                if isinstance(params.get("lam"), dict):  # λ_t chosen per task on validation
+                    params["lam"] = params["lam"][task]
                 yield (
                     task,
                     merge(

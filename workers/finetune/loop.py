@@ -1,7 +1,13 @@
-"""The standard fine-tuning loop: plain PyTorch, readable in one sitting.
+"""The fine-tuning loop, readable in one sitting, over any :class:`~workers.finetune.engine.Engine`.
 
 The backbone is trained through a frozen linear head (as the paper trains through frozen
 zero-shot heads), so the task vector is a change of the backbone only.
+
+Batches are drawn from one seeded generator as *global* batches; with several workers each takes
+its equal share, so 1 or N workers take the same steps up to floating-point error. The loop can
+start from a :class:`~workers.finetune.engine.TrainState` and hands one to ``on_checkpoint`` every
+``checkpoint_every`` steps: model, optimizer, the generator's position and the RNG, i.e. all a
+resumed run needs to continue as if it had never stopped.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import torch
 from torch import nn
 
 from storage.errors import MergelineError
-from workers.models.heads import apply_head
+from workers.finetune.engine import Classifier, Engine, TorchEngine, TrainState
 
 
 @dataclass(frozen=True)
@@ -31,6 +37,80 @@ class DivergenceError(MergelineError):
     """The loss became NaN or infinite during training."""
 
 
+def fit(
+    engine: Engine,
+    x: np.ndarray,
+    y: np.ndarray,
+    config: TrainConfig,
+    what: str,
+    start: TrainState | None = None,
+    checkpoint_every: int | None = None,
+    on_checkpoint: Callable[[TrainState], None] | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+    checkpoint_final: bool = False,
+) -> list[dict[str, float]]:
+    """Run ``config.steps`` steps (minus those ``start`` already did); returns the loss history.
+
+    ``on_checkpoint`` gets the state every ``checkpoint_every`` steps, and after the last step
+    too if ``checkpoint_final``.
+
+    Raises :class:`DivergenceError` naming ``what`` and the step if the loss stops being finite
+    (on every worker at once: the loss is averaged over workers before it is checked).
+    """
+    inputs, labels = torch.from_numpy(x), torch.from_numpy(y)
+    batch_size = min(config.batch_size, len(labels))
+    if batch_size % engine.world_size:
+        raise MergelineError(
+            f"{what}: a batch of {batch_size} does not split evenly over {engine.world_size} "
+            "workers: make finetune.batch_size a multiple of resources.num_workers"
+        )
+    share = batch_size // engine.world_size
+    generator = torch.Generator().manual_seed(config.seed)
+    history: list[dict[str, float]] = []
+    if start is not None:
+        engine.load_state(start.model, start.optimizer, start.optimizer_info)
+        restore_rng(start.rng, generator, engine.device)
+        history = list(start.history)
+    for step in range(start.step if start else 0, config.steps):
+        batch = torch.randint(0, len(labels), (batch_size,), generator=generator)
+        mine = batch[engine.rank * share : (engine.rank + 1) * share]
+        loss = engine.loss(inputs[mine], labels[mine])
+        value = engine.mean(float(loss.detach()))
+        if not math.isfinite(value):
+            raise DivergenceError(
+                f"{what}: the loss became {value} at step {step}: "
+                "lower finetune.lr or check the data"
+            )
+        engine.update(loss)
+        history.append({"step": step, "loss": value})
+        if on_step is not None:
+            on_step(step, value)
+        done = step + 1
+        periodic = bool(checkpoint_every) and done % checkpoint_every == 0
+        final = done == config.steps
+        if on_checkpoint and ((periodic and not final) or (final and checkpoint_final)):
+            on_checkpoint(snapshot(engine, done, history, generator))
+    return history
+
+
+def snapshot(
+    engine: Engine, step: int, history: list[dict[str, float]], generator: torch.Generator
+) -> TrainState:
+    """The engine's consolidated state after ``step`` steps (collective with several workers)."""
+    optimizer, info = engine.optimizer_state()
+    rng = {"batches": generator.get_state(), "torch": torch.get_rng_state()}
+    if engine.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(engine.device)
+    return TrainState(step, list(history), engine.model_state(), optimizer, info, rng)
+
+
+def restore_rng(rng: dict[str, torch.Tensor], generator: torch.Generator, device) -> None:
+    generator.set_state(rng["batches"])
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.device(device).type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], device)
+
+
 def train(
     backbone: nn.Module,
     head: dict[str, torch.Tensor] | nn.Module,
@@ -42,35 +122,11 @@ def train(
 ) -> list[dict[str, float]]:
     """Train ``backbone`` (and ``head`` if it is a module) with Adam on seeded mini-batches.
 
-    Returns the loss history (one entry per step). Raises :class:`DivergenceError` naming
-    ``what`` and the step if the loss stops being finite.
+    Returns the loss history (one entry per step); ``backbone`` is trained in place.
     """
-    inputs, labels = torch.from_numpy(x), torch.from_numpy(y)
-    parameters = list(backbone.parameters())
-    if isinstance(head, nn.Module):
-        parameters += list(head.parameters())
-    optimizer = torch.optim.Adam(parameters, lr=config.lr, weight_decay=config.weight_decay)
-    generator = torch.Generator().manual_seed(config.seed)
-    history: list[dict[str, float]] = []
+    engine = TorchEngine(Classifier(backbone, head), config.lr, config.weight_decay)
     backbone.train()
-    for step in range(config.steps):
-        batch = torch.randint(
-            0, len(labels), (min(config.batch_size, len(labels)),), generator=generator
-        )
-        features = backbone(inputs[batch])
-        logits = head(features) if isinstance(head, nn.Module) else apply_head(head, features)
-        loss = nn.functional.cross_entropy(logits, labels[batch])
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise DivergenceError(
-                f"{what}: the loss became {value} at step {step}: "
-                "lower finetune.lr or check the data"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        history.append({"step": step, "loss": value})
-        if on_step is not None:
-            on_step(step, value)
-    backbone.eval()
-    return history
+    try:
+        return fit(engine, x, y, config, what, on_step=on_step)
+    finally:
+        backbone.eval()

@@ -21,7 +21,9 @@ from workers.merge.task_arithmetic import negate
 from workers.merge.ties import global_trim_thresholds
 from workers.merge.validation import validate_task_vectors
 
-SUPPORT_MODULES = frozenset({"backbone", "registry", "validation"})
+SUPPORT_MODULES = frozenset(
+    {"backbone", "compression", "engine", "kernels", "registry", "validation"}
+)
 """Modules of this package that are not merge methods; every other module registers one."""
 
 for _module in pkgutil.iter_modules(__path__):

@@ -35,3 +35,20 @@ def accuracy(
 def normalized(merged: dict[str, float], finetuned: dict[str, float]) -> dict[str, float]:
     """acc_t(merged) / acc_t(single-task fine-tuned) per task."""
     return {task: merged[task] / max(finetuned[task], 1e-12) for task in merged}
+
+
+@torch.no_grad()
+def linearized_accuracy(
+    backbone: nn.Module,
+    theta0: dict[str, torch.Tensor],
+    delta: dict[str, torch.Tensor],
+    head: dict[str, torch.Tensor],
+    x: np.ndarray | torch.Tensor,
+    y: np.ndarray | torch.Tensor,
+) -> float:
+    """Top-1 accuracy of the linearized model f(x; θ0) + J f(x; θ0) · δ under ``head``."""
+    from workers.finetune.linearized import linearized_forward
+
+    logits = apply_head(head, linearized_forward(backbone, theta0, delta, torch.as_tensor(x)))
+    labels = torch.as_tensor(y)
+    return int((logits.argmax(dim=1) == labels).sum()) / max(len(labels), 1)

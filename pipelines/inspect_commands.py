@@ -1,0 +1,78 @@
+"""``mergeline ls`` and ``mergeline lineage``: what a store holds, what a model is made of."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+DEFAULT_STORE = "file://.mergeline/store"
+DEFAULT_TRACKING = "sqlite:///.mergeline/mlflow.db"
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def ls_command(
+    store: Annotated[
+        str, typer.Option("--store", help="The store: file://path or s3://bucket/prefix.")
+    ] = DEFAULT_STORE,
+    endpoint_url: Annotated[
+        str | None,
+        typer.Option(
+            "--endpoint-url",
+            help="S3-compatible server (MinIO, ...); credentials "
+            "come from the AWS environment or profile.",
+        ),
+    ] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """List the task vectors and merged models in a store."""
+    from pydantic import ValidationError
+
+    from pipelines.listing import list_store, print_listing
+    from pipelines.spec import StorageSpec
+    from pipelines.specfile import describe_validation_error
+    from storage.errors import SpecError
+    from storage.objectstore import open_store
+
+    try:
+        checked = StorageSpec(uri=store, endpoint_url=endpoint_url)
+    except ValidationError as error:
+        message = describe_validation_error(error).replace("field 'uri'", "--store")
+        raise SpecError(message.replace("field 'endpoint_url'", "--endpoint-url")) from None
+    listing = list_store(open_store(checked.uri, checked.endpoint_url, checked.retry_seconds))
+    if json_:
+        sys.stdout.write(json.dumps(listing, indent=1) + "\n")
+    else:
+        print_listing(listing, Console())
+
+
+def lineage_command(
+    model_uri: Annotated[
+        str,
+        typer.Argument(
+            help="models:/<name>@<alias> or models:/<name>/<version>", show_default=False
+        ),
+    ],
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(
+            "--tracking-uri",
+            help=f"MLflow tracking URI [default: $MLFLOW_TRACKING_URI or {DEFAULT_TRACKING}]",
+        ),
+    ] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Walk a registered model back to its task vectors, datasets and base model."""
+    from pipelines.lineage import print_lineage, trace_lineage
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING
+    lineage = trace_lineage(model_uri, uri)
+    if json_:
+        sys.stdout.write(json.dumps(lineage, indent=1) + "\n")
+    else:
+        print_lineage(lineage, Console())

@@ -1,0 +1,107 @@
+"""Merge safetensors files into a sharded model directory with the streaming engine.
+
+This joins the pure engine (``workers.merge.engine``) to the file readers and the sharded
+writer (``storage.shards``): θ0 and each task vector are read one tensor at a time and each
+merged tensor is written as soon as it is computed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from storage.shards import DEFAULT_SHARD_BYTES, SafetensorsReader, ShardedWriter
+from workers.merge.backbone import Coefficient
+from workers.merge.engine import TensorSpec, merge_stream, plan_merge, trim_thresholds
+
+#: Files of a Hugging Face model directory copied beside the merged shards.
+HF_SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+)
+
+
+def reader_specs(reader: SafetensorsReader) -> list[TensorSpec]:
+    return [TensorSpec(i.name, i.dtype, i.shape) for i in reader.tensors.values()]
+
+
+def merge_files(
+    base: SafetensorsReader,
+    tasks: Mapping[str, SafetensorsReader],
+    out: str | Path,
+    method: str,
+    coefficient: Coefficient = 1.0,
+    params: Mapping[str, Any] | None = None,
+    *,
+    extra_tensors: Mapping[str, torch.Tensor] | None = None,
+    side_files: Mapping[str, bytes | Path] | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> dict[str, Any]:
+    """Merge into ``out`` (sharded safetensors + index); returns what was done and how fast.
+
+    ``extra_tensors`` (e.g. the task heads) are written after the merged backbone, unmerged;
+    ``side_files`` (config.json, tokenizer files, provenance) are copied in before the
+    directory becomes visible.
+    """
+    started = time.perf_counter()
+    plan = plan_merge(
+        method,
+        reader_specs(base),
+        {task: reader_specs(reader) for task, reader in tasks.items()},
+        coefficient,
+        params,
+    )
+    thresholds = trim_thresholds(plan, tasks)
+    extra = dict(extra_tensors or {})
+    specs = [(s.name, s.dtype, s.shape) for s in plan.tensors]
+    specs += [(name, t.dtype, tuple(t.shape)) for name, t in extra.items()]
+    writer = ShardedWriter(out, specs, max_shard_bytes=max_shard_bytes)
+    try:
+        stream = merge_stream(plan, base, tasks, thresholds=thresholds, reuse_buffers=True)
+        for name, tensor in stream:
+            writer.write(name, tensor)
+        for name, tensor in extra.items():
+            writer.write(name, tensor)
+        for name, content in (side_files or {}).items():
+            target = writer.staging / name
+            if isinstance(content, Path):
+                shutil.copyfile(content, target)
+            else:
+                target.write_bytes(content)
+        directory = writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    read_bytes = sum(i.nbytes for reader in tasks.values() for i in reader.tensors.values())
+    return {
+        "out": str(directory),
+        "tensors": len(specs),
+        "shards": len(set(writer.weight_map.values())),
+        "task_vector_bytes": read_bytes,
+        "global_thresholds": thresholds,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def hf_side_files(directory: Path) -> dict[str, Path]:
+    """config.json and tokenizer files of a Hugging Face model directory, where present."""
+    return {name: directory / name for name in HF_SIDE_FILES if (directory / name).is_file()}
+
+
+def provenance(info: Mapping[str, Any]) -> bytes:
+    """``merge.json``: what produced the merged model (method, params, inputs, code version)."""
+    return json.dumps(dict(info), indent=1, sort_keys=True, default=str).encode()

@@ -1,0 +1,77 @@
+"""Which search a spec asks for, resolved once (defaults depend on the mode), and its checks.
+
+Kept apart from `pipelines.strategies` so that validating a spec does not import Ray.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipelines.spec import Spec
+from storage.errors import SpecError
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    per_task: bool
+    strategy: str
+    fast_path: bool  # the exact fast path is on (linear mode, merge.fast_path auto)
+    surrogate: bool
+    linear: bool
+    negate: bool
+    all_fast: bool  # every candidate is scored on the fast path: one scorer actor is enough
+
+    @property
+    def tangent(self) -> bool:
+        """Whether this search needs the tangent-space scorer and this module at all."""
+        return self.linear or self.per_task or self.surrogate or self.negate
+
+
+def resolve_search(spec: Spec) -> SearchSettings:
+    linear = spec.finetune.mode == "linear"
+    fast = linear and spec.merge.fast_path == "auto"
+    per_task = spec.merge.search.per_task
+    if per_task is None:
+        per_task = (
+            fast
+            and spec.merge.objective != "negate"
+            and all(c.method == "task_arithmetic" and not c.params for c in spec.merge.candidates)
+        )
+    strategy = spec.merge.search.strategy or ("coordinate_ascent" if per_task else "grid")
+    negate = spec.merge.objective == "negate"
+    surrogate = spec.merge.search.surrogate == "posthoc_linear"
+    all_fast = fast and all(
+        c.method in ("task_arithmetic", "weight_average") and not c.params
+        for c in spec.merge.candidates
+    )
+    return SearchSettings(per_task, strategy, fast, surrogate, linear, negate, all_fast)
+
+
+def check_search(spec: Spec, origin: str) -> None:
+    """Cross-field rules of merge.search / merge.negate that need the tasks or the registry."""
+    from workers.merge import get_method
+
+    names = [task.name for task in spec.tasks]
+    negate = spec.merge.negate
+    if negate is not None:
+        for role in ("target", "control"):
+            if getattr(negate, role) not in names:
+                raise SpecError(
+                    f"{origin}: field 'merge.negate.{role}': {getattr(negate, role)!r} is not a "
+                    f"task: use one of {names}"
+                )
+        if negate.target == negate.control:
+            raise SpecError(f"{origin}: merge.negate: target and control must differ")
+    if spec.finetune.mode == "linear" and spec.merge.search.surrogate != "none":
+        raise SpecError(
+            f"{origin}: merge.search.surrogate is for standard-mode task vectors; in linear "
+            "mode the fast path is exact (merge.fast_path: auto)"
+        )
+    if resolve_search(spec).per_task:
+        for index, candidate in enumerate(spec.merge.candidates):
+            method = get_method(candidate.method)
+            if not (method.per_task_coefficients and method.uses_coefficient):
+                raise SpecError(
+                    f"{origin}: field 'merge.candidates[{index}]': {candidate.method} takes no "
+                    "per-task coefficients: drop it or set merge.search.per_task: false"
+                )

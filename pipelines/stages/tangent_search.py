@@ -1,0 +1,158 @@
+"""Stages 5-6 in the tangent space: linearized scoring and the exact fast path, on Ray actors.
+
+A :class:`TangentScorer` is a :class:`CandidateScorer` that also knows the fine-tuning mode:
+in linear mode a candidate is scored as the linearized model f(x; θ0) + J f(x; θ0)·(θ − θ0),
+which is how it is served. Its fast path caches the head-projected f(X_t; θ0) and J(X_t) τ_s
+once per split, then scores coefficient vectors by matrix sums: exact for linear-mode task
+vectors, a post-hoc linearization surrogate for standard-mode ones.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from pipelines.plan import Candidate
+from pipelines.stages.search import CandidateScorer
+from storage.errors import MergeInputError
+from workers.finetune import delta_between
+from workers.merge import merge
+from workers.models import apply_head
+from workers.search.disentanglement import disentanglement_errors
+from workers.search.evaluate import features_at, linearized_accuracy
+from workers.search.fastpath import FastPath, build_fast_path, linear_weights
+from workers.search.strategies import STRATEGIES, Point
+
+
+class TangentScorer(CandidateScorer):
+    def __init__(
+        self,
+        store_cfg: dict[str, Any],
+        base_key: str,
+        base_meta: dict[str, Any],
+        tasks: dict[str, dict[str, Any]],
+        evaluation: dict[str, Any],
+        mode: str = "standard",
+    ) -> None:
+        super().__init__(store_cfg, base_key, base_meta, tasks, evaluation)
+        self.mode = mode
+        self._fast_paths: dict[str, FastPath] = {}
+
+    def _score_one(self, candidate: Candidate, split: str) -> dict[str, Any]:
+        if self.mode != "linear":
+            return super()._score_one(candidate, split)
+        per_task: dict[str, float] = {}
+        for task, state in self._models(candidate):
+            per_task[task] = linearized_accuracy(
+                self.backbone,
+                self.base,
+                delta_between(state, self.base),
+                self.heads[task],
+                *self.splits[task].split(split),
+            )
+        return {"id": candidate.id, "accuracy": per_task}
+
+    def fast_path(self, split: str = "val") -> FastPath:
+        if split not in self._fast_paths:
+            inputs = {t: torch.as_tensor(s.split(split)[0]) for t, s in self.splits.items()}
+            labels = {t: torch.as_tensor(s.split(split)[1]) for t, s in self.splits.items()}
+            self._fast_paths[split] = build_fast_path(
+                self.backbone, self.base, self.task_vectors, self.heads, inputs, labels
+            )
+        return self._fast_paths[split]
+
+    def fast_score(self, candidates: list[Candidate], split: str = "val") -> list[dict[str, Any]]:
+        """Per-task accuracy of each candidate through the fast path (linear-in-τ methods)."""
+        fast = self.fast_path(split)
+        weights = []
+        for candidate in candidates:
+            row = linear_weights(
+                candidate.method, candidate.params, candidate.coefficient, fast.sources
+            )
+            if row is None:
+                raise MergeInputError(
+                    f"candidate {candidate.id}: the fast path scores only merges linear in the "
+                    "task vectors (task_arithmetic, weight_average without params)"
+                )
+            weights.append(row)
+        accuracies = fast.accuracies(torch.tensor(weights, dtype=torch.float32))
+        return [
+            {"id": c.id, "accuracy": {t: float(accuracies[t][i]) for t in fast.tasks}}
+            for i, c in enumerate(candidates)
+        ]
+
+    def fast_per_task_search(
+        self,
+        strategy: str,
+        grid: list[float],
+        budget: int | None,
+        objective: str,
+        finetuned: dict[str, float],
+    ) -> list[tuple[dict[str, float], dict[str, float]]]:
+        """Run a per-task strategy entirely on the fast path (task_arithmetic coefficients).
+
+        Returns (coefficients, per-task val accuracy) for every point the strategy evaluated.
+        """
+        fast = self.fast_path("val")
+        scale = torch.tensor(
+            [
+                1.0 / max(finetuned[t], 1e-12) if objective != "mean_accuracy" else 1.0
+                for t in fast.tasks
+            ],
+            dtype=torch.float64,
+        )
+        evaluated: dict[Point, torch.Tensor] = {}
+
+        def evaluate(points: list[Point]) -> list[float]:
+            matrix = fast.accuracy_matrix(torch.tensor(points, dtype=torch.float32))  # (B, T)
+            evaluated.update(zip(points, matrix, strict=True))
+            return ((matrix * scale).mean(dim=1)).tolist()
+
+        scores = STRATEGIES[strategy](evaluate, len(fast.sources), grid, budget)
+        return [
+            (
+                dict(zip(fast.sources, point, strict=True)),
+                dict(zip(fast.tasks, evaluated[point].tolist(), strict=True)),
+            )
+            for point in scores
+        ]
+
+    def predict_labels(
+        self, task: str, points: list[tuple[float, ...]], split: str = "val"
+    ) -> torch.Tensor:
+        """(B, N) predicted labels on ``task``'s split for θ0 + Σ_s α_s τ_s, α = each point.
+
+        Linear mode: the exact fast path; standard mode: a real forward pass per point.
+        """
+        if self.mode == "linear":
+            fast = self.fast_path(split)
+            return fast.logits(torch.tensor(points, dtype=torch.float32), task).argmax(dim=2)
+        x = torch.as_tensor(self.splits[task].split(split)[0])
+        labels = []
+        for point in points:
+            coefficients = dict(zip(self.task_vectors, point, strict=True))
+            state = merge("task_arithmetic", self.base, self.task_vectors, coefficients)
+            labels.append(
+                apply_head(self.heads[task], features_at(self.backbone, state, x)).argmax(1)
+            )
+        return torch.stack(labels)
+
+
+def disentanglement_job(
+    store_cfg: dict[str, Any],
+    base_key: str,
+    base_meta: dict[str, Any],
+    tasks: dict[str, dict[str, Any]],
+    evaluation: dict[str, Any],
+    mode: str,
+    alphas: list[float],
+    split: str,
+) -> list[list[float]]:
+    """ξ(α1, α2) over ``alphas``² for the two tasks of ``tasks`` (see workers.search)."""
+    scorer = TangentScorer(store_cfg, base_key, base_meta, tasks, evaluation, mode)
+    pair = tuple(tasks)
+    errors = disentanglement_errors(
+        lambda task, points: scorer.predict_labels(task, points, split), pair, alphas
+    )
+    return errors.tolist()

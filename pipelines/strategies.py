@@ -1,0 +1,229 @@
+"""Stage 5 on the driver for the tangent-space searches of DESIGN.md and MERGING.md.
+
+Linear mode (scored as the linearized model; exact fast path where the method is linear in τ),
+per-task coefficient search (coordinate ascent or a full grid, with a budget), the post-hoc
+linearization surrogate with verification of its best candidates, and task negation. The plain
+standard-mode grid keeps its own path in `pipelines.run`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from rich.console import Console
+
+from pipelines.plan import Candidate, Plan
+from pipelines.raysession import get, wait_any
+from pipelines.search_settings import resolve_search
+from pipelines.selection import choose_best, objective_scores
+from pipelines.spec import Spec
+from pipelines.specfile import expand_params
+from workers.search.fastpath import linear_weights
+from workers.search.strategies import STRATEGIES, Point
+
+
+@dataclass
+class SearchOutcome:
+    rows: list[dict[str, Any]]
+    best: Candidate
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def task_scores(
+    spec: Spec, accuracy: dict[str, float], reference: dict[str, dict[str, Any]], split: str
+) -> dict[str, float]:
+    """The objective columns of one candidate: mean (normalized) accuracy, and negation's."""
+    finetuned = {t: reference[t]["finetuned"][split] for t in accuracy}
+    scores = objective_scores(accuracy, finetuned)
+    negate = spec.merge.negate
+    if negate is not None:
+        control_zero_shot = reference[negate.control]["zero_shot"][split]
+        scores |= {
+            "target_accuracy": accuracy[negate.target],
+            "control_accuracy": accuracy[negate.control],
+            "control_retention": accuracy[negate.control] / max(control_zero_shot, 1e-12),
+            "negate": 1.0 - accuracy[negate.target],  # forgetting: higher is better
+        }
+    return scores
+
+
+class TangentSearch:
+    """Runs one search over ``scorers`` (TangentScorer actors) and chooses the best candidate."""
+
+    def __init__(
+        self, plan: Plan, scorers: list[Any], reference: dict[str, dict[str, Any]], console: Console
+    ) -> None:
+        self.plan, self.spec, self.scorers = plan, plan.spec, scorers
+        self.reference, self.console = reference, console
+        self.settings = resolve_search(plan.spec)
+        self.tasks = plan.task_names
+
+    def run(self) -> SearchOutcome:
+        s = self.settings
+        info: dict[str, Any] = {
+            "strategy": s.strategy,
+            "per_task": s.per_task,
+            "fast_path": s.fast_path,
+        }
+        if self.spec.merge.negate is not None:
+            rows, candidates = self._score(self._negation_candidates())
+            return SearchOutcome(rows, self._choose_negation(candidates, rows), info)
+        if s.per_task:
+            rows, candidates = self._per_task()
+        else:
+            rows, candidates = self._score(list(self.plan.candidates))
+        if s.surrogate:
+            return self._verify(rows, candidates, info)
+        return SearchOutcome(rows, self._choose(candidates, rows), info)
+
+    # ------------------------------------------------------------------ candidates
+    def _negation_candidates(self) -> list[Candidate]:
+        negate = self.spec.merge.negate
+        out = []
+        for candidate in self.plan.candidates:
+            coefficients = {t: 0.0 for t in self.tasks}
+            coefficients[negate.target] = -float(candidate.coefficient)
+            out.append(Candidate(candidate.method, candidate.params, coefficients))
+        return list(dict((c.id, c) for c in out).values())
+
+    def _exact(self, candidate: Candidate) -> bool:
+        if not (self.settings.fast_path or self.settings.surrogate):
+            return False
+        return (
+            linear_weights(candidate.method, candidate.params, candidate.coefficient, self.tasks)
+            is not None
+        )
+
+    # ------------------------------------------------------------------ scoring
+    def _score(self, candidates: list[Candidate]) -> tuple[list[dict], list[Candidate]]:
+        """Fast path (or surrogate) for the candidates it fits, forward passes for the rest."""
+        fast = [c for c in candidates if self._exact(c)]
+        slow = [c for c in candidates if not self._exact(c)]
+        results: dict[str, dict[str, float]] = {}
+        if fast:
+            label = "surrogate" if self.settings.surrogate else "fast_path"
+            for row in get(self.scorers[0].fast_score.remote(fast, "val"), "merge search"):
+                results[row["id"]] = row["accuracy"] | {"_by": label}
+        if slow:
+            results |= {k: v | {"_by": "forward"} for k, v in self._forward(slow, "val").items()}
+        return [self._row(c, results[c.id]) for c in candidates], candidates
+
+    def _forward(self, candidates: list[Candidate], split: str) -> dict[str, dict[str, float]]:
+        """Real (linearized, in linear mode) forward passes fanned out over the actors."""
+        from pipelines.run import progress_bar
+
+        size = max(1, math.ceil(len(candidates) / (len(self.scorers) * 4)))
+        chunks = [candidates[i : i + size] for i in range(0, len(candidates), size)]
+        pending = {
+            self.scorers[i % len(self.scorers)].score.remote(chunk, split): chunk
+            for i, chunk in enumerate(chunks)
+        }
+        results: dict[str, dict[str, float]] = {}
+        with progress_bar(self.console) as progress:
+            bar = progress.add_task("merge search", total=len(candidates))
+            while pending:
+                done = wait_any(list(pending))
+                chunk = pending.pop(done[0])
+                for row in get(done[0], "merge search"):
+                    results[row["id"]] = row["accuracy"]
+                progress.advance(bar, len(chunk))
+        return results
+
+    def _row(self, candidate: Candidate, accuracy: dict[str, Any]) -> dict[str, Any]:
+        accuracy = dict(accuracy)
+        scored_by = accuracy.pop("_by", "forward")
+        return {
+            "id": candidate.id,
+            "method": candidate.method,
+            "params": candidate.params,
+            "coefficient": candidate.coefficient,
+            "accuracy": accuracy,
+            "objective": task_scores(self.spec, accuracy, self.reference, "val"),
+            "scored_by": scored_by,
+        }
+
+    # ------------------------------------------------------------------ per task
+    def _per_task(self) -> tuple[list[dict], list[Candidate]]:
+        budget = self.spec.merge.search.budget
+        objective = self.spec.merge.objective
+        finetuned = {t: self.reference[t]["finetuned"]["val"] for t in self.tasks}
+        rows, candidates = [], []
+        for spec_candidate in self.spec.merge.candidates:
+            grid = spec_candidate.coefficient.points()
+            for params in expand_params(spec_candidate.params):
+                probe = Candidate(spec_candidate.method, params, dict.fromkeys(self.tasks, 1.0))
+                if self._exact(probe):
+                    label = "surrogate" if self.settings.surrogate else "fast_path"
+                    remote = self.scorers[0].fast_per_task_search.remote(
+                        self.settings.strategy, grid, budget, objective, finetuned
+                    )
+                    for coefficients, accuracy in get(remote, "merge search"):
+                        candidate = Candidate(spec_candidate.method, params, coefficients)
+                        candidates.append(candidate)
+                        rows.append(self._row(candidate, accuracy | {"_by": label}))
+                    continue
+
+                def evaluate(points: list[Point], params=params, method=spec_candidate.method):
+                    batch = [
+                        Candidate(method, params, dict(zip(self.tasks, p, strict=True)))
+                        for p in points
+                    ]
+                    scored, _ = self._score(batch)
+                    candidates.extend(batch)
+                    rows.extend(scored)
+                    return [row["objective"][objective] for row in scored]
+
+                STRATEGIES[self.settings.strategy](evaluate, len(self.tasks), grid, budget)
+        return rows, candidates
+
+    # ------------------------------------------------------------------ choice
+    def _choose(self, candidates: list[Candidate], rows: list[dict]) -> Candidate:
+        scores = {row["id"]: row["objective"] for row in rows}
+        return choose_best(candidates, scores, self.spec.merge.objective)
+
+    def _verify(self, rows: list[dict], candidates: list[Candidate], info: dict) -> SearchOutcome:
+        """Re-score the surrogate's best ``verify_top`` by real forward passes; pick among them."""
+        objective = self.spec.merge.objective
+        scores = {row["id"]: row["objective"] for row in rows}
+        ranked = sorted(
+            candidates,
+            key=lambda c: (
+                -round(scores[c.id][objective], 12),
+                c.coefficient_norm(),
+                c.method,
+                c.id,
+            ),
+        )
+        top = ranked[: self.spec.merge.search.verify_top]
+        real = self._forward(top, "val")
+        by_id = {row["id"]: row for row in rows}
+        for candidate in top:
+            by_id[candidate.id] = self._row(candidate, real[candidate.id])
+        verified = [by_id[c.id] for c in top]
+        best = self._choose(top, verified)
+        info |= {
+            "surrogate": "posthoc_linear",
+            "verified": len(top),
+            "surrogate_best": ranked[0].id,
+            "verified_best": best.id,
+            "surrogate_best_is_verified_best": ranked[0].id == best.id,
+        }
+        return SearchOutcome([by_id[c.id] for c in candidates], best, info)
+
+    def _choose_negation(self, candidates: list[Candidate], rows: list[dict]) -> Candidate:
+        """Lowest target accuracy with control ≥ retention × zero-shot control (val)."""
+        retention = self.spec.merge.negate.control_retention
+        scores = {row["id"]: row["objective"] for row in rows}
+        feasible = [c for c in candidates if scores[c.id]["control_retention"] >= retention - 1e-12]
+        if feasible:
+            return min(
+                feasible,
+                key=lambda c: (
+                    round(scores[c.id]["target_accuracy"], 12),
+                    c.coefficient_norm(),
+                    c.id,
+                ),
+            )
+        return min(candidates, key=lambda c: (-scores[c.id]["control_retention"], c.id))

@@ -1,0 +1,107 @@
+"""Resumable fine-tune checkpoints in the object store.
+
+Layout: ``checkpoints/<task-vector key>/step-<step>/`` holds one checkpoint's files and its
+``manifest.json`` (written last, see :mod:`storage.artifacts`); ``attempts.json`` counts how
+often training of that task vector started. A newer checkpoint replaces the older ones once its
+manifest exists, so a crash at any moment leaves at least one complete checkpoint (or none yet).
+Everything under the key goes away when the task vector is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from storage.artifacts import (
+    ArtifactRef,
+    invalidate_artifact,
+    read_file,
+    read_manifest,
+    write_artifact,
+)
+from storage.errors import ArtifactError
+from storage.objectstore import ObjectStore
+
+_STEP = "step-"
+_ATTEMPTS = "attempts.json"
+
+
+def checkpoint_prefix(key: str) -> str:
+    return f"checkpoints/{key}"
+
+
+def write_checkpoint(
+    store: ObjectStore, key: str, step: int, files: dict[str, bytes], meta: dict[str, Any]
+) -> ArtifactRef:
+    """Store the checkpoint after ``step`` steps, then drop the older ones."""
+    ref = write_artifact(store, f"{checkpoint_prefix(key)}/{_STEP}{step:09d}", files, meta)
+    for older in _steps(store, key):
+        if older < step:
+            _delete_artifact(store, f"{checkpoint_prefix(key)}/{_STEP}{older:09d}")
+    return ref
+
+
+def latest_checkpoint(store: ObjectStore, key: str) -> tuple[int, dict[str, bytes]] | None:
+    """(step, files) of the newest complete, intact checkpoint; None if there is none.
+
+    A checkpoint whose files fail their checksum is skipped for an older one.
+    """
+    for step in sorted(_steps(store, key), reverse=True):
+        prefix = f"{checkpoint_prefix(key)}/{_STEP}{step:09d}"
+        manifest = read_manifest(store, prefix)
+        if manifest is None:
+            continue
+        try:
+            return step, {name: read_file(store, prefix, name) for name in manifest["files"]}
+        except ArtifactError:
+            continue
+    return None
+
+
+def record_attempt(store: ObjectStore, key: str) -> int:
+    """Count one more start of training for ``key``; returns the count including this one."""
+    count = count_attempts(store, key) + 1
+    store.put(f"{checkpoint_prefix(key)}/{_ATTEMPTS}", json.dumps({"count": count}).encode())
+    return count
+
+
+def count_attempts(store: ObjectStore, key: str) -> int:
+    """How often training of ``key`` started since its task vector was last written."""
+    try:
+        return int(json.loads(store.get(f"{checkpoint_prefix(key)}/{_ATTEMPTS}"))["count"])
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def delete_checkpoints(store: ObjectStore, key: str) -> None:
+    """Remove every checkpoint of ``key`` and its attempt count (after the task vector exists)."""
+    for step in _steps(store, key):
+        _delete_artifact(store, f"{checkpoint_prefix(key)}/{_STEP}{step:09d}")
+    store.delete(f"{checkpoint_prefix(key)}/{_ATTEMPTS}")
+    _remove_empty_directory(store, checkpoint_prefix(key))
+
+
+def _steps(store: ObjectStore, key: str) -> list[int]:
+    names = [n.removeprefix(_STEP) for n in store.list(checkpoint_prefix(key)) if n[:5] == _STEP]
+    return [int(step) for step in names if step.isdigit()]
+
+
+def _delete_artifact(store: ObjectStore, prefix: str) -> None:
+    manifest = read_manifest(store, prefix)
+    invalidate_artifact(store, prefix)  # invisible first, then its files
+    for name in (manifest or {}).get("files", {}):
+        store.delete(f"{prefix}/{name}")
+    _remove_empty_directory(store, prefix)
+
+
+def _remove_empty_directory(store: ObjectStore, prefix: str) -> None:
+    """Object stores have no directories; a local one keeps empty ones unless removed."""
+    path = store.local_path(prefix)
+    if path is None:
+        return
+    for directory in (path, os.path.dirname(path)):
+        try:
+            os.rmdir(directory)
+        except OSError:  # not empty (or gone): leave it
+            pass

@@ -1,0 +1,152 @@
+"""`mergeline merge` as a user runs it: task vectors of a real pipeline run, merged by the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+
+from pipelines.run import run_pipeline
+from pipelines.serving import load_merged
+from pipelines.specfile import validate_document
+from storage.artifacts import find_artifact, write_artifact
+from storage.digest import digest_state
+from storage.objectstore import open_store
+from storage.shards import SafetensorsReader
+from storage.taskvectors import read_base_model, read_task_vector
+from storage.tensors import tensors_to_bytes
+from workers.merge import merge
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+def mergeline(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = os.environ | {"COLUMNS": "200", "NO_COLOR": "1"}
+    command = [sys.executable, "-m", "pipelines.cli", "merge", *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def read_all(directory: Path) -> dict[str, torch.Tensor]:
+    with SafetensorsReader(directory) as reader:
+        return {name: reader.read(name) for name in reader.names()}
+
+
+@pytest.fixture(scope="module")
+def pipeline_store(tmp_path_factory: pytest.TempPathFactory, local_ray) -> Path:
+    """A store with a base model and two task vectors, built by running the tiny pipeline."""
+    from tests.conftest import TINY_SPEC
+
+    root = tmp_path_factory.mktemp("merge-command")
+    spec = dict(TINY_SPEC)
+    spec["storage"] = {"uri": f"file://{root}/store"}
+    spec["tracking"] = {"uri": f"sqlite:///{root}/mlflow.db", "experiment": "tiny"}
+    run_pipeline(validate_document(spec), Console(file=open(os.devnull, "w")))  # noqa: SIM115
+    return root / "store"
+
+
+def test_merge_from_the_store_equals_the_in_memory_merge(pipeline_store: Path, tmp_path) -> None:
+    store = open_store(f"file://{pipeline_store}")
+    [base_key] = store.list("base-models")
+    vectors, heads, uris = {}, {}, {}
+    for key in store.list("task-vectors"):
+        task = find_artifact(store, f"task-vectors/{key}").meta["task"]
+        if task not in ("perm1", "perm2"):
+            continue  # another test adds a foreign task vector to this store
+        vectors[task], heads[task] = read_task_vector(store, key)
+        uris[task] = store.url(f"task-vectors/{key}")
+    base = read_base_model(store, base_key)
+    perm2_uri = uris["perm2"]
+    tasks = ["--task", "perm1", "--task", perm2_uri]  # by task name, and by URI
+    for method, params, coefficient in [
+        ("ties", ["--param", "density=0.5", "--param", "scope=per_tensor"], 0.7),
+        ("ties", ["--param", "density=0.3"], 1.1),
+        ("task_arithmetic", [], 0.4),
+    ]:
+        out = tmp_path / f"{method}-{coefficient}"
+        done = mergeline(
+            "--base", f"base-models/{base_key}", *tasks, "--method", method, *params,
+            "--coefficient", str(coefficient), "--out", str(out),
+            "--store", f"file://{pipeline_store}", "--shard-mb", "1", cwd=tmp_path,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "merged 2 task vectors" in done.stdout
+        expected = merge(method, base, vectors, coefficient, **parse(params))
+        merged = read_all(out)
+        for name in base:
+            assert torch.equal(merged[name], expected[name]), (method, name)
+        _, state, loaded_heads = load_merged(out)  # the pipeline's own loader reads it
+        assert set(loaded_heads) == {"perm1", "perm2"}
+        assert all(torch.equal(state[name], expected[name]) for name in base)
+        assert (out / "merge.json").is_file() and (out / "model.safetensors.index.json").is_file()
+
+
+def parse(params: list[str]) -> dict:
+    values = dict(item.split("=", 1) for item in params[1::2])
+    return {k: float(v) if k == "density" else v for k, v in values.items()}
+
+
+def test_a_corrupt_task_vector_or_another_base_is_refused(pipeline_store: Path, tmp_path) -> None:
+    store = open_store(f"file://{pipeline_store}")
+    [base_key] = store.list("base-models")
+    other = {"w": torch.zeros(2)}
+    files = {"delta.safetensors": tensors_to_bytes(other), "head.safetensors": tensors_to_bytes({})}
+    write_artifact(
+        store, "task-vectors/foreign", files, {"task": "foreign", "base_digest": "0" * 64}
+    )
+    args = ["--base", f"base-models/{base_key}", "--store", f"file://{pipeline_store}"]
+    done = mergeline(
+        *args, "--task", "task-vectors/foreign", "--out", str(tmp_path / "a"), cwd=tmp_path
+    )
+    assert done.returncode == 2 and "was built from base 000000000000" in done.stderr
+    assert not (tmp_path / "a").exists()
+
+    key = next(k for k in store.list("task-vectors") if k != "foreign")
+    path = pipeline_store / "task-vectors" / key / "delta.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    try:
+        done = mergeline(*args, "--task", key, "--out", str(tmp_path / "b"), cwd=tmp_path)
+    finally:
+        data[-1] ^= 0xFF
+        path.write_bytes(bytes(data))
+    assert done.returncode == 2, done.stderr
+    assert "checksum mismatch" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_hugging_face_base_merges_into_a_model_transformers_loads(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
+    base = read_all(tmp_path / "base")
+    store = open_store(f"file://{tmp_path}/store")
+    vectors = {}
+    for index, task in enumerate(("alpha", "beta")):
+        generator = torch.Generator().manual_seed(index)
+        vectors[task] = {
+            n: 0.01 * torch.randn(t.shape, generator=generator) for n, t in base.items()
+        }
+        files = {"delta.safetensors": tensors_to_bytes(vectors[task]),
+                 "head.safetensors": tensors_to_bytes({})}  # fmt: skip
+        meta = {"kind": "task_vector", "task": task, "base_digest": digest_state(base)}
+        write_artifact(store, f"task-vectors/{task}-key", files, meta)
+    done = mergeline(
+        "--base", str(tmp_path / "base"), "--task", "alpha", "--task", "beta", "--method", "ties",
+        "--param", "scope=per_tensor", "--coefficient", "0.9", "--out", str(tmp_path / "out"),
+        "--store", f"file://{tmp_path}/store", cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    expected = merge("ties", base, vectors, 0.9, scope="per_tensor")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    state = model.state_dict()
+    for name, tensor in expected.items():
+        assert torch.equal(state[name], tensor), name

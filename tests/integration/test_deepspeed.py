@@ -1,0 +1,170 @@
+"""DeepSpeed on CPU (gloo): the engine against the plain loop, exact resume, data parallelism.
+
+DeepSpeed's first start on a machine compiles a small communication op (about 90 s, cached in
+``~/.cache/torch_extensions``); these tests start it in few processes.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import torch
+
+from pipelines.plan import make_plan, task_vector_key
+from pipelines.run import fingerprint_datasets, fingerprint_pretrain
+from pipelines.scheduling import finetune_options
+from pipelines.specfile import validate_document
+from pipelines.stages.base import pretrain_base_job
+from pipelines.stages.finetune import run_finetune_job
+from storage.objectstore import open_store
+from storage.taskvectors import read_task_vector
+from workers.finetune import LinearizedModel, TrainConfig
+from workers.finetune.checkpoint import decode_state, encode_state
+from workers.finetune.engine import Classifier, TorchEngine
+from workers.finetune.loop import fit
+from workers.models import build_backbone
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+BACKBONE = {"source": "builtin", "name": "mlp", "hidden": [16], "features": 4, "seed": 0}
+CONFIG = TrainConfig(steps=24, batch_size=32, lr=1e-2, weight_decay=1e-4)
+
+
+@pytest.fixture
+def process_group_env():
+    """DeepSpeed's one-process group sets RANK, MASTER_PORT, ...: keep them out of later tests."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def _data() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(256, 6)).astype(np.float32)
+    return x, (x[:, 0] + x[:, 1] > 0).astype(np.int64)
+
+
+def _model(mode: str) -> Classifier:
+    backbone = build_backbone(BACKBONE, 6)
+    head = {
+        "weight": torch.randn(2, 4, generator=torch.Generator().manual_seed(3)),
+        "bias": torch.zeros(2),
+    }
+    if mode == "linear":
+        theta0 = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
+        return Classifier(LinearizedModel(backbone, theta0), head)
+    return Classifier(backbone, head)
+
+
+def _assert_same(actual: dict, expected: dict, atol: float = 1e-6) -> None:
+    assert set(actual) == set(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(actual[name], value, rtol=1e-5, atol=atol)
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("mode", ["standard", "linear"])
+def test_deepspeed_matches_the_plain_loop_and_resumes_exactly(
+    mode: str, process_group_env: None
+) -> None:
+    from workers.finetune.deepspeed_engine import DeepSpeedEngine
+
+    x, y = _data()
+    plain = TorchEngine(_model(mode), CONFIG.lr, CONFIG.weight_decay)
+    fit(plain, x, y, CONFIG, "t")
+    expected = plain.model_state()
+    assert any(value.abs().max() > 0 for value in expected.values())
+
+    for stage in (0, 1, 2):
+        engine = DeepSpeedEngine(_model(mode), CONFIG, stage)
+        assert engine.name == "deepspeed" and engine.world_size == 1
+        fit(engine, x, y, CONFIG, "t")
+        _assert_same(engine.model_state(), expected)
+
+    for stage in (0, 2):  # stop after a checkpoint; a fresh engine continues from its files
+        saved = []
+
+        def stop(state, saved=saved, stage=stage) -> None:
+            saved.append(encode_state(state, {"stage": stage}))
+            raise _Stop
+
+        with pytest.raises(_Stop):
+            fit(DeepSpeedEngine(_model(mode), CONFIG, stage), x, y, CONFIG, "t", None, 10, stop)
+        state, meta = decode_state(saved[0], "checkpoint")
+        assert state.step == 10 and meta == {"stage": stage}
+        assert {k.rpartition("/")[2] for k in state.optimizer} == {"step", "exp_avg", "exp_avg_sq"}
+        resumed = DeepSpeedEngine(_model(mode), CONFIG, stage)
+        history = fit(resumed, x, y, CONFIG, "t", start=state)
+        assert [h["step"] for h in history] == list(range(CONFIG.steps))
+        _assert_same(resumed.model_state(), expected)
+
+
+@pytest.mark.usefixtures("local_ray")
+def test_two_workers_give_the_same_task_vector_as_one_with_zero2(
+    tiny_spec: dict, tmp_path: Path
+) -> None:
+    """``batch_size`` is the global batch: 2 Ray Train workers take half each."""
+    vectors, executions = {}, {}
+    base = None
+    for workers in (1, 2):
+        document = copy.deepcopy(tiny_spec)
+        document["storage"] = {"uri": f"file://{tmp_path}/store{workers}"}
+        document["finetune"] |= {
+            "deepspeed": {"zero_stage": 2},
+            "resources": {"num_cpus": 1, "num_workers": workers},
+        }
+        plan = make_plan(validate_document(document))
+        datasets = fingerprint_datasets(plan)
+        base_key = fingerprint_pretrain(plan, datasets)
+        store = open_store(document["storage"]["uri"])
+        if base is None:
+            input_dim = next(iter(datasets.values())).input_dim
+            meta = pretrain_base_job(
+                {"uri": store.uri}, base_key, plan.base_model, plan.evaluation, input_dim
+            )
+            base = {k: v for k, v in meta.items() if k != "cache_hit"}
+        else:  # the same θ0 in the second store
+            shutil.copytree(
+                tmp_path / "store1" / "base-models", tmp_path / "store2" / "base-models"
+            )
+        task = plan.tasks[0]
+        key = task_vector_key(base["digest"], datasets[task.name].digest(), plan.finetune)
+        job = ray.remote(run_finetune_job).options(**finetune_options(plan))
+        executions[workers] = ray.get(
+            job.remote(
+                {"uri": store.uri},
+                key,
+                task.name,
+                task.dataset,
+                plan.evaluation,
+                base_key,
+                base,
+                plan.finetune,
+            )
+        )
+        vectors[workers] = read_task_vector(store, key)[0]
+
+    assert executions[1] == {
+        "engine": "deepspeed",
+        "workers": 1,
+        "attempts": 1,
+        "resumed_from_step": 0,
+    }
+    assert executions[2] == {
+        "engine": "deepspeed",
+        "workers": 2,
+        "attempts": 1,
+        "resumed_from_step": 0,
+    }
+    assert any(value.abs().max() > 1e-3 for value in vectors[1].values())
+    _assert_same(vectors[2], vectors[1], atol=1e-6)

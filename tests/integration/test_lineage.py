@@ -1,0 +1,87 @@
+"""Lineage with the default local SQLite tracking, and tracking.on_error."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from pipelines.cli import app
+from pipelines.run import run_pipeline
+from pipelines.specfile import validate_document
+from storage.errors import ServiceError
+from tests.conftest_s3 import FAKE_SECRET_KEY, grep_tree
+from tests.integration.lineage_checks import check_recorded_lineage, every_digest
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("local_ray")]
+
+
+def _run(document: dict, tmp_path: Path) -> tuple[dict, str]:
+    output = io.StringIO()
+    summary = run_pipeline(validate_document(document), Console(file=output, width=200), None)
+    return summary, output.getvalue()
+
+
+def test_local_sqlite_lineage_walks_back_from_the_champion(tiny_spec: dict, tmp_path: Path) -> None:
+    summary, _ = _run(tiny_spec, tmp_path)
+    tracking = tiny_spec["tracking"]["uri"]
+    tags = check_recorded_lineage(tracking, "tiny", summary, tmp_path)
+    assert summary["model"]["aliases"] == ["candidate", "champion"]
+
+    as_json = CliRunner().invoke(
+        app, ["lineage", "models:/tiny@champion", "--tracking-uri", tracking, "--json"]
+    )
+    assert as_json.exit_code == 0, as_json.output
+    lineage = json.loads(as_json.stdout)
+    assert all(digest in as_json.stdout for digest in every_digest(tags))
+    statuses = [v["status"] for v in lineage["task_vectors"]]
+    statuses += [lineage["merged_model"]["status"], lineage["base_model"]["status"]]
+    assert statuses == ["verified"] * 4 and lineage["store"]["error"] is None
+
+    as_text = CliRunner().invoke(app, ["lineage", "models:/tiny/1", "--tracking-uri", tracking])
+    assert as_text.exit_code == 0, as_text.output
+    for task, info in summary["tasks"].items():
+        assert f"task vector {task} (standard) {info['task_vector_uri']} verified" in as_text.stdout
+        assert f"sha256 {info['sha256']}" in as_text.stdout
+    assert f"base model digest {tags['mergeline.base_digest']}" in as_text.stdout
+
+    missing = CliRunner().invoke(app, ["lineage", "models:/tiny@nope", "--tracking-uri", tracking])
+    assert "models:/tiny@nope does not exist" in str(missing.exception)
+
+    listed = CliRunner().invoke(app, ["ls", "--store", tiny_spec["storage"]["uri"], "--json"])
+    listing = json.loads(listed.stdout)
+    assert {row["sha256"] for row in listing["task_vectors"]} == {
+        info["sha256"] for info in summary["tasks"].values()
+    }
+    assert [row["uri"] for row in listing["models"]] == [summary["model"]["uri"]]
+
+    secret = FAKE_SECRET_KEY.encode()  # in this process's environment, nowhere on disk
+    assert grep_tree(tmp_path, summary["run_id"].encode())  # the scan reads the records
+    assert grep_tree(tmp_path, secret) == []
+
+
+def test_an_unreachable_server_stops_the_run_before_fine_tuning(
+    tiny_spec: dict, tmp_path: Path, unused_port: int
+) -> None:
+    tiny_spec["tracking"] = {"uri": f"http://127.0.0.1:{unused_port}"}
+    with pytest.raises(ServiceError, match=f"127.0.0.1:{unused_port} is unreachable"):
+        _run(tiny_spec, tmp_path)
+    assert not (tmp_path / "store" / "task-vectors").exists()
+
+
+def test_on_error_warn_runs_untracked_and_registers_nothing(
+    tiny_spec: dict, tmp_path: Path, unused_port: int
+) -> None:
+    tiny_spec["tracking"] = {"uri": f"http://127.0.0.1:{unused_port}", "on_error": "warn"}
+    summary, output = _run(tiny_spec, tmp_path)
+    assert "tracking is off for this run" in output
+    model = summary["model"]
+    assert (model["version"], model["mlflow_run_id"], model["aliases"]) == (None, None, [])
+    assert model["promotion"]["promoted"] is False
+    assert model["promotion"]["reason"].startswith("not registered: ")
+    assert Path(model["uri"].removeprefix("file://"), "manifest.json").is_file()
+    assert (tmp_path / "store" / "runs" / summary["run_id"] / "summary.json").is_file()

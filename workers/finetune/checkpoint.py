@@ -1,0 +1,60 @@
+"""A :class:`~workers.finetune.engine.TrainState` as files: safetensors for tensors, JSON for the
+rest. Never pickle: optimizer state is flattened per parameter (``"<parameter>/<key>"``) into
+safetensors, its hyperparameters and the step count go to JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from storage.errors import ArtifactError
+from storage.tensors import bytes_to_tensors, tensors_to_bytes
+from workers.finetune.engine import TrainState
+
+#: Bumped when the meaning of a checkpoint's files changes; older checkpoints are ignored.
+CHECKPOINT_FORMAT = 1
+TENSOR_FILES = {"model": "model.safetensors", "optimizer": "optimizer.safetensors"}
+RNG_FILE, STATE_FILE = "rng.safetensors", "state.json"
+
+
+def encode_state(state: TrainState, meta: dict[str, Any]) -> dict[str, bytes]:
+    """The files of one checkpoint; ``meta`` (JSON-able) says what produced it."""
+    document = {
+        "format": CHECKPOINT_FORMAT,
+        "step": state.step,
+        "history": state.history,
+        "optimizer_info": state.optimizer_info,
+        "meta": meta,
+    }
+    return {
+        TENSOR_FILES["model"]: tensors_to_bytes(state.model),
+        TENSOR_FILES["optimizer"]: tensors_to_bytes(state.optimizer),
+        RNG_FILE: tensors_to_bytes(state.rng),
+        STATE_FILE: json.dumps(document, sort_keys=True).encode(),
+    }
+
+
+def decode_state(files: dict[str, bytes], where: str) -> tuple[TrainState, dict[str, Any]]:
+    """Inverse of :func:`encode_state`: the state and its meta."""
+    try:
+        document = json.loads(files[STATE_FILE])
+    except (KeyError, ValueError) as error:
+        raise ArtifactError(f"{where}: no readable {STATE_FILE} ({error})") from None
+    if document.get("format") != CHECKPOINT_FORMAT:
+        raise ArtifactError(
+            f"{where}: checkpoint format {document.get('format')} is not {CHECKPOINT_FORMAT}: "
+            "delete the checkpoint to start this fine-tune over"
+        )
+    model = bytes_to_tensors(files[TENSOR_FILES["model"]], where)
+    optimizer = bytes_to_tensors(files[TENSOR_FILES["optimizer"]], where)
+    rng = bytes_to_tensors(files[RNG_FILE], where)
+    state = TrainState(
+        step=int(document["step"]),
+        history=list(document["history"]),
+        model=model,
+        optimizer=optimizer,
+        optimizer_info=document["optimizer_info"],
+        rng=rng,
+    )
+    return state, document.get("meta", {})

@@ -1,0 +1,193 @@
+"""Training engines: what one optimisation step runs on, behind one small protocol.
+
+The loop (:func:`workers.finetune.loop.fit`) draws batches, checks the loss and checkpoints; an
+:class:`Engine` computes the loss and applies the update. :class:`TorchEngine` is plain PyTorch
+(Adam on one process); `workers.finetune.deepspeed_engine.DeepSpeedEngine` runs the same step
+through DeepSpeed, possibly data-parallel over several processes.
+
+Engines exchange *consolidated* state: the trained parameters in fp32 under their module names,
+and the optimizer state per parameter (``"<parameter>/<state key>"``), whatever the number of
+workers or the ZeRO stage. A checkpoint written by one engine layout therefore resumes on any
+other (one worker or many, ZeRO 0, 1 or 2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+StateDict = dict[str, Tensor]
+
+
+@dataclass
+class TrainState:
+    """Everything a resumed run needs to continue exactly where this one stopped."""
+
+    step: int  # optimiser steps completed
+    history: list[dict[str, float]]
+    model: StateDict  # trained parameters, fp32, consolidated
+    optimizer: StateDict  # per-parameter optimizer tensors, "<parameter>/<key>"
+    optimizer_info: dict[str, Any]  # JSON-able: hyperparameters of each parameter group
+    rng: StateDict = field(default_factory=dict)  # "batches" and "torch" generator states
+
+
+class Engine(Protocol):
+    """One optimisation step on one worker, and the consolidated state of the whole job."""
+
+    name: str  # "torch" or "deepspeed"
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def loss(self, inputs: Tensor, labels: Tensor) -> Tensor:
+        """The mean loss of this worker's share of the batch (with its autograd graph)."""
+        ...
+
+    def mean(self, value: float) -> float:
+        """The mean of ``value`` over all workers (the batch's loss when shares are equal)."""
+        ...
+
+    def update(self, loss: Tensor) -> None:
+        """Backward and one optimizer step (gradients averaged over the workers)."""
+        ...
+
+    def model_state(self) -> StateDict: ...
+
+    def optimizer_state(self) -> tuple[StateDict, dict[str, Any]]: ...
+
+    def load_state(self, model: StateDict, optimizer: StateDict, info: dict[str, Any]) -> None:
+        """Restore what :meth:`model_state` and :meth:`optimizer_state` returned."""
+        ...
+
+
+class FrozenHead(nn.Module):
+    """A fixed linear head (``weight``, ``bias``): buffers, so it never trains or checkpoints."""
+
+    def __init__(self, head: Mapping[str, Tensor]) -> None:
+        super().__init__()
+        self.register_buffer("weight", head["weight"].detach().clone(), persistent=False)
+        self.register_buffer("bias", head["bias"].detach().clone(), persistent=False)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return features @ self.weight.T + self.bias
+
+
+class Classifier(nn.Module):
+    """backbone -> head; the head is a trainable module or a frozen ``{weight, bias}``."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module | Mapping[str, Tensor]) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head if isinstance(head, nn.Module) else FrozenHead(head)
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return self.head(self.backbone(inputs))
+
+
+def trainable_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
+    return {name: p for name, p in module.named_parameters() if p.requires_grad}
+
+
+def load_trained(module: nn.Module, model: Mapping[str, Tensor]) -> None:
+    """Copy trained parameter values (as :meth:`Engine.model_state` returns them) in place."""
+    parameters = trainable_parameters(module)
+    if set(parameters) != set(model):
+        missing, extra = sorted(set(parameters) - set(model)), sorted(set(model) - set(parameters))
+        raise ValueError(f"trained state does not fit the model: missing {missing}, extra {extra}")
+    with torch.no_grad():
+        for name, parameter in parameters.items():
+            parameter.copy_(model[name].to(parameter.device, parameter.dtype))
+
+
+def flatten_optimizer(
+    optimizer: torch.optim.Optimizer, names: list[str]
+) -> tuple[StateDict, dict[str, Any]]:
+    """A torch optimizer's state keyed by parameter name: tensors apart, the rest as JSON.
+
+    ``names[i]`` is the name of the i-th parameter in the optimizer's groups, in order.
+    """
+    state = optimizer.state_dict()
+    tensors: StateDict = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if isinstance(value, Tensor):
+                tensors[f"{names[index]}/{key}"] = value.detach().cpu().clone()
+            else:
+                scalars.setdefault(names[index], {})[key] = value
+    groups = [
+        {k: list(v) if isinstance(v, tuple) else v for k, v in group.items() if k != "params"}
+        | {"params": [names[i] for i in group["params"]]}
+        for group in state["param_groups"]
+    ]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def unflatten_optimizer(
+    optimizer: torch.optim.Optimizer, names: list[str], tensors: StateDict, info: dict[str, Any]
+) -> None:
+    """Inverse of :func:`flatten_optimizer` into an optimizer over the same named parameters."""
+    index = {name: i for i, name in enumerate(names)}
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        name, _, field_name = key.rpartition("/")
+        state.setdefault(index[name], {})[field_name] = value
+    for name, values in info.get("scalars", {}).items():
+        state.setdefault(index[name], {}).update(values)
+    groups = []
+    for group in info["param_groups"]:
+        restored = {k: tuple(v) if k == "betas" else v for k, v in group.items()}
+        restored["params"] = [index[name] for name in group["params"]]
+        groups.append(restored)
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+class TorchEngine:
+    """Plain PyTorch on one process: Adam over the model's trainable parameters."""
+
+    name = "torch"
+    rank, world_size = 0, 1
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float,
+        weight_decay: float = 0.0,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        parameters = trainable_parameters(model)
+        self.names = list(parameters)
+        self.optimizer = torch.optim.Adam(
+            list(parameters.values()), lr=lr, weight_decay=weight_decay
+        )
+
+    def loss(self, inputs: Tensor, labels: Tensor) -> Tensor:
+        logits = self.model(inputs.to(self.device))
+        return nn.functional.cross_entropy(logits, labels.to(self.device))
+
+    def mean(self, value: float) -> float:
+        return value
+
+    def update(self, loss: Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    def model_state(self) -> StateDict:
+        return {
+            name: p.detach().float().cpu().clone()
+            for name, p in trainable_parameters(self.model).items()
+        }
+
+    def optimizer_state(self) -> tuple[StateDict, dict[str, Any]]:
+        return flatten_optimizer(self.optimizer, self.names)
+
+    def load_state(self, model: StateDict, optimizer: StateDict, info: dict[str, Any]) -> None:
+        load_trained(self.model, model)
+        unflatten_optimizer(self.optimizer, self.names, optimizer, info)

@@ -1,0 +1,277 @@
+"""The streaming merge engine: plan per tensor, then merge one tensor at a time (no I/O).
+
+The engine reads θ0 and the task vectors through :class:`TensorSource` objects (files, or
+dicts via :class:`StateSource`) and yields the merged backbone tensor by tensor, so peak memory
+is one tensor of θ0 plus one of each task vector, not the model times the number of tasks:
+
+    plan = plan_merge("ties", base_specs, task_specs, 1.0, {"scope": "per_tensor"})
+    for name, tensor in merge_stream(plan, base, tasks): ...
+
+Every tensor is merged by the registered method itself (``method.merge`` on a one-tensor
+backbone), which is exact for every method whose steps are per tensor. A global ties trim
+(``ties`` scope global, ``dare`` then ties, ``use_ties`` in consensus and tall_masks) first
+computes each task's exact threshold with :func:`ties.global_trim_thresholds` over streamed
+passes. Task arithmetic, weight averaging and ties on float32 tensors run fused kernels
+(:mod:`workers.merge.kernels`) that read into reused buffers and give the method's result
+without its temporaries.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from storage.errors import MergeInputError
+from workers.merge.backbone import Coefficient
+from workers.merge.dare import drop_and_rescale
+from workers.merge.kernels import (
+    Workspace,
+    fused_linear,
+    fused_ties,
+    global_thresholds_float32,
+)
+from workers.merge.registry import RegisteredMethod, get_method
+from workers.merge.ties import global_trim_thresholds
+from workers.merge.validation import validate_coefficient
+
+_LINEAR_METHODS = frozenset({"task_arithmetic", "weight_average"})
+_SAME_BASE = "build task vectors from the same base model"
+
+
+class TensorSource(Protocol):
+    """Tensors by name, read on demand; ``out`` is a buffer to read into when given."""
+
+    def read(self, name: str, out: Tensor | None = None) -> Tensor: ...
+
+
+class StateSource:
+    """An in-memory state dict as a :class:`TensorSource`."""
+
+    def __init__(self, state: Mapping[str, Tensor]) -> None:
+        self.state = state
+
+    def read(self, name: str, out: Tensor | None = None) -> Tensor:
+        tensor = self.state[name]
+        return tensor if out is None else out.copy_(tensor)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor's name, dtype and shape, known before any data is read."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+
+def specs_of(state: Mapping[str, Tensor]) -> list[TensorSpec]:
+    """The specs of an in-memory state dict, in its order."""
+    return [TensorSpec(name, t.dtype, tuple(t.shape)) for name, t in state.items()]
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """What to merge and how, validated once before any tensor is read."""
+
+    method: RegisteredMethod
+    params: dict[str, Any]
+    coefficient: Coefficient
+    tasks: tuple[str, ...]
+    tensors: tuple[TensorSpec, ...]
+    task_dtypes: dict[str, dict[str, torch.dtype]]
+    trim_density: float | None
+
+    def kernel(self, spec: TensorSpec) -> str | None:
+        """The fused kernel for this tensor ("linear", "ties") or None: the method itself."""
+        if spec.dtype != torch.float32 or any(
+            self.task_dtypes[t][spec.name] != torch.float32 for t in self.tasks
+        ):
+            return None
+        if self.method.name in _LINEAR_METHODS:
+            return "linear"
+        return "ties" if self.method.name == "ties" else None
+
+
+def plan_merge(
+    method: str,
+    base: Sequence[TensorSpec],
+    task_vectors: Mapping[str, Sequence[TensorSpec]],
+    coefficient: Coefficient = 1.0,
+    params: Mapping[str, Any] | None = None,
+) -> MergePlan:
+    """Validate the method, its params, the coefficient and every name/shape; plan the merge."""
+    registered = get_method(method)
+    params = dict(params or {})
+    validated = registered.validate_params(params)
+    if registered.uses_coefficient:
+        validate_coefficient(
+            coefficient, task_vectors, method=method, per_task=registered.per_task_coefficients
+        )
+    task_dtypes = _check_specs(base, task_vectors)
+    return MergePlan(
+        method=registered,
+        params=params,
+        coefficient=coefficient,
+        tasks=tuple(sorted(task_vectors)),
+        tensors=tuple(base),
+        task_dtypes=task_dtypes,
+        trim_density=registered.global_trim_density(validated),
+    )
+
+
+def _check_specs(
+    base: Sequence[TensorSpec], task_vectors: Mapping[str, Sequence[TensorSpec]]
+) -> dict[str, dict[str, torch.dtype]]:
+    if not base:
+        raise MergeInputError("the base backbone is empty: pass θ0 with at least one tensor")
+    if not task_vectors:
+        raise MergeInputError("no task vectors given: pass at least one")
+    for spec in base:
+        if not spec.dtype.is_floating_point:
+            raise MergeInputError(
+                f"base tensor '{spec.name}' is {spec.dtype}: merge only floating-point parameters"
+            )
+    dtypes: dict[str, dict[str, torch.dtype]] = {}
+    for task, specs in task_vectors.items():
+        by_name = {spec.name: spec for spec in specs}
+        for spec in base:
+            other = by_name.get(spec.name)
+            if other is None:
+                raise MergeInputError(
+                    f"task vector '{task}' has no tensor '{spec.name}' that the base has: "
+                    f"{_SAME_BASE}"
+                )
+            if other.shape != spec.shape:
+                raise MergeInputError(
+                    f"task vector '{task}' tensor '{spec.name}' has shape {other.shape} but the "
+                    f"base has {spec.shape}: {_SAME_BASE}"
+                )
+            if not other.dtype.is_floating_point:
+                raise MergeInputError(
+                    f"task vector '{task}' tensor '{spec.name}' is {other.dtype}: {_SAME_BASE}"
+                )
+        extra = next((name for name in by_name if name not in {s.name for s in base}), None)
+        if extra is not None:
+            raise MergeInputError(
+                f"task vector '{task}' has tensor '{extra}' that the base does not have: "
+                f"{_SAME_BASE}"
+            )
+        dtypes[task] = {name: spec.dtype for name, spec in by_name.items()}
+    return dtypes
+
+
+def trim_thresholds(plan: MergePlan, tasks: Mapping[str, TensorSource]) -> dict[str, float] | None:
+    """Each task's exact global ties threshold (streamed passes), or None when not needed."""
+    if plan.trim_density is None:
+        return None
+    dropping = plan.method.name == "dare"
+    dare = plan.method.validate_params(plan.params) if dropping else None
+    coefficient = plan.coefficient if plan.method.uses_coefficient else 1.0
+    float32 = all(dtype == torch.float32 for d in plan.task_dtypes.values() for dtype in d.values())
+    if float32 and not dropping:
+
+        def read(task: str, index: int, out: Tensor) -> Tensor:
+            return tasks[task].read(plan.tensors[index].name, out=out)
+
+        shapes = [spec.shape for spec in plan.tensors]
+        workspace = Workspace(max(spec.nbytes for spec in plan.tensors))
+        return global_thresholds_float32(
+            plan.tasks, shapes, read, plan.trim_density, coefficient, workspace
+        )
+
+    def stream() -> Iterator[tuple[str, Tensor]]:
+        for spec in plan.tensors:
+            for task in plan.tasks:
+                tensor = tasks[task].read(spec.name)
+                if dare is not None:  # ties trims the dropped vectors, as dare's merge does
+                    tensor = drop_and_rescale(
+                        tensor,
+                        task=task,
+                        name=spec.name,
+                        p=dare.p,
+                        rescale=dare.rescale,
+                        seed=dare.seed,
+                    )
+                yield task, tensor
+
+    return global_trim_thresholds(stream, plan.trim_density, coefficient)
+
+
+def merge_stream(
+    plan: MergePlan,
+    base: TensorSource,
+    tasks: Mapping[str, TensorSource],
+    *,
+    thresholds: Mapping[str, float] | None = None,
+    reuse_buffers: bool = False,
+) -> Iterator[tuple[str, Tensor]]:
+    """Yield ``(name, merged tensor)`` in the plan's order, reading one tensor at a time.
+
+    With ``reuse_buffers`` a yielded tensor may be overwritten by the next one: write or copy
+    it before asking for the next (the sharded writer does).
+    """
+    if plan.trim_density is not None and thresholds is None:
+        thresholds = trim_thresholds(plan, tasks)
+    extra = {"thresholds": dict(thresholds)} if thresholds is not None else {}
+    shared = Workspace(max(s.nbytes for s in plan.tensors)) if reuse_buffers else None
+    for spec in plan.tensors:
+        kernel = plan.kernel(spec)
+        if kernel is not None:
+            yield (
+                spec.name,
+                _fused(kernel, plan, spec, base, tasks, shared or Workspace(), thresholds),
+            )
+            continue
+        base_tensor = base.read(spec.name)
+        vectors = {task: {spec.name: tasks[task].read(spec.name)} for task in plan.tasks}
+        merged = plan.method.merge(
+            {spec.name: base_tensor}, vectors, plan.coefficient, **plan.params, **extra
+        )
+        del base_tensor, vectors
+        yield spec.name, merged.pop(spec.name)
+
+
+def _fused(
+    kernel: str,
+    plan: MergePlan,
+    spec: TensorSpec,
+    base: TensorSource,
+    tasks: Mapping[str, TensorSource],
+    workspace: Workspace,
+    thresholds: Mapping[str, float] | None,
+) -> Tensor:
+    def read(task: str, out: Tensor) -> Tensor:
+        return (tasks[task] if task else base).read(spec.name, out=out)
+
+    if kernel == "ties":
+        params = plan.method.validate_params(plan.params)
+        merged = fused_ties(
+            plan.tasks,
+            plan.coefficient,
+            spec.shape,
+            read,
+            workspace,
+            density=params.density,
+            merge=params.merge,
+            thresholds=thresholds,
+        )
+    else:
+        merged = fused_linear(
+            plan.method.name, plan.tasks, plan.coefficient, spec.shape, read, workspace
+        )
+    # NaN/Inf in any input reaches the result; a finite sum rules them out in one cheap pass.
+    if not torch.isfinite(merged.sum()) and not bool(torch.isfinite(merged).all()):
+        raise MergeInputError(
+            f"merged tensor '{spec.name}' has NaN/Inf values: the base or a task vector holds "
+            "NaN/Inf (a diverged fine-tune produces these); re-extract it from finite weights"
+        )
+    return merged
