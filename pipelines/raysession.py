@@ -30,7 +30,13 @@ def ray_session(address: str | None, num_cpus: int | None) -> Iterator[None]:
         if address:
             ray.init(address=address, **options)
         else:
-            ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, **options)
+            # address="local": a fresh Ray for this command, even if `ray start` runs here
+            ray.init(
+                address="local",
+                num_cpus=num_cpus or os.cpu_count() or 1,
+                include_dashboard=False,
+                **options,
+            )
     except (ConnectionError, RuntimeError, ValueError) as error:
         where = address or "a local Ray"
         raise ServiceError(

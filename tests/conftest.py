@@ -92,6 +92,6 @@ def local_ray():
     """One local Ray for the whole session (the pipeline reuses an initialised Ray)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
     yield
     ray.shutdown()

@@ -68,3 +68,9 @@ def test_truncated_safetensors_is_an_artifact_error(store, tmp_path: Path) -> No
     path.write_bytes(path.read_bytes()[:10])
     with pytest.raises(ArtifactError, match="checksum"):
         read_task_vector(store, "k4")
+
+
+def test_digest_covers_scalars_and_is_value_sensitive() -> None:
+    a = digest_state({"scale": torch.tensor(1.5), "w": torch.ones(2)})
+    assert a == digest_state({"scale": torch.tensor(1.5), "w": torch.ones(2)})
+    assert a != digest_state({"scale": torch.tensor(2.5), "w": torch.ones(2)})
