@@ -175,7 +175,7 @@ def run_cli(example: str, workdir: Path) -> dict[str, Any]:
         + ["--summary", "summary.json"],
         cwd=workdir,
         check=True,
-        env=os.environ | {"COLUMNS": "120"},
+        env=os.environ | {"COLUMNS": "120", "RAY_ADDRESS": "local"},  # never join a cluster
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -10,6 +10,7 @@ import copy
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -47,25 +48,30 @@ def _mergeline_run(spec: dict, cwd: Path, env: dict[str, str], *overrides: str) 
 
 
 def test_finetunes_and_search_actors_spread_over_two_nodes(tiny_spec: dict, tmp_path: Path):
+    from ray._common.utils import get_ray_address_file
     from ray.cluster_utils import Cluster
     from ray.util.state import list_actors, list_nodes, list_tasks
 
     dashboard = _free_port()
+    # Cluster records its address as this machine's current Ray (for `address="auto"`): put
+    # back whatever was recorded before, so that other Ray users here are not redirected.
+    current = Path(get_ray_address_file(None))
+    previous = current.read_text() if current.is_file() else None
     cluster = Cluster(
         initialize_head=True,
         head_node_args={
             "num_cpus": 2,
             "resources": {"node_a": 1},
-            "node_ip_address": "127.0.0.1",
             "include_dashboard": True,
             "dashboard_host": "127.0.0.1",
             "dashboard_port": dashboard,
         },
     )
     try:
-        cluster.add_node(num_cpus=2, resources={"node_b": 1}, node_ip_address="127.0.0.1")
+        cluster.add_node(num_cpus=2, resources={"node_b": 1})
         cluster.wait_for_nodes()
         spec = copy.deepcopy(tiny_spec)
+        spec["finetune"]["steps"] = 400  # both fine-tunes need a worker at the same time
         spec["merge"]["num_actors"] = 2
         spec["compute"] = {"ray_address": cluster.address, "scheduling": "spread"}
         summary = _mergeline_run(spec, tmp_path, dict(os.environ))
@@ -80,11 +86,15 @@ def test_finetunes_and_search_actors_spread_over_two_nodes(tiny_spec: dict, tmp_
             address=api, filters=[("func_or_class_name", "=", "run_finetune_job")], detail=True
         )
         scorers = list_actors(address=api, filters=[("class_name", "=", "CandidateScorer")])
-        assert len(finetunes) == 2 and len(scorers) == 2
-        assert {names[task.node_id] for task in finetunes} == {"node_a", "node_b"}
-        assert {names[actor.node_id] for actor in scorers} == {"node_a", "node_b"}
+        placed = {
+            "fine-tunes": sorted(names[task.node_id] for task in finetunes),
+            "search actors": sorted(names[actor.node_id] for actor in scorers),
+        }
+        assert placed == {k: ["node_a", "node_b"] for k in placed}
     finally:
         cluster.shutdown()
+        if previous is not None:
+            current.write_text(previous)
 
 
 def test_the_pipeline_joins_a_cluster_started_with_ray_start(tiny_spec: dict, tmp_path: Path):
@@ -141,3 +151,4 @@ def test_the_pipeline_joins_a_cluster_started_with_ray_start(tiny_spec: dict, tm
         _, alive = psutil.wait_procs(started, timeout=30)
         for process in alive:
             process.kill()
+        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -7,8 +7,8 @@ direction is Σ_s α_s τ_s are affine in the coefficients α (DESIGN.md, "The e
                 = L_t + Σ_s α_s G_ts,   L_t = W_t f(X_t; θ0) + b_t,   G_ts = W_t J(X_t) τ_s.
 
 `build_fast_path` computes L_t and G_ts once (a jvp per task vector s over every task's
-rows, vmapped over s so the primal runs once); afterwards any batch of
-coefficient vectors is scored by one matrix product over all tasks packed side by side. This is exact for
+rows, vmapped over s so the primal runs once); afterwards any batch of coefficient vectors
+is scored by one matrix product over all tasks packed side by side. This is exact for
 methods linear in τ (task_arithmetic, weight_average) on linear-mode task vectors; on
 standard-mode task vectors the same numbers are *post-hoc linearization*, a cheap surrogate.
 Pure torch; no I/O.
