@@ -10,7 +10,9 @@ Three measurements, written to ``benchmarks/results/scheduling.json``:
    the wall-time ratio (2.0 is perfect).
 3. **Training throughput** (samples/s) of the fine-tune loop through mergeline's engines
    (plain torch, DeepSpeed ZeRO 0 and 2 on one process) against a bare PyTorch loop, on the
-   same model, data and batch, measured alternately, one thread each.
+   same model, data and batch, measured alternately, one thread each: the quickstart's MLP
+   (0.3 M parameters, about 3 ms a step, where fixed per-step costs show) and a wide one
+   (4.3 M parameters).
 
     python benchmarks/scheduling.py            # about 5 minutes on 2 CPU cores
 """
@@ -125,20 +127,39 @@ def scheduler_overhead(directory: Path, tasks: int, cpus: int) -> dict[str, Any]
     }
 
 
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def run_without_ray(bench: Bench, seeds: range, processes: int) -> float:
+    """The same tasks in plain worker processes: what this machine gives in parallel now."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(processes, initializer=_one_thread) as pool:
+        pool.submit(_one_thread).result()  # the processes are up before the clock starts
+        started = time.perf_counter()
+        list(pool.map(timed_finetune, *zip(*(bench.args(seed) for seed in seeds), strict=True)))
+        return time.perf_counter() - started
+
+
 def cpu_scaling(directory: Path, steps: int) -> dict[str, Any]:
+    """Two equal fine-tunes on 1 vs 2 CPUs; the same without Ray shows what the machine allows
+    (other load on a shared machine caps both)."""
     spec = copy.deepcopy(SPEC)
     spec["base_model"]["hidden"] = [256, 256]
     spec["finetune"] |= {"steps": steps, "batch_size": 128}
-    walls = {}
+    walls, plain = {}, {}
     for cpus in (1, 2):
         bench = Bench(directory / f"scaling-{cpus}", spec)
         walls[cpus], _ = run_tasks(bench, range(2), cpus)
+        plain[cpus] = run_without_ray(Bench(directory / f"plain-{cpus}", spec), range(2), cpus)
     return {
         "tasks": 2,
         "steps_per_task": steps,
         "wall_s_1_cpu": round(walls[1], 3),
         "wall_s_2_cpus": round(walls[2], 3),
         "ratio_1_over_2": round(walls[1] / walls[2], 3),
+        "without_ray_ratio_1_over_2": round(plain[1] / plain[2], 3),
     }
 
 
@@ -160,13 +181,13 @@ def bare_loop(model: torch.nn.Module, x, y, config: TrainConfig):
     return run
 
 
-def throughput(steps: int, rounds: int) -> dict[str, Any]:
+def throughput(hidden: list[int], steps: int, rounds: int) -> dict[str, Any]:
     """Samples/s of each variant's training loop (set-up excluded), variants in turn."""
     from workers.finetune.deepspeed_engine import DeepSpeedEngine
 
     torch.set_num_threads(1)
     data = load_dataset(DIGITS, {"val_fraction": 0.1, "val_max": 5000, "split_seed": 0}, "bench")
-    config = {"source": "builtin", "name": "mlp", "hidden": [512, 512], "features": 8}
+    config = {"source": "builtin", "name": "mlp", "hidden": hidden, "features": 8}
     backbone = build_backbone(config, data.input_dim)
     theta0 = {k: v.clone() for k, v in backbone.state_dict().items()}
     features = features_at(backbone, theta0, data.x_train).numpy()
@@ -217,6 +238,7 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=64)
     parser.add_argument("--scaling-steps", type=int, default=1500)
     parser.add_argument("--throughput-steps", type=int, default=300)
+    parser.add_argument("--wide-steps", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -224,7 +246,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="mergeline-sched-") as directory:
         overhead = scheduler_overhead(Path(directory), args.tasks, cpus=2)
         scaling = cpu_scaling(Path(directory), args.scaling_steps)
-    speed = throughput(args.throughput_steps, args.rounds)
+    speed = {
+        "quickstart_mlp": throughput([512, 512], args.throughput_steps, args.rounds),
+        "wide_mlp": throughput([2048, 2048], args.wide_steps, args.rounds),
+    }
     result = {
         "command": "python benchmarks/scheduling.py",
         "machine": {

@@ -96,12 +96,15 @@ def _delete_artifact(store: ObjectStore, prefix: str) -> None:
 
 
 def _remove_empty_directory(store: ObjectStore, prefix: str) -> None:
-    """Object stores have no directories; a local one keeps empty ones unless removed."""
+    """Object stores have no directories; a local one keeps empty ones unless removed.
+
+    Only ``prefix``'s own directory: ``checkpoints/`` itself stays, since other fine-tunes
+    create their directories in it at any moment.
+    """
     path = store.local_path(prefix)
     if path is None:
         return
-    for directory in (path, os.path.dirname(path)):
-        try:
-            os.rmdir(directory)
-        except OSError:  # not empty (or gone): leave it
-            pass
+    try:
+        os.rmdir(path)
+    except OSError:  # not empty (or gone): leave it
+        pass

@@ -53,14 +53,23 @@ def _data() -> tuple[np.ndarray, np.ndarray]:
 
 def _model(mode: str) -> Classifier:
     backbone = build_backbone(BACKBONE, 6)
-    head = {
-        "weight": torch.randn(2, 4, generator=torch.Generator().manual_seed(3)),
-        "bias": torch.zeros(2),
-    }
+    # A strong head: gradient norms well above 1, so any clipping DeepSpeed adds would show.
+    weight = 10 * torch.randn(2, 4, generator=torch.Generator().manual_seed(3))
+    head = {"weight": weight, "bias": torch.zeros(2)}
     if mode == "linear":
         theta0 = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
         return Classifier(LinearizedModel(backbone, theta0), head)
     return Classifier(backbone, head)
+
+
+def _first_gradient_norm(mode: str) -> float:
+    model, (x, y) = _model(mode), _data()
+    loss = torch.nn.functional.cross_entropy(
+        model(torch.from_numpy(x[:32])), torch.from_numpy(y[:32])
+    )
+    loss.backward()
+    grads = [p.grad.norm() for p in model.parameters() if p.grad is not None]
+    return float(torch.stack(grads).norm())
 
 
 def _assert_same(actual: dict, expected: dict, atol: float = 1e-6) -> None:
@@ -80,6 +89,7 @@ def test_deepspeed_matches_the_plain_loop_and_resumes_exactly(
     from workers.finetune.deepspeed_engine import DeepSpeedEngine
 
     x, y = _data()
+    assert _first_gradient_norm(mode) > 2.0
     plain = TorchEngine(_model(mode), CONFIG.lr, CONFIG.weight_decay)
     fit(plain, x, y, CONFIG, "t")
     expected = plain.model_state()
