@@ -229,7 +229,9 @@ def test_non_finite_inputs_are_refused_by_the_fused_kernels() -> None:
     vectors = make_task_vectors(base)
     vectors["b"]["layer.1.weight"][2, 3] = float("nan")
     for method in ("task_arithmetic", "ties"):
-        with pytest.raises(MergeInputError, match="'layer.1.weight' has NaN/Inf"):
+        with pytest.raises(
+            MergeInputError, match="task vector 'b' tensor 'layer.1.weight' holds NaN/Inf"
+        ):
             stream_all(method, {"scope": "per_tensor"} if method == "ties" else {}, 1.0, base,
                        vectors, True)  # fmt: skip
 

@@ -270,8 +270,21 @@ def _fused(
         )
     # NaN/Inf in any input reaches the result; a finite sum rules them out in one cheap pass.
     if not torch.isfinite(merged.sum()) and not bool(torch.isfinite(merged).all()):
-        raise MergeInputError(
-            f"merged tensor '{spec.name}' has NaN/Inf values: the base or a task vector holds "
-            "NaN/Inf (a diverged fine-tune produces these); re-extract it from finite weights"
-        )
+        raise MergeInputError(_non_finite_source(spec.name, plan.tasks, base, tasks))
     return merged
+
+
+def _non_finite_source(
+    name: str, order: Sequence[str], base: TensorSource, tasks: Mapping[str, TensorSource]
+) -> str:
+    """The error path only: re-read the inputs of ``name`` to say which one holds NaN/Inf."""
+    for task in order:
+        if not bool(torch.isfinite(tasks[task].read(name)).all()):
+            return (
+                f"task vector '{task}' tensor '{name}' holds NaN/Inf values (a diverged "
+                "fine-tune produces these): rebuild that task vector from finite weights"
+            )
+    return (
+        f"base tensor '{name}' holds NaN/Inf values (or the merge overflowed): "
+        "check the base model's weights"
+    )
