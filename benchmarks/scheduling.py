@@ -5,7 +5,8 @@ Three measurements, written to ``benchmarks/results/scheduling.json``:
 1. **Scheduler overhead per fine-tune task**: 64 fine-tune tasks (``run_finetune_job``, the
    pipeline's own Ray task) of a tiny model, one step each, on a local Ray with 2 CPUs.
    Overhead per task = (CPUs x wall time - the summed time inside the tasks) / 64: the
-   CPU-seconds each task costs beyond its own work (scheduling, argument transfer, results).
+   CPU-seconds each task costs beyond its own work (scheduling, argument transfer, results),
+   once the workers are warm (one task per worker runs before the clock starts).
 2. **CPU scaling**: two equal fine-tune tasks on a local Ray with 1 CPU, then with 2 CPUs;
    the wall-time ratio (2.0 is perfect).
 3. **Training throughput** (samples/s) of the fine-tune loop through mergeline's engines
@@ -105,7 +106,8 @@ def run_tasks(bench: Bench, seeds: range, cpus: int) -> tuple[float, list[float]
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, configure_logging=False)
     try:
         job = ray.remote(timed_finetune).options(num_cpus=1)
-        ray.get(ray.remote(lambda: None).remote())  # the cluster is up before the clock starts
+        # Before the clock: the cluster is up and each worker has imported torch & co.
+        ray.get([job.remote(*bench.args(seed)) for seed in range(-cpus, 0)])
         started = time.perf_counter()
         work = ray.get([job.remote(*bench.args(seed)) for seed in seeds])
         return time.perf_counter() - started, work
@@ -136,30 +138,36 @@ def run_without_ray(bench: Bench, seeds: range, processes: int) -> float:
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(processes, initializer=_one_thread) as pool:
-        pool.submit(_one_thread).result()  # the processes are up before the clock starts
+        warm = [bench.args(seed) for seed in range(-processes, 0)]  # as for Ray, see above
+        list(pool.map(timed_finetune, *zip(*warm, strict=True)))
         started = time.perf_counter()
         list(pool.map(timed_finetune, *zip(*(bench.args(seed) for seed in seeds), strict=True)))
         return time.perf_counter() - started
 
 
-def cpu_scaling(directory: Path, steps: int) -> dict[str, Any]:
-    """Two equal fine-tunes on 1 vs 2 CPUs; the same without Ray shows what the machine allows
-    (other load on a shared machine caps both)."""
+def cpu_scaling(directory: Path, steps: int, rounds: int) -> dict[str, Any]:
+    """Two equal fine-tunes on 1 vs 2 CPUs, in turn for ``rounds`` rounds; the same without
+    Ray shows what the machine allows meanwhile (other load on a shared machine caps both)."""
     spec = copy.deepcopy(SPEC)
     spec["base_model"]["hidden"] = [256, 256]
     spec["finetune"] |= {"steps": steps, "batch_size": 128}
-    walls, plain = {}, {}
-    for cpus in (1, 2):
-        bench = Bench(directory / f"scaling-{cpus}", spec)
-        walls[cpus], _ = run_tasks(bench, range(2), cpus)
-        plain[cpus] = run_without_ray(Bench(directory / f"plain-{cpus}", spec), range(2), cpus)
+    walls: dict[str, list[float]] = {"ray_1": [], "ray_2": [], "plain_1": [], "plain_2": []}
+    for index in range(rounds):
+        for cpus in (1, 2):
+            bench = Bench(directory / f"ray-{cpus}-{index}", spec)
+            walls[f"ray_{cpus}"].append(run_tasks(bench, range(2), cpus)[0])
+            bench = Bench(directory / f"plain-{cpus}-{index}", spec)
+            walls[f"plain_{cpus}"].append(run_without_ray(bench, range(2), cpus))
+    median = {name: statistics.median(values) for name, values in walls.items()}
     return {
         "tasks": 2,
         "steps_per_task": steps,
-        "wall_s_1_cpu": round(walls[1], 3),
-        "wall_s_2_cpus": round(walls[2], 3),
-        "ratio_1_over_2": round(walls[1] / walls[2], 3),
-        "without_ray_ratio_1_over_2": round(plain[1] / plain[2], 3),
+        "rounds": rounds,
+        "wall_s_1_cpu": round(median["ray_1"], 3),
+        "wall_s_2_cpus": round(median["ray_2"], 3),
+        "ratio_1_over_2": round(median["ray_1"] / median["ray_2"], 3),
+        "without_ray_ratio_1_over_2": round(median["plain_1"] / median["plain_2"], 3),
+        "wall_s_all": {name: [round(v, 3) for v in values] for name, values in walls.items()},
     }
 
 
@@ -245,7 +253,7 @@ def main() -> None:
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="mergeline-sched-") as directory:
         overhead = scheduler_overhead(Path(directory), args.tasks, cpus=2)
-        scaling = cpu_scaling(Path(directory), args.scaling_steps)
+        scaling = cpu_scaling(Path(directory), args.scaling_steps, args.rounds)
     speed = {
         "quickstart_mlp": throughput([512, 512], args.throughput_steps, args.rounds),
         "wide_mlp": throughput([2048, 2048], args.wide_steps, args.rounds),

@@ -110,6 +110,7 @@ def run_pipeline(spec: Spec, console: Console, summary_path: Path | None = None)
         skipped = {name: info["skipped"] for name, info in tasks.items() if "skipped" in info}
         tasks = {name: info for name, info in tasks.items() if name not in skipped}
         plan = without_tasks(plan, skipped)  # finetune.on_task_failure: skip
+        spec = plan.spec
         rebuilt = rebuilt_reasons(store, spec.name, tasks)
         for name, reason in rebuilt.items():
             if reason:

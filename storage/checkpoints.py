@@ -88,9 +88,11 @@ def _steps(store: ObjectStore, key: str) -> list[int]:
 
 
 def _delete_artifact(store: ObjectStore, prefix: str) -> None:
+    """Its manifest first (invisible from then on), then its files and any a crash left."""
     manifest = read_manifest(store, prefix)
-    invalidate_artifact(store, prefix)  # invisible first, then its files
-    for name in (manifest or {}).get("files", {}):
+    invalidate_artifact(store, prefix)
+    names = set((manifest or {}).get("files", {})) | set(store.list(prefix))
+    for name in sorted(names):
         store.delete(f"{prefix}/{name}")
     _remove_empty_directory(store, prefix)
 

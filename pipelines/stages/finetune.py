@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from pipelines.plan import finetune_config_for_key
 from pipelines.stages.base import load_base
 from pipelines.stages.training import TrainRequest, build_model, train_task
 from storage.checkpoints import count_attempts, delete_checkpoints
@@ -88,7 +89,7 @@ def run_finetune_job(
         "base_digest": base_meta["digest"],
         "dataset_digest": data.digest(),
         "num_classes": data.num_classes,
-        "finetune": {k: v for k, v in finetune.items() if k != "resources"},
+        "finetune": finetune_config_for_key(finetune),  # what made it, not how it ran
         "zero_shot": zero_shot,
         "finetuned": finetuned,
         "final_loss": history[-1]["loss"],

@@ -1,0 +1,203 @@
+"""Resumable fine-tunes without services: checkpoint files, their store layout, run identity."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load
+
+from pipelines.plan import make_plan, task_vector_key
+from pipelines.recovery import TaskFailedError, task_failed, without_tasks
+from pipelines.specfile import validate_document
+from storage.checkpoints import (
+    count_attempts,
+    delete_checkpoints,
+    latest_checkpoint,
+    record_attempt,
+    write_checkpoint,
+)
+from storage.errors import DataError, SpecError, StorageError
+from storage.objectstore import open_store
+from storage.runstate import begin_run, finish_run, read_run_state, unfinished_run
+from workers.finetune import DivergenceError, TrainConfig
+from workers.finetune.checkpoint import decode_state, encode_state
+from workers.finetune.deepspeed_engine import deepspeed_config
+from workers.finetune.engine import Classifier, TorchEngine
+from workers.finetune.loop import fit
+from workers.models import build_backbone
+
+BACKBONE = {"source": "builtin", "name": "mlp", "hidden": [16], "features": 4, "seed": 0}
+CONFIG = TrainConfig(steps=40, batch_size=32, lr=1e-2, weight_decay=1e-4, seed=3)
+
+
+def _data() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 6)).astype(np.float32)
+    return x, (x[:, 0] - x[:, 2] > 0).astype(np.int64)
+
+
+def _engine() -> TorchEngine:
+    head = {
+        "weight": torch.randn(2, 4, generator=torch.Generator().manual_seed(1)),
+        "bias": torch.zeros(2),
+    }
+    return TorchEngine(
+        Classifier(build_backbone(BACKBONE, 6), head), CONFIG.lr, CONFIG.weight_decay
+    )
+
+
+class _Stop(Exception):
+    pass
+
+
+def _checkpoint_at(step: int) -> dict[str, bytes]:
+    """The files of the checkpoint a run writes after ``step`` steps (then it is killed)."""
+    saved: list[dict[str, bytes]] = []
+
+    def keep(state) -> None:
+        saved.append(encode_state(state, {"task": "t"}))
+        raise _Stop
+
+    with pytest.raises(_Stop):
+        fit(_engine(), *_data(), CONFIG, "t", checkpoint_every=step, on_checkpoint=keep)
+    return saved[0]
+
+
+def test_a_resumed_run_ends_exactly_where_an_uninterrupted_one_does() -> None:
+    straight = _engine()
+    history = fit(straight, *_data(), CONFIG, "t")
+    files = _checkpoint_at(15)
+    state, meta = decode_state(files, "checkpoint")
+    assert state.step == 15 and meta == {"task": "t"} and len(state.history) == 15
+    resumed = _engine()
+    resumed_history = fit(resumed, *_data(), CONFIG, "t", start=state)
+    assert resumed_history == history
+    for name, value in straight.model_state().items():
+        assert torch.equal(resumed.model_state()[name], value)
+
+
+def test_checkpoint_files_are_safetensors_and_json_only() -> None:
+    files = _checkpoint_at(10)
+    assert sorted(files) == [
+        "model.safetensors",
+        "optimizer.safetensors",
+        "rng.safetensors",
+        "state.json",
+    ]
+    optimizer = load(files["optimizer.safetensors"])
+    assert {k.rpartition("/")[2] for k in optimizer} == {"step", "exp_avg", "exp_avg_sq"}
+    assert set(load(files["rng.safetensors"])) == {"batches", "torch"}
+    document = json.loads(files["state.json"])
+    assert document["step"] == 10
+    assert document["optimizer_info"]["param_groups"][0]["lr"] == CONFIG.lr
+
+
+def test_divergence_names_the_task_and_step_through_the_engine() -> None:
+    x, y = _data()
+    x[7] = 3e38  # finite input that overflows the first layer
+    with pytest.raises(DivergenceError, match=r"task 'bad'.*step \d+"):
+        fit(_engine(), x, y, TrainConfig(50, 200, 1e-3), "task 'bad'")
+
+
+def test_the_store_keeps_the_newest_intact_checkpoint(tmp_path: Path) -> None:
+    store = open_store(f"file://{tmp_path}")
+    assert latest_checkpoint(store, "k") is None
+    write_checkpoint(store, "k", 10, {"a.json": b"10"}, {})
+    write_checkpoint(store, "k", 20, {"a.json": b"20"}, {})
+    assert [p.name for p in (tmp_path / "checkpoints" / "k").iterdir()] == ["step-000000020"]
+    assert latest_checkpoint(store, "k") == (20, {"a.json": b"20"})
+    # A newer checkpoint whose manifest never got written does not exist for readers.
+    store.put("checkpoints/k/step-000000030/a.json", b"30")
+    assert latest_checkpoint(store, "k") == (20, {"a.json": b"20"})
+    # A corrupt newest one is skipped for an older intact one.
+    write_checkpoint(store, "k", 40, {"a.json": b"40"}, {})
+    write_checkpoint(store, "j", 5, {"a.json": b"5"}, {})
+    (tmp_path / "checkpoints" / "k" / "step-000000040" / "a.json").write_bytes(b"xx")
+    store.put("checkpoints/k/step-000000020/a.json", b"20")  # (deleted when 40 was written)
+    store.create("checkpoints/k/step-000000020/manifest.json", _manifest_of(b"20"))
+    assert latest_checkpoint(store, "k") == (20, {"a.json": b"20"})
+
+    assert (record_attempt(store, "k"), record_attempt(store, "k")) == (1, 2)
+    assert count_attempts(store, "k") == 2 and count_attempts(store, "j") == 0
+    delete_checkpoints(store, "k")
+    assert latest_checkpoint(store, "k") is None and count_attempts(store, "k") == 0
+    assert not (tmp_path / "checkpoints" / "k").exists()
+    assert latest_checkpoint(store, "j") == (5, {"a.json": b"5"})
+
+
+def _manifest_of(data: bytes) -> bytes:
+    import hashlib
+
+    table = {"a.json": {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}}
+    return json.dumps({"format_version": 1, "files": table, "meta": {}}).encode()
+
+
+def test_a_rerun_continues_the_unfinished_run_until_it_succeeds(tmp_path: Path) -> None:
+    store = open_store(f"file://{tmp_path}")
+    assert begin_run(store, "key", "run-1") == ("run-1", 1)
+    assert begin_run(store, "key", "run-2") == ("run-1", 2)  # after a crash: the same run
+    assert unfinished_run(store, "key") == "run-1"
+    assert read_run_state(store, "run-1")["status"] == "running"
+    finish_run(store, "key", "run-1")
+    assert read_run_state(store, "run-1")["status"] == "succeeded"
+    assert unfinished_run(store, "key") is None
+    assert begin_run(store, "key", "run-3") == ("run-3", 1)  # the next run is a new one
+
+
+def test_execution_settings_do_not_change_the_task_vector_key(tiny_spec: dict) -> None:
+    plan = make_plan(validate_document(tiny_spec))
+    tiny_spec["finetune"] |= {"checkpoint_every": 5, "on_task_failure": "skip"}
+    other = make_plan(validate_document(tiny_spec))
+    assert task_vector_key("b", "d", plan.finetune) == task_vector_key("b", "d", other.finetune)
+    tiny_spec["finetune"]["deepspeed"] = {"zero_stage": 2}
+    engine = make_plan(validate_document(tiny_spec))
+    assert task_vector_key("b", "d", engine.finetune) != task_vector_key("b", "d", plan.finetune)
+
+
+@pytest.mark.parametrize(
+    ("finetune", "message"),
+    [
+        ({"resources": {"num_workers": 2}}, "set finetune.deepspeed"),
+        ({"deepspeed": {"zero_stage": 2}, "resources": {"num_workers": 3}}, "split evenly"),
+        ({"checkpoint_every": 0}, "checkpoint_every"),
+        ({"on_task_failure": "retry"}, "on_task_failure"),
+    ],
+)
+def test_bad_distributed_settings_are_refused(tiny_spec: dict, finetune: dict, message: str):
+    tiny_spec["finetune"] |= finetune
+    with pytest.raises(SpecError, match=message):
+        validate_document(tiny_spec)
+
+
+def test_deepspeed_config_comes_from_the_spec() -> None:
+    config = deepspeed_config(CONFIG, zero_stage=2, world_size=2, bf16=False)
+    assert config["train_batch_size"] == 32 and config["train_micro_batch_size_per_gpu"] == 16
+    assert config["optimizer"]["params"] | {} == {
+        "lr": CONFIG.lr,
+        "weight_decay": CONFIG.weight_decay,
+        "torch_adam": True,
+        "adam_w_mode": False,
+    }
+    assert config["gradient_clipping"] == 0.0 and config["bf16"] == {"enabled": False}
+    assert config["zero_optimization"] == {"stage": 2, "compute_grad_norm": False}
+    gpu = deepspeed_config(CONFIG, zero_stage=1, world_size=1, bf16=True)
+    assert gpu["bf16"] == {"enabled": True} and gpu["zero_optimization"] == {"stage": 1}
+
+
+def test_a_failing_task_fails_the_run_or_is_left_out(tiny_spec: dict) -> None:
+    error = DataError("task 'perm2': bad inputs")
+    with pytest.raises(TaskFailedError, match=r"task 'perm2' failed: DataError: .*bad inputs"):
+        task_failed("perm2", error, "fail", [])
+    assert task_failed("perm2", error, "skip", []) == "DataError: task 'perm2': bad inputs"
+    with pytest.raises(StorageError):  # not the task's own error: never skipped
+        task_failed("perm2", StorageError("access denied"), "skip", [])
+
+    plan = make_plan(validate_document(tiny_spec))
+    smaller = without_tasks(plan, {"perm2": "DataError: ..."})
+    assert smaller.task_names == ["perm1"] and smaller.spec_digest == plan.spec_digest
+    with pytest.raises(TaskFailedError, match="every task"):
+        without_tasks(plan, {"perm1": "x", "perm2": "y"})
