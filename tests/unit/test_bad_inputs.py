@@ -1,3 +1,4 @@
+# ruff: noqa: E501  (a table reads best one case per line)
 """Every bad input: exit code 2, a short message naming what is wrong, no traceback, nothing
 published. The CLI runs in-process (its real entry point), so the table stays fast."""
 
