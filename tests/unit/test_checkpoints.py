@@ -12,6 +12,7 @@ from safetensors.torch import load
 
 from pipelines.plan import make_plan, task_vector_key
 from pipelines.recovery import TaskFailedError, task_failed, without_tasks
+from pipelines.scheduling import finetune_options
 from pipelines.specfile import validate_document
 from storage.checkpoints import (
     count_attempts,
@@ -171,6 +172,15 @@ def test_bad_distributed_settings_are_refused(tiny_spec: dict, finetune: dict, m
     tiny_spec["finetune"] |= finetune
     with pytest.raises(SpecError, match=message):
         validate_document(tiny_spec)
+
+
+def test_zero_stage_3_is_refused_before_any_fine_tune_starts(tiny_spec: dict) -> None:
+    tiny_spec["finetune"]["deepspeed"] = {"zero_stage": 3}
+    plan = make_plan(validate_document(tiny_spec))  # the spec allows it (standard mode)
+    with pytest.raises(SpecError, match="zero_stage 3 is not supported"):
+        finetune_options(plan)
+    tiny_spec["finetune"]["deepspeed"] = {"zero_stage": 2}
+    assert finetune_options(make_plan(validate_document(tiny_spec)))["max_retries"] == 2
 
 
 def test_deepspeed_config_comes_from_the_spec() -> None:
