@@ -208,7 +208,16 @@ def fingerprint_datasets(plan: Plan) -> dict[str, Splits]:
 
 
 def fingerprint_pretrain(plan: Plan, datasets: dict[str, Splits]) -> str:
-    """Stage 1: the base model's cache key (its config and its pretraining data's digest)."""
+    """Stage 1: the base model's cache key: its config and the digest of what it is made of
+    (the pretraining data of a builtin base, the files of a Hugging Face one)."""
+    if plan.base_model["source"] == "hf":
+        from workers.models import huggingface as hf
+
+        config = plan.base_model
+        directory = hf.resolve_model_dir(
+            config["model"], config.get("revision"), config.get("endpoint_url")
+        )
+        return base_model_key(config, hf.directory_digest(directory))
     pretrain = plan.base_model.get("pretrain")
     input_dim = next(iter(datasets.values())).input_dim
     pretrain_digest = None

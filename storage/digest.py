@@ -26,6 +26,12 @@ def digest_arrays(arrays: Mapping[str, np.ndarray]) -> str:
     hasher = hashlib.sha256()
     for name in sorted(arrays):
         array = np.ascontiguousarray(arrays[name])
+        if array.dtype.kind in "OUS":  # text: the UTF-8 of each string, length-prefixed
+            hasher.update(f"{name}|text|{array.shape}|".encode())
+            for value in array.reshape(-1):
+                data = str(value).encode("utf-8")
+                hasher.update(len(data).to_bytes(8, "little") + data)
+            continue
         hasher.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
         hasher.update(array.tobytes())
     return hasher.hexdigest()

@@ -157,9 +157,17 @@ def _global_tracking_uri(uri: str) -> Iterator[None]:
 
 
 def serving_signature(input_width: int, params: dict[str, str]) -> ModelSignature:
-    """A float32 feature matrix in, one label per row out; string inference params."""
+    """A float32 feature matrix (or, with ``input_width`` 0, a ``text`` column) in, one label
+    per row out; string inference params."""
+    from mlflow.types.schema import ColSpec
+
+    inputs = (
+        Schema([ColSpec("string", "text")])
+        if input_width == 0
+        else Schema([TensorSpec(np.dtype(np.float32), (-1, input_width))])
+    )
     return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, input_width))]),
+        inputs=inputs,
         outputs=Schema([TensorSpec(np.dtype(np.int64), (-1,))]),
         params=ParamSchema(
             [ParamSpec(name, "string", default) for name, default in params.items()]

@@ -57,11 +57,15 @@ def find_task_vector(store: ObjectStore, key: str) -> ArtifactRef | None:
 
 
 def write_base_model(
-    store: ObjectStore, key: str, state: dict[str, torch.Tensor], meta: dict[str, Any]
+    store: ObjectStore,
+    key: str,
+    state: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+    extra_files: dict[str, bytes] | None = None,
 ) -> ArtifactRef:
-    return write_artifact(
-        store, base_model_prefix(key), {"model.safetensors": tensors_to_bytes(state)}, meta
-    )
+    """θ0 as ``model.safetensors``; ``extra_files`` (e.g. a tokenizer) beside it."""
+    files = {"model.safetensors": tensors_to_bytes(state), **(extra_files or {})}
+    return write_artifact(store, base_model_prefix(key), files, meta)
 
 
 def read_base_model(store: ObjectStore, key: str) -> dict[str, torch.Tensor]:
@@ -77,13 +81,16 @@ def write_merged_model(
     heads: dict[str, dict[str, torch.Tensor]],
     config: dict[str, Any],
     meta: dict[str, Any],
+    extra_files: dict[str, bytes] | None = None,
 ) -> ArtifactRef:
+    """``model.safetensors`` (backbone + ``heads.<task>.*``), ``config.json``, then extras."""
     tensors = dict(backbone)
     for task, head in heads.items():
         tensors.update({f"heads.{task}.{k}": v for k, v in head.items()})
     files = {
         "model.safetensors": tensors_to_bytes(tensors),
         "config.json": json.dumps(config, indent=1, sort_keys=True).encode(),
+        **(extra_files or {}),
     }
     return write_artifact(store, model_prefix(name, run_id), files, meta)
 

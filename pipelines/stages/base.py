@@ -1,21 +1,34 @@
-"""Stage 1 (part): the base model θ0: pretrained once on its own data, cached in the store."""
+"""Stage 1 (part): the base model θ0, built (and pretrained, or loaded) once, cached in the store.
+
+Every later stage opens it with :func:`open_base`: the backbone at θ0, and how a task's raw
+inputs become the backbone's inputs (a Hugging Face base tokenizes texts with its own
+tokenizer, stored beside θ0 so workers on any node need nothing but the store).
+"""
 
 from __future__ import annotations
 
+import hashlib
+import os
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from storage.artifacts import find_artifact
+from storage.artifacts import find_artifact, read_file
 from storage.digest import digest_state
+from storage.errors import DataError
 from storage.objectstore import open_store_from
 from storage.taskvectors import base_model_prefix, read_base_model, write_base_model
-from workers.data import load_dataset
+from workers.data import Splits, load_dataset
 from workers.finetune import TrainConfig, train
 from workers.models import build_backbone
+from workers.models import huggingface as hf
+
+TRANSFORMERS = "transformers"  # the base artifact's folder of HF config + tokenizer files
 
 
 def pretrain_base_job(
@@ -31,6 +44,26 @@ def pretrain_base_job(
     if existing is not None:
         return existing.meta | {"cache_hit": True}
     started = time.perf_counter()
+    if base_model["source"] == "hf":
+        state, extra, metrics = _load_hf(base_model)
+    else:
+        state, metrics = _build_builtin(base_model, evaluation, input_dim)
+        extra = {}
+    meta = {
+        "kind": "base_model",
+        "digest": digest_state(state),
+        "config": base_model,
+        "input_dim": input_dim,
+        "metrics": metrics,
+        "seconds": time.perf_counter() - started,
+    }
+    write_base_model(store, key, state, meta, extra)
+    return meta | {"cache_hit": False}
+
+
+def _build_builtin(
+    base_model: dict[str, Any], evaluation: dict[str, Any], input_dim: int
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     backbone = build_backbone(base_model, input_dim)
     pretrain = base_model.get("pretrain")
     metrics: dict[str, float] = {}
@@ -51,18 +84,85 @@ def pretrain_base_job(
             "pretrain_val_accuracy": float((logits.argmax(1).numpy() == data.y_val).mean()),
             "pretrain_final_loss": float(np.mean([h["loss"] for h in history[-20:]])),
         }
-    state = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
-    meta = {
-        "kind": "base_model",
-        "digest": digest_state(state),
-        "config": base_model,
-        "input_dim": input_dim,
-        "metrics": metrics,
-        "seconds": time.perf_counter() - started,
-    }
-    write_base_model(store, key, state, meta)
-    return meta | {"cache_hit": False}
+    return {k: v.detach().clone() for k, v in backbone.state_dict().items()}, metrics
+
+
+def _load_hf(
+    base_model: dict[str, Any],
+) -> tuple[dict[str, torch.Tensor], dict[str, bytes], dict[str, float]]:
+    directory = hf.resolve_model_dir(
+        base_model["model"], base_model.get("revision"), base_model.get("endpoint_url")
+    )
+    backbone = hf.load_encoder(
+        directory, pooling=base_model["pooling"], attention=base_model["attn_implementation"]
+    )
+    files = hf.config_and_tokenizer_files(directory)
+    hf.load_tokenizer(directory)  # a model without a usable tokenizer fails here, once
+    state = {k: v.detach().clone().contiguous() for k, v in backbone.state_dict().items()}
+    extra = {f"{TRANSFORMERS}/{name}": data for name, data in files.items()}
+    return state, extra, {"parameters": float(sum(v.numel() for v in state.values()))}
 
 
 def load_base(store_cfg: dict[str, Any], key: str) -> dict[str, torch.Tensor]:
     return read_base_model(open_store_from(store_cfg), key)
+
+
+@dataclass
+class Base:
+    """θ0 and the backbone built at it, plus what turns a task's raw inputs into its inputs."""
+
+    backbone: nn.Module
+    theta0: dict[str, torch.Tensor]
+    tokenizer: Any = None
+    max_length: int = 0
+    files_dir: Path | None = None  # the HF config + tokenizer files (Hugging Face bases)
+
+    def inputs(self, splits: Splits, what: str) -> Splits:
+        """Raw splits -> backbone inputs (texts tokenized; features as they are)."""
+        if self.tokenizer is None:
+            if splits.is_text:
+                raise DataError(f"{what}: holds texts but the base model has no tokenizer")
+            return splits
+        if not splits.is_text:
+            raise DataError(f"{what}: the Hugging Face base reads texts: set text_column")
+        return splits.with_inputs(lambda x: hf.tokenize(x, self.tokenizer, self.max_length))
+
+
+def open_base(store_cfg: dict[str, Any], key: str, base_meta: dict[str, Any]) -> Base:
+    """The stored base model, ready to train or score (θ0 loaded, inputs prepared)."""
+    theta0 = load_base(store_cfg, key)
+    config = base_meta["config"]
+    if config["source"] != "hf":
+        backbone = build_backbone(config, base_meta["input_dim"])
+        backbone.load_state_dict(theta0)
+        return Base(backbone, theta0)
+    directory = base_files(store_cfg, key, base_meta)
+    backbone = hf.encoder_from_files(
+        directory, theta0, config["pooling"], config["attn_implementation"]
+    )
+    return Base(
+        backbone, theta0, hf.load_tokenizer(directory), int(config["max_length"]), directory
+    )
+
+
+def load_task_data(base: Base, dataset: dict[str, Any], evaluation: dict[str, Any], what: str):
+    return base.inputs(load_dataset(dataset, evaluation, what), what)
+
+
+def base_files(store_cfg: dict[str, Any], key: str, base_meta: dict[str, Any]) -> Path:
+    """A local folder with the base's HF config and tokenizer files (the store's own, if local)."""
+    store = open_store_from(store_cfg)
+    prefix = base_model_prefix(key)
+    local = store.local_path(f"{prefix}/{TRANSFORMERS}")
+    if local is not None and Path(local).is_dir():
+        return Path(local)
+    cache = Path(os.environ.get("MERGELINE_CACHE", "~/.cache/mergeline")).expanduser()
+    target = cache / "bases" / hashlib.sha256(store.url(prefix).encode()).hexdigest()[:24]
+    if not (target / "config.json").is_file():
+        target.mkdir(parents=True, exist_ok=True)
+        for name in store.list(f"{prefix}/{TRANSFORMERS}"):
+            data = read_file(store, prefix, f"{TRANSFORMERS}/{name}")
+            partial = target / f"{name}.partial"
+            partial.write_bytes(data)
+            partial.replace(target / name)
+    return target

@@ -8,15 +8,14 @@ from typing import Any
 import torch
 
 from pipelines.plan import finetune_config_for_key
-from pipelines.stages.base import load_base
+from pipelines.stages.base import load_task_data, open_base
 from pipelines.stages.training import TrainRequest, build_model, train_task
 from storage.checkpoints import count_attempts, delete_checkpoints
 from storage.errors import DataError
 from storage.objectstore import open_store_from
 from storage.taskvectors import find_task_vector, write_task_vector
-from workers.data import load_dataset
 from workers.finetune.engine import load_trained
-from workers.models import build_backbone, fit_linear_probe
+from workers.models import fit_linear_probe
 from workers.search.evaluate import accuracy, features_at, linearized_accuracy
 
 
@@ -41,10 +40,9 @@ def run_finetune_job(
     if existing is not None:  # another run finished it meanwhile
         return execution(existing.meta, attempts=0, resumed_from_step=0)
     started = time.perf_counter()
-    data = load_dataset(dataset, evaluation, f"tasks[{task}].dataset")
-    theta0 = load_base(store_cfg, base_key)
-    backbone = build_backbone(base_meta["config"], base_meta["input_dim"])
-    backbone.load_state_dict(theta0)
+    base = open_base(store_cfg, base_key, base_meta)
+    backbone, theta0 = base.backbone, base.theta0
+    data = load_task_data(base, dataset, evaluation, f"tasks[{task}].dataset")
 
     features = features_at(backbone, theta0, data.x_train)
     if not torch.isfinite(features).all():

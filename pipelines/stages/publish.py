@@ -1,16 +1,33 @@
-"""Stage 7 (worker side): build the chosen merge and write it to the store."""
+"""Stage 7 (worker side): build the chosen merge and write it to the store.
+
+A merge of a Hugging Face base also gets a ``transformers/`` folder: the base's config and
+tokenizer files, and (for a standard-mode single merged model) the merged encoder weights
+under the encoder's own names, so ``transformers.AutoModel.from_pretrained`` loads it; the
+task heads are beside it in ``heads.safetensors`` (``<task>.weight``, ``<task>.bias``) with
+``heads.json`` (pooling, max_length, classes). A linear-mode merge is the linearized model
+f(x; θ0) + J f(x; θ0)·τ, which no plain transformers model computes, and tall_masks is one
+model per task: those two keep the config and tokenizer there but no weights, and are served
+through the MLflow model.
+"""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+import torch
+
 from pipelines.plan import Candidate
-from pipelines.stages.base import load_base
+from pipelines.stages.base import TRANSFORMERS, base_files, load_base
 from pipelines.stages.publish_tall import write_tall_model
 from storage.objectstore import open_store_from
 from storage.taskvectors import read_task_vector, write_merged_model
+from storage.tensors import tensors_to_bytes
 from workers.finetune import pack_linearized
 from workers.merge import merge
+from workers.models import huggingface as hf
+
+Tensors = dict[str, torch.Tensor]
 
 
 def merge_and_store_job(
@@ -29,11 +46,51 @@ def merge_and_store_job(
     vectors, heads = {}, {}
     for task, key in task_keys.items():
         vectors[task], heads[task] = read_task_vector(store, key)
+    hf_base = base_meta["config"]["source"] == "hf"
     if candidate.method == "tall_masks":  # a model per task: θ0 + τ_MTL + packed masks
-        ref = write_tall_model(store, name, run_id, base, vectors, heads, candidate, config, meta)
+        extra = export_files(store_cfg, base_key, base_meta, None, heads) if hf_base else None
+        ref = write_tall_model(
+            store, name, run_id, base, vectors, heads, candidate, config, meta, extra
+        )
         return {"uri": ref.uri, "prefix": ref.prefix, "sha256": ref.sha256}
     merged = merge(candidate.method, base, vectors, candidate.coefficient, **candidate.params)
+    extra = None
+    if hf_base:
+        plain = merged if config.get("mode") != "linear" else None
+        extra = export_files(store_cfg, base_key, base_meta, plain, heads)
     if config.get("mode") == "linear":  # served as f(x; θ0) + J f(x; θ0)·τ: keep θ0 and τ
         merged = pack_linearized(base, merged)
-    ref = write_merged_model(store, name, run_id, merged, heads, config, meta)
+    ref = write_merged_model(store, name, run_id, merged, heads, config, meta, extra)
     return {"uri": ref.uri, "prefix": ref.prefix, "sha256": ref.sha256}
+
+
+def export_files(
+    store_cfg: dict[str, Any],
+    base_key: str,
+    base_meta: dict[str, Any],
+    merged: Tensors | None,
+    heads: dict[str, Tensors],
+) -> dict[str, bytes]:
+    """The ``transformers/`` folder and the heads beside it (see the module docstring)."""
+    directory = base_files(store_cfg, base_key, base_meta)
+    files = {
+        f"{TRANSFORMERS}/{n}": data for n, data in hf.config_and_tokenizer_files(directory).items()
+    }
+    if merged is not None:
+        weights = {k: v.contiguous() for k, v in hf.hf_state_names(merged).items()}
+        files[f"{TRANSFORMERS}/{hf.WEIGHTS}"] = tensors_to_bytes(weights, {"format": "pt"})
+    model = base_meta["config"]
+    files["heads.safetensors"] = tensors_to_bytes(
+        {f"{task}.{part}": value for task, head in heads.items() for part, value in head.items()}
+    )
+    files["heads.json"] = json.dumps(
+        {
+            "pooling": model["pooling"],
+            "max_length": model["max_length"],
+            "transformers_weights": merged is not None,
+            "tasks": {task: int(head["weight"].shape[0]) for task, head in heads.items()},
+        },
+        indent=1,
+        sort_keys=True,
+    ).encode()
+    return files

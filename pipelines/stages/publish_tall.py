@@ -34,6 +34,7 @@ def write_tall_model(
     candidate: Candidate,
     config: dict[str, Any],
     meta: dict[str, Any],
+    extra_files: dict[str, bytes] | None = None,
 ) -> ArtifactRef:
     """Compress with the candidate's λ_t and write the model; meta records the ratio."""
     params = dict(candidate.params)
@@ -46,6 +47,7 @@ def write_tall_model(
     model_files = {
         "model.safetensors": tensors_to_bytes(tensors),
         "config.json": json.dumps(config, indent=1, sort_keys=True).encode(),
+        **(extra_files or {}),
     }
     info = {
         "lams": compressed.lams,

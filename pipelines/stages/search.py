@@ -11,12 +11,10 @@ from typing import Any
 import torch
 
 from pipelines.plan import Candidate
-from pipelines.stages.base import load_base
+from pipelines.stages.base import load_task_data, open_base
 from storage.objectstore import open_store_from
 from storage.taskvectors import read_task_vector
-from workers.data import load_dataset
 from workers.merge import merge
-from workers.models import build_backbone
 from workers.search.evaluate import accuracy
 
 
@@ -32,14 +30,16 @@ class CandidateScorer:
         """``tasks`` maps task name -> {"key": task-vector key, "dataset": dataset spec}."""
         torch.set_num_threads(1)
         store = open_store_from(store_cfg)
-        self.base = load_base(store_cfg, base_key)
-        self.backbone = build_backbone(base_meta["config"], base_meta["input_dim"])
+        opened = open_base(store_cfg, base_key, base_meta)
+        self.base, self.backbone = opened.theta0, opened.backbone
         self.task_vectors: dict[str, dict[str, torch.Tensor]] = {}
         self.heads: dict[str, dict[str, torch.Tensor]] = {}
         self.splits = {}
         for name, task in tasks.items():
             self.task_vectors[name], self.heads[name] = read_task_vector(store, task["key"])
-            self.splits[name] = load_dataset(task["dataset"], evaluation, f"tasks[{name}].dataset")
+            self.splits[name] = load_task_data(
+                opened, task["dataset"], evaluation, f"tasks[{name}].dataset"
+            )
 
     def score(self, candidates: list[Candidate], split: str = "val") -> list[dict[str, Any]]:
         """Per-task accuracy on ``split`` for each candidate, in order."""

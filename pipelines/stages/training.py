@@ -12,15 +12,13 @@ from typing import Any
 
 import torch
 
-from pipelines.stages.base import load_base
+from pipelines.stages.base import load_task_data, open_base
 from storage.checkpoints import latest_checkpoint, record_attempt, write_checkpoint
 from storage.objectstore import open_store_from
-from workers.data import load_dataset
 from workers.finetune import LinearizedModel, TrainConfig
 from workers.finetune.checkpoint import decode_state, encode_state
 from workers.finetune.engine import Classifier, Engine, StateDict, TorchEngine, TrainState
 from workers.finetune.loop import fit
-from workers.models import build_backbone
 
 
 @dataclass(frozen=True)
@@ -88,10 +86,11 @@ def train_task(request: TrainRequest, keep_final: bool = False) -> TrainOutcome:
     hands its result to the coordinating task).
     """
     store = open_store_from(request.store_cfg)
-    data = load_dataset(request.dataset, request.evaluation, f"tasks[{request.task}].dataset")
-    theta0 = load_base(request.store_cfg, request.base_key)
-    backbone = build_backbone(request.base_meta["config"], request.base_meta["input_dim"])
-    backbone.load_state_dict(theta0)
+    base = open_base(request.store_cfg, request.base_key, request.base_meta)
+    backbone, theta0 = base.backbone, base.theta0
+    data = load_task_data(
+        base, request.dataset, request.evaluation, f"tasks[{request.task}].dataset"
+    )
     model = build_model(backbone, theta0, request)
     config = train_config(request.finetune)
     start = load_latest(request)

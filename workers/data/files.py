@@ -230,11 +230,6 @@ def _columns(config: dict[str, Any]) -> Columns:
 def load_files(config: dict[str, Any], evaluation: dict[str, Any], what: str) -> Splits:
     """Train and test (and optionally val) files; without val, val comes out of train."""
     columns = _columns(config)
-    if columns.text:
-        raise DataError(
-            f"{what}: text_column {columns.text!r} needs a base model with a tokenizer; the "
-            "builtin MLP reads numeric features: use features_column"
-        )
     parts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for split in ("train", "val", "test"):
         uri = config.get(split)
@@ -245,7 +240,7 @@ def load_files(config: dict[str, Any], evaluation: dict[str, Any], what: str) ->
         parts[split] = parse_examples(
             data, infer_format(uri, config.get("format", "auto")), columns, where
         )
-    widths = {split: x.shape[1] for split, (x, _) in parts.items()}
+    widths = {split: x.shape[1:] for split, (x, _) in parts.items()}
     if len(set(widths.values())) > 1:
         files = {split: config[split] for split in widths}
         raise DataError(

@@ -12,7 +12,8 @@ from storage.errors import DataError
 
 @dataclass(frozen=True)
 class Splits:
-    """One task's labelled data; features are float32 rows, labels int64 in [0, num_classes)."""
+    """One task's labelled data: float32 feature rows, or raw texts (an object array of strings)
+    until the base model tokenizes them; labels int64 in [0, num_classes)."""
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -27,8 +28,26 @@ class Splits:
         return digest_arrays({name: getattr(self, name) for name in _ARRAYS})
 
     @property
+    def is_text(self) -> bool:
+        """Raw texts (one string per row), to be tokenized by the base model's tokenizer."""
+        return self.x_train.dtype.kind in "OUS"
+
+    @property
     def input_dim(self) -> int:
-        return int(self.x_train.shape[1])
+        """Features per row; 0 for raw texts (their width is the tokenizer's max_length)."""
+        return 0 if self.is_text else int(np.prod(self.x_train.shape[1:]))
+
+    def with_inputs(self, encode) -> Splits:
+        """The same splits with every input array passed through ``encode`` (e.g. tokenize)."""
+        return Splits(
+            encode(self.x_train),
+            self.y_train,
+            encode(self.x_val),
+            self.y_val,
+            encode(self.x_test),
+            self.y_test,
+            self.num_classes,
+        )
 
     @property
     def num_rows(self) -> int:

