@@ -1,7 +1,7 @@
 """The MLflow pyfunc model of a published merge (logged as code: nothing is pickled).
 
 ``predict`` takes a 2-D array (or DataFrame) of features, or for a Hugging Face base a list
-of texts (or a one-column DataFrame of them), and ``params={"task": name}``, and returns that
+of texts: a DataFrame with a ``text`` column (what its MLflow signature asks for), and ``params={"task": name}``, and returns that
 task's predicted class per row.
 """
 

@@ -13,7 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+)
 WORDS = {
     0: ["apple", "bread", "cheese", "soup", "butter", "rice", "salad", "honey"],
     1: ["river", "mountain", "forest", "ocean", "valley", "desert", "island", "lake"],

@@ -197,12 +197,23 @@ def test_npz_needs_x_and_y_and_never_unpickles(tmp_path: Path) -> None:
         load_dataset(config | {"test": str(tmp_path / "objects.npz")}, EVAL, "t")
 
 
-def test_text_inputs_need_a_tokenizer(tmp_path: Path) -> None:
-    path = tmp_path / "t.jsonl"
-    path.write_text('{"text": "a fine day", "label": 1}\n{"text": "rain", "label": 0}\n')
-    config = {"source": "files", "train": str(path), "test": str(path), "text_column": "text"}
-    with pytest.raises(DataError, match="text_column 'text' needs a base model with a tokenizer"):
-        load_dataset(config, EVAL, "tasks[0].dataset")
+def test_text_columns_load_as_strings_with_a_digest_of_their_content(tmp_path: Path) -> None:
+    rows = [("a fine day", 1), ("rain, again", 0), ("sun — at last", 1)] * 4
+    jsonl = tmp_path / "t.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows))
+    csv = tmp_path / "t.csv"
+    csv.write_text("text,label\n" + "".join(f'"{t}",{y}\n' for t, y in rows))
+    config = {"source": "files", "train": str(jsonl), "test": str(jsonl), "text_column": "text"}
+    data = load_dataset(config, EVAL | {"val_fraction": 0.25}, "tasks[0].dataset")
+    assert data.is_text and data.input_dim == 0
+    assert sorted(set(data.x_test.tolist())) == sorted({t for t, _ in rows})
+    as_csv = load_dataset(
+        config | {"train": str(csv), "test": str(csv)}, EVAL | {"val_fraction": 0.25}, "t"
+    )
+    assert as_csv.digest() == data.digest()  # the same texts, whatever the file format
+    jsonl.write_text(jsonl.read_text().replace("rain, again", "rain again", 1))
+    changed = load_dataset(config, EVAL | {"val_fraction": 0.25}, "t")
+    assert changed.digest() != data.digest()
 
 
 def test_the_spec_resolves_relative_paths_and_checks_formats(
