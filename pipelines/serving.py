@@ -1,8 +1,8 @@
 """The MLflow pyfunc model of a published merge (logged as code: nothing is pickled).
 
-``predict`` takes a 2-D array (or DataFrame) of features, or for a Hugging Face base a list
-of texts: a DataFrame with a ``text`` column (what its MLflow signature asks for), and ``params={"task": name}``, and returns that
-task's predicted class per row.
+``predict`` takes a 2-D array (or DataFrame) of features, or for a Hugging Face base a
+DataFrame with a ``text`` column (what its MLflow signature asks for), and
+``params={"task": name}``, and returns that task's predicted class per row.
 """
 
 from __future__ import annotations
