@@ -6,7 +6,7 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 BIN = $(VENV)/bin
 
-.PHONY: install quickstart test test-fast lint format clean
+.PHONY: install quickstart text-example test test-fast lint format clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,10 +16,22 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip check
 	touch $@
 
-install: $(BIN)/.installed
+# The text example (and its test) read Debian's fortunes package: real short texts by topic.
+FORTUNES = /usr/share/games/fortunes/computers
+SUDO = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+$(FORTUNES):
+	$(SUDO) apt-get install -y -qq fortunes >/dev/null || \
+	  ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq fortunes >/dev/null)
+
+install: $(BIN)/.installed $(FORTUNES)
 
 quickstart: install
 	$(BIN)/mergeline run examples/quickstart.yaml --summary .mergeline/quickstart-summary.json
+
+text-example: install
+	$(BIN)/python examples/make_text_data.py
+	$(BIN)/mergeline run examples/text-minilm.yaml --summary .mergeline/text-summary.json
 
 test: install
 	$(BIN)/pytest -q

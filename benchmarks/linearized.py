@@ -168,11 +168,12 @@ def bench_surrogate(seed: int, store: Path) -> dict[str, Any]:
     }
 
 
-def run_cli(example: str, workdir: Path) -> dict[str, Any]:
+def run_cli(example: str, workdir: Path, overrides: list[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
+    settings = [arg for item in overrides or [] for arg in ("--set", item)]
     subprocess.run(
         [sys.executable, "-m", "pipelines.cli", "run", str(REPO / "examples" / example)]
-        + ["--summary", "summary.json"],
+        + ["--summary", "summary.json", *settings],
         cwd=workdir,
         check=True,
         env=os.environ | {"COLUMNS": "120", "RAY_ADDRESS": "local"},  # never join a cluster
@@ -242,7 +243,8 @@ def main() -> None:
         result[key] = result["fast_path"][key]
     result["per_task_candidates_per_s"] = result["per_task"]["per_task_candidates_per_s"]
     previous = json.loads(RESULT.read_text()) if RESULT.is_file() else {}
-    for key in ("step_cost_ratio", "minilm"):  # measured by benchmarks/linearized_hf.py
+    # measured by benchmarks/linearized_hf.py and benchmarks/text_minilm.py
+    for key in ("step_cost_ratio", "minilm", "minilm_task_addition"):
         if key in previous:
             result[key] = previous[key]
     RESULT.parent.mkdir(parents=True, exist_ok=True)
