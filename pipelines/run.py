@@ -358,7 +358,10 @@ def start_scorers(
         name: {"key": info["key"], "dataset": plan.tasks[plan.task_names.index(name)].dataset}
         for name, info in tasks.items()
     }
-    count = max(1, min(plan.spec.merge.num_actors, len(plan.candidates)))
+    # Never more one-CPU actors than the cluster has CPUs: the extra ones would never start,
+    # and the candidates handed to them would wait forever.
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    count = max(1, min(plan.spec.merge.num_actors, len(plan.candidates), cpus))
     settings = resolve_search(plan.spec)
     if settings.tangent:
         count = 1 if settings.all_fast else count

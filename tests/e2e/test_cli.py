@@ -88,3 +88,17 @@ def test_bad_input_is_one_line_exit_2_and_nothing_registered(
     assert "Traceback" not in result.stderr + result.stdout
     assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1
     assert not (tmp_path / ".mergeline" / "store" / "models").exists()
+
+
+@pytest.mark.slow
+def test_a_one_cpu_ray_runs_the_search_on_the_one_actor_it_can_start(tmp_path: Path) -> None:
+    """merge.num_actors (2) is capped by the cluster's CPUs; a second actor would never start."""
+    quick = ["base_model.pretrain.steps=50", "finetune.steps=20", "compute.num_cpus=1"]
+    settings = [arg for item in quick for arg in ("--set", item)]
+    result = mergeline(
+        "run", str(QUICKSTART), "--summary", "one.json", *settings, cwd=tmp_path, timeout=400
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "one.json").read_text())
+    assert summary["status"] == "succeeded"
+    assert summary["search"]["candidates_evaluated"] == 21

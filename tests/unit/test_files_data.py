@@ -119,7 +119,10 @@ def test_a_list_column_and_scalar_columns_concatenate(tmp_path: Path) -> None:
 
 def test_num_classes_can_be_given_and_labels_must_fit(tmp_path: Path) -> None:
     config = files_config(tmp_path, ".npz")
-    assert load_dataset(config | {"num_classes": 5}, EVAL, "t").num_classes == 5
+    five = load_dataset(config | {"num_classes": 5}, EVAL, "t")
+    assert five.num_classes == 5
+    # Another head width is another task vector: the digest covers the number of classes.
+    assert five.digest() != load_dataset(config, EVAL, "t").digest()
     with pytest.raises(DataError, match=r"train\.npz: labels must lie in \[0, 2\); found 0\.\.2"):
         load_dataset(config | {"num_classes": 2}, EVAL, "tasks[1].dataset")
 

@@ -24,8 +24,10 @@ class Splits:
     num_classes: int
 
     def digest(self) -> str:
-        """Content digest: the same bytes give the same digest wherever they come from."""
-        return digest_arrays({name: getattr(self, name) for name in _ARRAYS})
+        """Content digest (inputs, labels, number of classes): the same content gives the same
+        digest wherever it comes from."""
+        arrays = {name: getattr(self, name) for name in _ARRAYS}
+        return digest_arrays(arrays | {"num_classes": np.array(self.num_classes, np.int64)})
 
     @property
     def is_text(self) -> bool:
