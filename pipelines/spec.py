@@ -118,7 +118,53 @@ class FilesDataset(_Model):
         return self
 
 
-DatasetSpec = Annotated[SklearnDataset | FilesDataset, Field(discriminator="source")]
+class HubDataset(_Model):
+    """A dataset through Hugging Face ``datasets`` (``pip install datasets``): a Hub name,
+    fetched once and cached by ``datasets`` (needs network access), or a packaged builder
+    (json, csv, parquet) over ``data_files``, which needs none."""
+
+    source: Literal["huggingface"] = "huggingface"
+    path: str = Field(description="A Hub dataset name (e.g. ag_news) or json / csv / parquet.")
+    name: str | None = Field(default=None, description="The dataset's configuration, if any.")
+    revision: str | None = None
+    data_files: dict[str, str | list[str]] | None = Field(
+        default=None, description="split -> file(s), for the json / csv / parquet builders."
+    )
+    train_split: str = "train"
+    test_split: str = "test"
+    val_split: str | None = Field(
+        default=None, description="Default: evaluation.val_fraction of train is held out."
+    )
+    max_examples: int | None = Field(
+        default=None, gt=0, description="Keep the first N rows of each split."
+    )
+    features_column: str | list[str] | None = None
+    text_column: str | None = None
+    label_column: str = "label"
+    num_classes: int | None = Field(default=None, ge=2, description="Default: max label + 1.")
+
+    @field_validator("data_files")
+    @classmethod
+    def _local_files(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        from storage.files import absolute_uri
+
+        if value is None:
+            return None
+        return {
+            split: [absolute_uri(f) for f in files]
+            if isinstance(files, list)
+            else absolute_uri(files)
+            for split, files in value.items()
+        }
+
+    @model_validator(mode="after")
+    def _inputs(self) -> HubDataset:
+        if self.features_column is not None and self.text_column is not None:
+            raise ValueError("set features_column or text_column, not both")
+        return self
+
+
+DatasetSpec = Annotated[SklearnDataset | FilesDataset | HubDataset, Field(discriminator="source")]
 
 
 class TaskSpec(_Model):
@@ -467,11 +513,11 @@ class Spec(_Model):
         text = isinstance(self.base_model, HFModel)
         for index, task in enumerate(self.tasks):
             dataset = task.dataset
-            reads_text = isinstance(dataset, FilesDataset) and dataset.text_column is not None
+            reads_text = getattr(dataset, "text_column", None) is not None
             if text and not reads_text:
                 raise ValueError(
                     f"tasks[{index}].dataset: base_model.source 'hf' reads text: use a files "
-                    "dataset with text_column"
+                    "or huggingface dataset with text_column"
                 )
             if not text and reads_text:
                 raise ValueError(

@@ -131,7 +131,7 @@ def _field_path(loc: tuple[Any, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             parts[-1:] = [f"{parts[-1]}[{part}]"] if parts else [f"[{part}]"]
-        elif part in {"sklearn", "files", "builtin", "hf"} and parts:
+        elif part in {"sklearn", "files", "huggingface", "builtin", "hf"} and parts:
             continue  # discriminator tags pydantic inserts into the location
         else:
             parts.append(str(part))

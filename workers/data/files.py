@@ -63,7 +63,11 @@ def parse_examples(
     column) and int64 labels, not yet checked against a number of classes."""
     if fmt == "npz":
         return _parse_npz(data, where)
-    table = _read_table(data, fmt, where)
+    return examples_from_table(_read_table(data, fmt, where), columns, where)
+
+
+def examples_from_table(table, columns: Columns, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs, labels) of a pyarrow table, as :func:`parse_examples` gives them."""
     if table.num_rows == 0:
         raise DataError(f"{where}: the file has no rows: every split needs examples")
     names = list(table.column_names)
@@ -215,7 +219,7 @@ def _parse_npz(data: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
     return x, _integer_labels(y, where)
 
 
-def _columns(config: dict[str, Any]) -> Columns:
+def columns_of(config: dict[str, Any]) -> Columns:
     features = config.get("features_column")
     if isinstance(features, str):
         features = [features]
@@ -229,7 +233,7 @@ def _columns(config: dict[str, Any]) -> Columns:
 @register_source("files")
 def load_files(config: dict[str, Any], evaluation: dict[str, Any], what: str) -> Splits:
     """Train and test (and optionally val) files; without val, val comes out of train."""
-    columns = _columns(config)
+    columns = columns_of(config)
     parts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for split in ("train", "val", "test"):
         uri = config.get(split)
@@ -240,6 +244,17 @@ def load_files(config: dict[str, Any], evaluation: dict[str, Any], what: str) ->
         parts[split] = parse_examples(
             data, infer_format(uri, config.get("format", "auto")), columns, where
         )
+    return assemble_splits(parts, config, evaluation, what)
+
+
+def assemble_splits(
+    parts: dict[str, tuple[np.ndarray, np.ndarray]],
+    config: dict[str, Any],
+    evaluation: dict[str, Any],
+    what: str,
+) -> Splits:
+    """train / test (and optional val) examples -> checked :class:`Splits`; without val, val
+    comes out of train. ``config[split]`` names where each split came from in errors."""
     widths = {split: x.shape[1:] for split, (x, _) in parts.items()}
     if len(set(widths.values())) > 1:
         files = {split: config[split] for split in widths}
