@@ -35,172 +35,39 @@ S = "--set"
 CASES = [
     # --- spec: unknown fields, wrong types, out-of-range values
     ("unknown-top-field", lambda t: ["validate", QUICKSTART, S, "colour=blue"], "colour"),
-    (
-        "unknown-nested-field",
-        lambda t: ["validate", QUICKSTART, S, "finetune.epochs=3"],
-        "finetune.epochs",
-    ),
-    (
-        "steps-string",
-        lambda t: ["validate", QUICKSTART, S, "finetune.steps=many"],
-        "finetune.steps",
-    ),
-    (
-        "steps-negative",
-        lambda t: ["validate", QUICKSTART, S, "finetune.steps=-1"],
-        "finetune.steps",
-    ),
+    ("unknown-nested-field", lambda t: ["validate", QUICKSTART, S, "finetune.epochs=3"], "finetune.epochs"),
+    ("steps-string", lambda t: ["validate", QUICKSTART, S, "finetune.steps=many"], "finetune.steps"),
+    ("steps-negative", lambda t: ["validate", QUICKSTART, S, "finetune.steps=-1"], "finetune.steps"),
     ("steps-zero", lambda t: ["validate", QUICKSTART, S, "finetune.steps=0"], "finetune.steps"),
-    (
-        "batch-size-zero",
-        lambda t: ["validate", QUICKSTART, S, "finetune.batch_size=0"],
-        "finetune.batch_size",
-    ),
+    ("batch-size-zero", lambda t: ["validate", QUICKSTART, S, "finetune.batch_size=0"], "finetune.batch_size"),
     ("lr-negative", lambda t: ["validate", QUICKSTART, S, "finetune.lr=-0.1"], "finetune.lr"),
-    (
-        "val-fraction-zero",
-        lambda t: ["validate", QUICKSTART, S, "evaluation.val_fraction=0"],
-        "evaluation.val_fraction",
-    ),
-    (
-        "val-fraction-one",
-        lambda t: ["validate", QUICKSTART, S, "evaluation.val_fraction=1"],
-        "evaluation.val_fraction",
-    ),
-    (
-        "val-max-zero",
-        lambda t: ["validate", QUICKSTART, S, "evaluation.val_max=0"],
-        "evaluation.val_max",
-    ),
-    (
-        "density-zero",
-        lambda t: [
-            "validate",
-            QUICKSTART,
-            S,
-            "merge.candidates.0.method=ties",
-            S,
-            "merge.candidates.0.params.density=0",
-        ],
-        "density",
-    ),
-    (
-        "density-above-one",
-        lambda t: [
-            "validate",
-            QUICKSTART,
-            S,
-            "merge.candidates.0.method=ties",
-            S,
-            "merge.candidates.0.params.density=1.5",
-        ],
-        "density",
-    ),
-    (
-        "dare-p-one",
-        lambda t: [
-            "validate",
-            QUICKSTART,
-            S,
-            "merge.candidates.0.method=dare",
-            S,
-            "merge.candidates.0.params.p=1.0",
-        ],
-        "merge.candidates[0].params",
-    ),
-    (
-        "unknown-method-param",
-        lambda t: ["validate", QUICKSTART, S, "merge.candidates.0.params.density=0.2"],
-        "merge.candidates[0]",
-    ),
-    (
-        "coefficient-nan",
-        lambda t: ["validate", QUICKSTART, S, "merge.candidates.0.coefficient.values=[.nan]"],
-        "finite",
-    ),
-    (
-        "coefficient-inf",
-        lambda t: ["validate", QUICKSTART, S, "merge.candidates.0.coefficient.stop=.inf"],
-        "finite",
-    ),
-    (
-        "coefficient-empty",
-        lambda t: ["validate", QUICKSTART, S, "merge.candidates.0.coefficient.values=[]"],
-        "coefficient.values",
-    ),
-    (
-        "coefficient-num-zero",
-        lambda t: ["validate", QUICKSTART, S, "merge.candidates.0.coefficient.num=0"],
-        "coefficient.num",
-    ),
-    (
-        "no-candidates",
-        lambda t: ["validate", QUICKSTART, S, "merge.candidates=[]"],
-        "merge.candidates",
-    ),
+    ("val-fraction-zero", lambda t: ["validate", QUICKSTART, S, "evaluation.val_fraction=0"], "evaluation.val_fraction"),
+    ("val-fraction-one", lambda t: ["validate", QUICKSTART, S, "evaluation.val_fraction=1"], "evaluation.val_fraction"),
+    ("val-max-zero", lambda t: ["validate", QUICKSTART, S, "evaluation.val_max=0"], "evaluation.val_max"),
+    ("density-zero", lambda t: ["validate", QUICKSTART, S, "merge.candidates.0.method=ties", S, "merge.candidates.0.params.density=0"], "density"),
+    ("density-above-one", lambda t: ["validate", QUICKSTART, S, "merge.candidates.0.method=ties", S, "merge.candidates.0.params.density=1.5"], "density"),
+    ("dare-p-one", lambda t: ["validate", QUICKSTART, S, "merge.candidates.0.method=dare", S, "merge.candidates.0.params.p=1.0"], "merge.candidates[0].params"),
+    ("unknown-method-param", lambda t: ["validate", QUICKSTART, S, "merge.candidates.0.params.density=0.2"], "merge.candidates[0]"),
+    ("coefficient-nan", lambda t: ["validate", QUICKSTART, S, "merge.candidates.0.coefficient.values=[.nan]"], "finite"),
+    ("coefficient-inf", lambda t: ["validate", QUICKSTART, S, "merge.candidates.0.coefficient.stop=.inf"], "finite"),
+    ("coefficient-empty", lambda t: ["validate", QUICKSTART, S, "merge.candidates.0.coefficient.values=[]"], "coefficient.values"),
+    ("coefficient-num-zero", lambda t: ["validate", QUICKSTART, S, "merge.candidates.0.coefficient.num=0"], "coefficient.num"),
+    ("no-candidates", lambda t: ["validate", QUICKSTART, S, "merge.candidates=[]"], "merge.candidates"),
     ("no-tasks", lambda t: ["validate", QUICKSTART, S, "tasks=[]"], "tasks"),
     # --- spec: unknown method / mode / source / scheme
-    (
-        "unknown-method",
-        lambda t: ["validate", QUICKSTART, S, "merge.candidates.0.method=magic"],
-        "unknown merge method",
-    ),
-    (
-        "unknown-mode",
-        lambda t: ["validate", QUICKSTART, S, "finetune.mode=quadratic"],
-        "finetune.mode",
-    ),
-    (
-        "unknown-dataset-source",
-        lambda t: ["validate", QUICKSTART, S, "tasks.0.dataset.source=ftp"],
-        "tasks[0].dataset",
-    ),
-    (
-        "unknown-model-source",
-        lambda t: ["validate", QUICKSTART, S, "base_model.source=zoo"],
-        "base_model",
-    ),
-    (
-        "unknown-builtin-model",
-        lambda t: ["validate", QUICKSTART, S, "base_model.name=resnet"],
-        "base_model.name",
-    ),
-    (
-        "unknown-storage-scheme",
-        lambda t: ["validate", QUICKSTART, S, "storage.uri=gs://bucket/x"],
-        "storage.uri",
-    ),
-    (
-        "unknown-tracking-scheme",
-        lambda t: ["validate", QUICKSTART, S, "tracking.uri=postgres://db"],
-        "tracking.uri",
-    ),
-    (
-        "unknown-objective",
-        lambda t: ["validate", QUICKSTART, S, "merge.objective=vibes"],
-        "merge.objective",
-    ),
-    (
-        "unknown-transform",
-        lambda t: ["validate", QUICKSTART, S, "tasks.0.dataset.transform.kind=blur"],
-        "transform.kind",
-    ),
+    ("unknown-method", lambda t: ["validate", QUICKSTART, S, "merge.candidates.0.method=magic"], "unknown merge method"),
+    ("unknown-mode", lambda t: ["validate", QUICKSTART, S, "finetune.mode=quadratic"], "finetune.mode"),
+    ("unknown-dataset-source", lambda t: ["validate", QUICKSTART, S, "tasks.0.dataset.source=ftp"], "tasks[0].dataset"),
+    ("unknown-model-source", lambda t: ["validate", QUICKSTART, S, "base_model.source=zoo"], "base_model"),
+    ("unknown-builtin-model", lambda t: ["validate", QUICKSTART, S, "base_model.name=resnet"], "base_model.name"),
+    ("unknown-storage-scheme", lambda t: ["validate", QUICKSTART, S, "storage.uri=gs://bucket/x"], "storage.uri"),
+    ("unknown-tracking-scheme", lambda t: ["validate", QUICKSTART, S, "tracking.uri=postgres://db"], "tracking.uri"),
+    ("unknown-objective", lambda t: ["validate", QUICKSTART, S, "merge.objective=vibes"], "merge.objective"),
+    ("unknown-transform", lambda t: ["validate", QUICKSTART, S, "tasks.0.dataset.transform.kind=blur"], "transform.kind"),
     # --- spec: task names
-    (
-        "duplicate-task-names",
-        lambda t: ["validate", QUICKSTART, S, "tasks.1.name=digits-perm1"],
-        "used twice",
-    ),
-    (
-        "task-name-dotdot",
-        lambda t: ["validate", QUICKSTART, S, "tasks.0.name=../escape"],
-        "path component",
-    ),
-    (
-        "task-name-slash",
-        lambda t: ["validate", QUICKSTART, S, "tasks.0.name=a/b"],
-        "path component",
-    ),
+    ("duplicate-task-names", lambda t: ["validate", QUICKSTART, S, "tasks.1.name=digits-perm1"], "used twice"),
+    ("task-name-dotdot", lambda t: ["validate", QUICKSTART, S, "tasks.0.name=../escape"], "path component"),
+    ("task-name-slash", lambda t: ["validate", QUICKSTART, S, "tasks.0.name=a/b"], "path component"),
     ("task-name-empty", lambda t: ["validate", QUICKSTART, S, "tasks.0.name="], "tasks[0].name"),
     ("spec-name-unsafe", lambda t: ["validate", QUICKSTART, S, "name=../../etc"], "spec name"),
     # --- spec: the file itself
@@ -210,118 +77,27 @@ CASES = [
     ("non-mapping", lambda t: ["validate", _write(t, "- just\n- a list\n")], "mapping"),
     ("scalar-document", lambda t: ["validate", _write(t, "42\n")], "mapping"),
     ("missing-spec-file", lambda t: ["run", str(t / "absent.yaml")], "does not exist"),
-    (
-        "linear-with-zero3",
-        lambda t: [
-            "validate",
-            QUICKSTART,
-            S,
-            "finetune.mode=linear",
-            S,
-            "finetune.deepspeed.zero_stage=3",
-        ],
-        "ZeRO stage 3",
-    ),
-    (
-        "bad-override-syntax",
-        lambda t: ["validate", QUICKSTART, S, "no-equals-sign"],
-        "dotted.key=value",
-    ),
+    ("linear-with-zero3", lambda t: ["validate", QUICKSTART, S, "finetune.mode=linear", S, "finetune.deepspeed.zero_stage=3"], "ZeRO stage 3"),
+    ("bad-override-syntax", lambda t: ["validate", QUICKSTART, S, "no-equals-sign"], "dotted.key=value"),
     ("bad-override-index", lambda t: ["validate", QUICKSTART, S, "tasks.9.name=x"], "tasks.9"),
-    (
-        "bad-override-yaml",
-        lambda t: ["validate", QUICKSTART, S, "finetune.steps=[1"],
-        "not valid YAML",
-    ),
+    ("bad-override-yaml", lambda t: ["validate", QUICKSTART, S, "finetune.steps=[1"], "not valid YAML"),
     # --- data (run: fails while fingerprinting, before any service starts)
-    (
-        "unknown-dataset-name",
-        lambda t: ["run", _tiny(t), S, "tasks.0.dataset.name=imagenet"],
-        "tasks[0].dataset.name",
-    ),
-    (
-        "missing-classes",
-        lambda t: ["run", _tiny(t), S, "tasks.0.dataset.classes=[3, 11]"],
-        "[11] do not exist",
-    ),
-    (
-        "one-class-only",
-        lambda t: ["validate", _tiny(t), S, "tasks.0.dataset.classes=[3]"],
-        "tasks[0].dataset.classes",
-    ),
-    (
-        "split-too-small",
-        lambda t: [
-            "run",
-            _tiny(t),
-            S,
-            "tasks.0.dataset.name=iris",
-            S,
-            "evaluation.val_fraction=0.001",
-        ],
-        "too few",
-    ),
-    (
-        "mismatched-feature-dims",
-        lambda t: [
-            "run",
-            _tiny(t),
-            S,
-            "tasks.1.dataset.name=wine",
-            S,
-            "tasks.1.dataset.pool=all",
-            S,
-            "tasks.1.dataset.transform.kind=none",
-        ],
-        "feature dimensions",
-    ),
-    (
-        "pretrain-dims-mismatch",
-        lambda t: [
-            "run",
-            _tiny(t),
-            S,
-            "base_model.pretrain.dataset.name=iris",
-            S,
-            "base_model.pretrain.dataset.pool=all",
-        ],
-        "pretrain",
-    ),
-    (
-        "square-transform-on-tabular",
-        lambda t: [
-            "run",
-            _tiny(t),
-            S,
-            "tasks.0.dataset.name=wine",
-            S,
-            "tasks.0.dataset.transform.kind=rot90",
-        ],
-        "square",
-    ),
+    ("unknown-dataset-name", lambda t: ["run", _tiny(t), S, "tasks.0.dataset.name=imagenet"], "tasks[0].dataset.name"),
+    ("missing-classes", lambda t: ["run", _tiny(t), S, "tasks.0.dataset.classes=[3, 11]"], "[11] do not exist"),
+    ("one-class-only", lambda t: ["validate", _tiny(t), S, "tasks.0.dataset.classes=[3]"], "tasks[0].dataset.classes"),
+    ("split-too-small", lambda t: ["run", _tiny(t), S, "tasks.0.dataset.name=iris", S, "evaluation.val_fraction=0.001"], "too few"),
+    ("mismatched-feature-dims", lambda t: ["run", _tiny(t), S, "tasks.1.dataset.name=wine", S, "tasks.1.dataset.pool=all", S, "tasks.1.dataset.transform.kind=none"], "feature dimensions"),
+    ("pretrain-dims-mismatch", lambda t: ["run", _tiny(t), S, "base_model.pretrain.dataset.name=iris", S, "base_model.pretrain.dataset.pool=all"], "pretrain"),
+    ("square-transform-on-tabular", lambda t: ["run", _tiny(t), S, "tasks.0.dataset.name=wine", S, "tasks.0.dataset.transform.kind=rot90"], "square"),
     # --- services (bounded time, never a hang)
-    (
-        "unreachable-ray",
-        lambda t: ["run", _tiny(t), S, "compute.ray_address=127.0.0.1:1"],
-        "unreachable",
-    ),
-    (
-        "malformed-ray-address",
-        lambda t: ["run", _tiny(t), S, "compute.ray_address=nowhere"],
-        "compute.ray_address",
-    ),
-    (
-        "unreachable-tracking",
-        lambda t: ["run", _tiny(t), S, "tracking.uri=http://127.0.0.1:1"],
-        "127.0.0.1:1",
-    ),
+    ("unreachable-ray", lambda t: ["run", _tiny(t), S, "compute.ray_address=127.0.0.1:1"], "unreachable"),
+    ("malformed-ray-address", lambda t: ["run", _tiny(t), S, "compute.ray_address=nowhere"], "compute.ray_address"),
+    ("unreachable-tracking", lambda t: ["run", _tiny(t), S, "tracking.uri=http://127.0.0.1:1"], "127.0.0.1:1"),
 ]
 
 
 @pytest.mark.parametrize(("argv", "fragment"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input_gets_one_clear_error(
-    argv, fragment: str, tmp_path: Path, monkeypatch, capsys
-) -> None:
+def test_bad_input_gets_one_clear_error(argv, fragment: str, tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["mergeline", *argv(tmp_path)])
     with pytest.raises(SystemExit) as caught:
