@@ -18,7 +18,7 @@ $(BIN)/.installed: pyproject.toml
 
 # The text example (and its test) read Debian's fortunes package: real short texts by topic.
 FORTUNES = /usr/share/games/fortunes/computers
-SUDO = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+SUDO = $(shell [ "$$(id -u)" = 0 ] || echo sudo) DEBIAN_FRONTEND=noninteractive
 
 $(FORTUNES):
 	$(SUDO) apt-get install -y -qq fortunes >/dev/null || \
