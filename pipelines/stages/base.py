@@ -115,7 +115,6 @@ class Base:
     theta0: dict[str, torch.Tensor]
     tokenizer: Any = None
     max_length: int = 0
-    files_dir: Path | None = None  # the HF config + tokenizer files (Hugging Face bases)
 
     def inputs(self, splits: Splits, what: str) -> Splits:
         """Raw splits -> backbone inputs (texts tokenized; features as they are)."""
@@ -140,9 +139,7 @@ def open_base(store_cfg: dict[str, Any], key: str, base_meta: dict[str, Any]) ->
     backbone = hf.encoder_from_files(
         directory, theta0, config["pooling"], config["attn_implementation"]
     )
-    return Base(
-        backbone, theta0, hf.load_tokenizer(directory), int(config["max_length"]), directory
-    )
+    return Base(backbone, theta0, hf.load_tokenizer(directory), int(config["max_length"]))
 
 
 def load_task_data(base: Base, dataset: dict[str, Any], evaluation: dict[str, Any], what: str):

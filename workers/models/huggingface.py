@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import os
 import re
 from pathlib import Path
@@ -258,7 +257,3 @@ def directory_digest(directory: Path) -> str:
 def hf_state_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Backbone state (``encoder.<name>``) -> the encoder's own names, as transformers saves."""
     return {name.removeprefix("encoder."): tensor for name, tensor in state.items()}
-
-
-def model_config(directory: Path) -> dict[str, Any]:
-    return json.loads((directory / "config.json").read_text())
