@@ -23,7 +23,7 @@ from pipelines.report import build_summary
 from pipelines.retrieval import best_by_method, per_task_lambda_candidates
 from pipelines.scheduling import actor_options, finetune_options
 from pipelines.search_settings import resolve_search
-from pipelines.selection import choose_best, objective_scores
+from pipelines.selection import candidate_row, choose_best, objective_scores
 from pipelines.spec import Spec
 from pipelines.stages.base import pretrain_base_job
 from pipelines.stages.finetune import run_finetune_job
@@ -391,22 +391,12 @@ def search(
             done = wait_any(list(pending))
             chunk = pending.pop(done[0])
             for candidate, row in zip(chunk, get(done[0], "merge search"), strict=True):
-                by_id[candidate.id] = _row(candidate, row["accuracy"], finetuned_val)
+                accuracy = row["accuracy"]
+                by_id[candidate.id] = candidate_row(
+                    candidate, accuracy, objective_scores(accuracy, finetuned_val)
+                )
             progress.advance(bar, len(chunk))
     return [by_id[c.id] for c in candidates]
-
-
-def _row(
-    candidate: Candidate, accuracy: dict[str, float], finetuned: dict[str, float]
-) -> dict[str, Any]:
-    return {
-        "id": candidate.id,
-        "method": candidate.method,
-        "params": candidate.params,
-        "coefficient": candidate.coefficient,
-        "accuracy": accuracy,
-        "objective": objective_scores(accuracy, finetuned),
-    }
 
 
 def rows_for_tracking(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

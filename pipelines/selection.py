@@ -17,6 +17,24 @@ def objective_scores(per_task: dict[str, float], finetuned: dict[str, float]) ->
     }
 
 
+def candidate_row(
+    candidate: Candidate,
+    accuracy: dict[str, float],
+    objective: dict[str, float],
+    **extra: Any,
+) -> dict[str, Any]:
+    """One scored candidate as the search records it (rows of candidates.json, MLflow)."""
+    return {
+        "id": candidate.id,
+        "method": candidate.method,
+        "params": candidate.params,
+        "coefficient": candidate.coefficient,
+        "accuracy": accuracy,
+        "objective": objective,
+        **extra,
+    }
+
+
 def choose_best(
     candidates: list[Candidate], scores: dict[str, dict[str, float]], objective: str
 ) -> Candidate:

@@ -95,9 +95,7 @@ class FilesDataset(_Model):
     @field_validator("endpoint_url")
     @classmethod
     def _endpoint(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(r"^https?://[^/]+", value):
-            raise ValueError("dataset.endpoint_url must be an http:// or https:// URL")
-        return None if value is None else _no_credentials(value, "dataset.endpoint_url")
+        return _endpoint_url(value, "dataset.endpoint_url")
 
     @model_validator(mode="after")
     def _inputs(self) -> FilesDataset:
@@ -218,6 +216,11 @@ class HFModel(_Model):
     endpoint_url: str | None = Field(
         default=None, description="S3-compatible server for an s3:// model; credentials: AWS env."
     )
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        return _endpoint_url(value, "base_model.endpoint_url")
 
     @field_validator("model")
     @classmethod
@@ -427,9 +430,14 @@ class StorageSpec(_Model):
     @field_validator("endpoint_url")
     @classmethod
     def _endpoint(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(r"^https?://[^/]+", value):
-            raise ValueError("storage.endpoint_url must be an http:// or https:// URL")
-        return None if value is None else _no_credentials(value, "storage.endpoint_url")
+        return _endpoint_url(value, "storage.endpoint_url")
+
+
+def _endpoint_url(value: str | None, what: str) -> str | None:
+    """An S3-compatible server's URL: http(s), no credentials in it."""
+    if value is not None and not re.match(r"^https?://[^/]+", value):
+        raise ValueError(f"{what} must be an http:// or https:// URL")
+    return None if value is None else _no_credentials(value, what)
 
 
 def _no_credentials(value: str, what: str) -> str:

@@ -17,7 +17,7 @@ from rich.console import Console
 from pipelines.plan import Candidate, Plan
 from pipelines.raysession import get, wait_any
 from pipelines.search_settings import resolve_search
-from pipelines.selection import choose_best, objective_scores
+from pipelines.selection import candidate_row, choose_best, objective_scores
 from pipelines.spec import Spec
 from pipelines.specfile import expand_params
 from workers.search.fastpath import linear_weights
@@ -134,15 +134,8 @@ class TangentSearch:
     def _row(self, candidate: Candidate, accuracy: dict[str, Any]) -> dict[str, Any]:
         accuracy = dict(accuracy)
         scored_by = accuracy.pop("_by", "forward")
-        return {
-            "id": candidate.id,
-            "method": candidate.method,
-            "params": candidate.params,
-            "coefficient": candidate.coefficient,
-            "accuracy": accuracy,
-            "objective": task_scores(self.spec, accuracy, self.reference, "val"),
-            "scored_by": scored_by,
-        }
+        objective = task_scores(self.spec, accuracy, self.reference, "val")
+        return candidate_row(candidate, accuracy, objective, scored_by=scored_by)
 
     # ------------------------------------------------------------------ per task
     def _per_task(self) -> tuple[list[dict], list[Candidate]]:
