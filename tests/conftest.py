@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from pipelines.stages.pause import ENVIRONMENT_VARIABLE
+from tests.faults import Pause
 
 pytest_plugins = ["tests.conftest_mlflow", "tests.conftest_s3"]
 
@@ -88,10 +92,29 @@ def tiny_spec(tmp_path: Path) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="session")
-def local_ray():
-    """One local Ray for the whole session (the pipeline reuses an initialised Ray)."""
+def session_pause_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The pause folder that the session's Ray workers see (:mod:`tests.faults`)."""
+    return tmp_path_factory.mktemp("pause")
+
+
+@pytest.fixture(scope="session")
+def local_ray(session_pause_folder: Path):
+    """One local Ray for the whole session (the pipeline reuses an initialised Ray).
+
+    Its workers see the session's pause folder, inert until a test arms :func:`pause`.
+    """
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(ENVIRONMENT_VARIABLE, str(session_pause_folder))
+        ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture
+def pause(session_pause_folder: Path) -> Iterator[Pause]:
+    """A :class:`~tests.faults.Pause` for fine-tunes in the session's Ray; released after."""
+    held = Pause(session_pause_folder)
+    yield held
+    held.release()

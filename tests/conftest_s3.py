@@ -8,7 +8,7 @@ pass them; no test can reach a real AWS account.
 from __future__ import annotations
 
 import logging
-import threading
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -53,23 +53,22 @@ class S3Server:
         self.running = False
 
     def start(self) -> None:
+        """Start serving; returns once the port accepts connections (also after a restart,
+        when moto's own readiness event is already set)."""
         self._server.start()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "moto's S3 server did not come up"
+                time.sleep(0.01)
         self.running = True
 
     def stop(self) -> None:
         self._server.stop()
         self.running = False
-
-    def start_after(self, seconds: float) -> threading.Thread:
-        """Start the (stopped) server again from a thread after ``seconds``."""
-
-        def later() -> None:
-            time.sleep(seconds)
-            self.start()
-
-        thread = threading.Thread(target=later, daemon=True)
-        thread.start()
-        return thread
 
     def client(self, service: str = "s3"):
         return boto3.client(service, endpoint_url=self.endpoint, region_name="us-east-1")

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from pipelines.stages.base import load_task_data, open_base
+from pipelines.stages.pause import pause_point
 from storage.checkpoints import latest_checkpoint, record_attempt, write_checkpoint
 from storage.objectstore import open_store_from
 from workers.finetune import LinearizedModel, TrainConfig
@@ -112,6 +113,7 @@ def train_task(request: TrainRequest, keep_final: bool = False) -> TrainOutcome:
         if engine.rank == 0:
             files = encode_state(state, meta | {"step": state.step})
             write_checkpoint(store, request.key, state.step, files, meta | {"step": state.step})
+            pause_point(request.task, state.step, store.uri)
 
     model.train()
     history = fit(

@@ -1,8 +1,8 @@
 """Killed workers and killed drivers: a run survives both and does no work twice.
 
-The worker test SIGKILLs the Ray worker process running a fine-tune (found by its process
-title ``ray::run_finetune_job`` among this test's own descendants); the driver test SIGKILLs
-``mergeline run`` during fine-tuning and runs the same command again.
+Every kill is placed, not timed: a fine-tune is held at a pause right after a given checkpoint
+(:mod:`tests.faults`), the test kills the worker (or the driver and the worker) while it sits
+there, waits until they are gone, and only then lets anything go on.
 """
 
 from __future__ import annotations
@@ -11,11 +11,9 @@ import copy
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import psutil
@@ -35,81 +33,46 @@ from storage.objectstore import open_store
 from storage.runstate import begin_run, read_run_state
 from storage.taskvectors import base_model_prefix, read_task_vector
 from tests.conftest import TASK_KEYS
+from tests.faults import Pause, kill_and_wait, process_tree
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-STEPS, EVERY = 2000, 100
+STEPS, EVERY = 300, 100
+#: The checkpoint after which the fine-tune is cut off.
+CUT = 100
 
 
-def _long_finetune(spec: dict, tasks: int) -> dict:
-    """Long enough (wider model, bigger batches) that a kill lands mid-run on any machine."""
+def _checkpointed(spec: dict, tasks: int) -> dict:
     spec = copy.deepcopy(spec)
     spec["tasks"] = spec["tasks"][:tasks]
-    spec["base_model"]["hidden"] = [256, 256]
-    spec["finetune"] |= {"steps": STEPS, "batch_size": 128, "checkpoint_every": EVERY}
+    spec["finetune"] |= {"steps": STEPS, "checkpoint_every": EVERY}
     return spec
-
-
-def _finetune_workers(root: int) -> list[psutil.Process]:
-    """Processes below ``root`` whose title says they run a fine-tune task."""
-    found = []
-    for process in psutil.Process(root).children(recursive=True):
-        try:
-            if process.cmdline()[0].startswith("ray::run_finetune_job"):
-                found.append(process)
-        except (psutil.Error, IndexError):
-            continue
-    return found
-
-
-def _checkpoint_steps(store: Path) -> list[int]:
-    """Steps of the complete checkpoints (manifest written) in the store."""
-    return sorted(
-        int(path.parent.name.removeprefix("step-"))
-        for path in (store / "checkpoints").glob("*/step-*/manifest.json")
-    )
-
-
-def _wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 @pytest.mark.usefixtures("local_ray")
 def test_a_killed_finetune_worker_resumes_from_its_checkpoint(
-    tiny_spec: dict, tmp_path: Path
+    tiny_spec: dict, tmp_path: Path, pause: Pause
 ) -> None:
-    spec = _long_finetune(tiny_spec, tasks=1)
+    spec = _checkpointed(tiny_spec, tasks=1)
     store = tmp_path / "store"
+    pause.arm(CUT, store=open_store(f"file://{store}").uri)
     killed: dict[str, int] = {}
 
-    def kill_after_first_checkpoint() -> None:
-        _wait_for(lambda: _checkpoint_steps(store), 300, "a first checkpoint")
-        worker = _wait_for(lambda: _finetune_workers(os.getpid()), 30, "the fine-tune worker")[0]
-        killed["seen_step"] = max(_checkpoint_steps(store))
-        worker.send_signal(signal.SIGKILL)
-        killed["pid"] = worker.pid
+    def kill_at_the_pause() -> None:
+        held = pause.wait_until_reached()
+        kill_and_wait([psutil.Process(held["pid"])])
+        killed["pid"] = held["pid"]
 
-    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    killer = threading.Thread(target=kill_at_the_pause, daemon=True)
     killer.start()
     summary = run_pipeline(validate_document(spec), Console(file=open(os.devnull, "w")))
-    killer.join(timeout=5)
-    assert "pid" in killed, "the fine-tune finished before the worker could be killed"
+    killer.join(timeout=60)
+    assert "pid" in killed, "the fine-tune worker was never killed"
 
     task = summary["tasks"]["perm1"]
     assert set(task) == TASK_KEYS
     assert task["engine"] == "torch" and task["workers"] == 1
-    assert task["attempts"] == 2
-    resumed = task["resumed_from_step"]
-    print(f"killed after checkpoint {killed['seen_step']}, resumed from step {resumed}")
-    assert resumed >= killed["seen_step"] > 0
-    # The killed attempt ran at most up to its next checkpoint; the retry ran the rest.
-    assert resumed + EVERY + (STEPS - resumed) < 1.5 * STEPS
+    assert (task["attempts"], task["resumed_from_step"]) == (2, CUT)
     assert list((store / "checkpoints").glob("*")) == []  # removed with the task vector
 
     # The resumed task vector is the one an uninterrupted fine-tune computes.
@@ -146,9 +109,9 @@ def _uninterrupted_delta(spec: dict, store: Path, key: str, fresh: Path) -> dict
     return read_task_vector(target, key)[0]
 
 
-def _mergeline(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
+def _mergeline(args: list[str], cwd: Path, log: Path, **env: str) -> subprocess.Popen:
     """``mergeline ARGS`` as a user runs it, its output going to ``log``."""
-    env = os.environ | {"COLUMNS": "120", "NO_COLOR": "1"}
+    env = os.environ | {"COLUMNS": "120", "NO_COLOR": "1"} | env
     with log.open("w") as output:
         return subprocess.Popen(
             [sys.executable, "-m", "pipelines.cli", *args],
@@ -163,27 +126,24 @@ def _mergeline(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
 def test_killing_the_driver_then_rerunning_resumes_the_same_run(
     tiny_spec: dict, tmp_path: Path
 ) -> None:
-    spec = _long_finetune(tiny_spec, tasks=2)
+    spec = _checkpointed(tiny_spec, tasks=2)
     spec["compute"] = {"num_cpus": 1}  # one fine-tune at a time: one finishes, one is cut off
     spec["merge"]["num_actors"] = 1  # the one CPU holds one search actor
     spec["tracking"]["registered_model"] = "tiny-resume"
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     store = tmp_path / "store"
     command = ["run", "spec.yaml", "--summary", "summary.json"]
+    pause = Pause(tmp_path / "pause")
+    pause.arm(CUT, nth=2)  # the second fine-tune, whichever task Ray runs second
 
-    driver = _mergeline(command, tmp_path, tmp_path / "killed.log")
+    driver = _mergeline(command, tmp_path, tmp_path / "killed.log", **pause.environment)
     try:
-        _wait_for(
-            lambda: list(store.glob("task-vectors/*/manifest.json")) and _checkpoint_steps(store),
-            600,
-            "one task vector and the other task's first checkpoint",
-        )
-        below = psutil.Process(driver.pid).children(recursive=True)
-        driver.send_signal(signal.SIGKILL)
-        driver.wait(timeout=30)
-        _, still_running = psutil.wait_procs(below, timeout=60)
-        for process in still_running:  # Ray's own reaper normally ends them; never leak any
-            process.kill()
+        held = pause.wait_until_reached(alive=lambda: driver.poll() is None)
+        assert len(list(store.glob("task-vectors/*/manifest.json"))) == 1
+        started = process_tree(driver.pid)  # the driver, its Ray and the held worker
+        # The driver and the held worker first, then what is left of the driver's Ray.
+        kill_and_wait([psutil.Process(driver.pid), psutil.Process(held["pid"])])
+        kill_and_wait(started)
     finally:
         if driver.poll() is None:
             driver.kill()
@@ -191,6 +151,7 @@ def test_killing_the_driver_then_rerunning_resumes_the_same_run(
     assert read_run_state(open_store(f"file://{store}"), interrupted)["status"] == "running"
     assert not (tmp_path / "summary.json").exists()
 
+    pause.release()
     rerun = _mergeline(command, tmp_path, tmp_path / "rerun.log")
     rerun.wait(timeout=900)
     output = (tmp_path / "rerun.log").read_text()
@@ -198,9 +159,10 @@ def test_killing_the_driver_then_rerunning_resumes_the_same_run(
     assert f"resuming run {interrupted}" in output
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["run_id"] == interrupted
-    done, cut = (summary["tasks"][name] for name in ("perm1", "perm2"))
+    cut = summary["tasks"][held["task"]]
+    [done] = [task for name, task in summary["tasks"].items() if name != held["task"]]
     assert done["cache_hit"] is True and done["attempts"] == 0
-    assert cut["cache_hit"] is False and cut["resumed_from_step"] > 0 and cut["attempts"] == 2
+    assert cut["cache_hit"] is False and (cut["resumed_from_step"], cut["attempts"]) == (CUT, 2)
     assert list(store.glob("resume/*.json")) == []
     assert read_run_state(open_store(f"file://{store}"), interrupted)["status"] == "succeeded"
 

@@ -135,25 +135,35 @@ def test_a_writer_takes_over_an_artifact_whose_files_no_longer_match(
 def test_an_upload_survives_the_server_restarting_in_the_middle(
     s3_server: S3Server, s3_uri: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The server goes down after the first file of three; the retries carry the write."""
+    """The server goes down after the first file of three and comes back once a request has
+    failed against it (the retry's warning is the signal, not a timer); the retries carry
+    the write."""
 
     class StopsAfterFirstPut(FsspecStore):
-        restarted: threading.Thread | None = None
+        stopped = False
 
         def put(self, key: str, data: bytes) -> None:
             super().put(key, data)
-            if self.restarted is None:
+            if not self.stopped:
+                self.stopped = True
                 s3_server.stop()
-                self.restarted = s3_server.start_after(1.5)
+
+    class RestartOnFirstFailure(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if not s3_server.running and "failed" in record.getMessage():
+                s3_server.start()
 
     store = StopsAfterFirstPut(s3_uri, s3_server.endpoint, retry_seconds=60)
     caplog.set_level(logging.WARNING, "mergeline.storage")
+    restarter = RestartOnFirstFailure(logging.WARNING)
+    logging.getLogger("mergeline.storage").addHandler(restarter)
     try:
         ref = write_task_vector(store, "k5", DELTA, HEAD, {"task": "d"})
     finally:
-        if store.restarted is not None:
-            store.restarted.join()
-    assert s3_server.running
+        logging.getLogger("mergeline.storage").removeHandler(restarter)
+        if not s3_server.running:
+            s3_server.start()
+    assert store.stopped
     assert any("failed" in message and s3_uri in message for message in _retries(caplog))
     delta, _ = read_task_vector(_store(s3_server, s3_uri), "k5")
     assert digest_state(delta) == digest_state(DELTA)
