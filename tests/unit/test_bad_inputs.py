@@ -69,7 +69,7 @@ CASES = [
     ("task-name-dotdot", lambda t: ["validate", QUICKSTART, S, "tasks.0.name=../escape"], "path component"),
     ("task-name-slash", lambda t: ["validate", QUICKSTART, S, "tasks.0.name=a/b"], "path component"),
     ("task-name-empty", lambda t: ["validate", QUICKSTART, S, "tasks.0.name="], "tasks[0].name"),
-    ("spec-name-unsafe", lambda t: ["validate", QUICKSTART, S, "name=../../etc"], "spec name"),
+    ("spec-name-unsafe", lambda t: ["validate", QUICKSTART, S, "name=../../etc"], "field 'name'"),
     # --- spec: the file itself
     ("yaml-syntax", lambda t: ["validate", _write(t, "name: [oops\n")], "YAML"),
     ("empty-file", lambda t: ["validate", _write(t, "")], "empty"),
@@ -93,6 +93,16 @@ CASES = [
     ("unreachable-ray", lambda t: ["run", _tiny(t), S, "compute.ray_address=127.0.0.1:1"], "unreachable"),
     ("malformed-ray-address", lambda t: ["run", _tiny(t), S, "compute.ray_address=nowhere"], "compute.ray_address"),
     ("unreachable-tracking", lambda t: ["run", _tiny(t), S, "tracking.uri=http://127.0.0.1:1"], "127.0.0.1:1"),
+    # --- issue 19 (B): names that become paths, store keys or MLflow names: one rule, at load time
+    ("registered-model-escapes-store", lambda t: ["run", _tiny(t), S, "tracking.registered_model=../../../../x", S, "tracking.on_error=warn"], "tracking.registered_model"),
+    ("registered-model-mlflow-refuses", lambda t: ["run", _tiny(t), S, "tracking.registered_model=team/digits"], "tracking.registered_model"),
+    ("registered-model-colon", lambda t: ["validate", QUICKSTART, S, "tracking.registered_model=team:digits"], "tracking.registered_model"),
+    ("experiment-unsafe", lambda t: ["validate", QUICKSTART, S, "tracking.experiment=../x"], "tracking.experiment"),
+    ("method-name-path", lambda t: ["validate", QUICKSTART, S, "merge.candidates.0.method=../ties"], "merge.candidates[0].method"),
+    ("negate-target-unsafe", lambda t: ["validate", QUICKSTART, S, "merge.objective=negate", S, "merge.negate.target=a/b", S, "merge.negate.control=digits-perm1"], "merge.negate.target"),
+    ("task-name-colon", lambda t: ["validate", QUICKSTART, S, "tasks.0.name=a:b"], "tasks[0].name"),
+    ("spec-name-too-long", lambda t: ["validate", QUICKSTART, S, "name=" + "x" * 65], "field 'name'"),
+    ("tall-masks-task-param-unsafe", lambda t: ["validate", QUICKSTART, S, "merge.candidates.0.method=tall_masks", S, "merge.candidates.0.params.task=../x"], "merge.candidates[0].params"),
 ]
 
 
