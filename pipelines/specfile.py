@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import re
 from pathlib import Path
 from typing import Any
 
@@ -12,22 +11,8 @@ from pydantic import ValidationError
 
 from pipelines.search_settings import check_search
 from pipelines.spec import Spec
+from pipelines.spec_yaml import load_yaml
 from storage.errors import MergeInputError, SpecError
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML 1.1 safe loading, plus floats written without a dot (``1e-3``) as numbers."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
-
-
-def _load_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -36,7 +21,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key.strip():
         raise SpecError(f"--set {text!r} is not of the form dotted.key=value")
     try:
-        value = _load_yaml(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as error:
         raise SpecError(f"--set {text!r}: the value is not valid YAML ({error.problem})") from None
     return key.strip().split("."), value
@@ -79,7 +64,7 @@ def read_document(path: str | Path) -> dict[str, Any]:
     if not spec_path.is_file():
         raise SpecError(f"spec file {str(spec_path)!r} does not exist: check the path")
     try:
-        document = _load_yaml(spec_path.read_text(encoding="utf-8"))
+        document = load_yaml(spec_path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

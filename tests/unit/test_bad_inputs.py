@@ -103,6 +103,8 @@ CASES = [
     ("task-name-colon", lambda t: ["validate", QUICKSTART, S, "tasks.0.name=a:b"], "tasks[0].name"),
     ("spec-name-too-long", lambda t: ["validate", QUICKSTART, S, "name=" + "x" * 65], "field 'name'"),
     ("tall-masks-task-param-unsafe", lambda t: ["validate", QUICKSTART, S, "merge.candidates.0.method=tall_masks", S, "merge.candidates.0.params.task=../x"], "merge.candidates[0].params"),
+    # --- issue 19 (B): YAML 1.2 scalars (off/no stay text)
+    ("fast-path-real-boolean", lambda t: ["validate", QUICKSTART, S, "merge.fast_path=false"], "merge.fast_path"),
 ]
 
 
