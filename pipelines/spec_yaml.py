@@ -1,4 +1,4 @@
-"""YAML as specs are read: YAML 1.2 core scalars.
+"""YAML as specs are read: YAML 1.2 core scalars, and no key given twice in one mapping.
 
 PyYAML implements YAML 1.1, where ``off``, ``no`` and ``on`` are booleans, ``010`` is octal,
 ``1:30`` is 90 and ``2026-01-01`` is a date. A spec means the text it shows: here only
@@ -13,10 +13,14 @@ import re
 from typing import Any
 
 import yaml
-from yaml.nodes import ScalarNode
+from yaml.constructor import ConstructorError
+from yaml.nodes import MappingNode, Node, ScalarNode
 
+from storage.quoting import quoted
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
 #: PyYAML's resolvers kept as they are; bool, int and float are replaced, timestamps dropped.
-_KEPT_RESOLVERS = ("tag:yaml.org,2002:merge", "tag:yaml.org,2002:null")
+_KEPT_RESOLVERS = (_MERGE_TAG, "tag:yaml.org,2002:null")
 _INT = re.compile(r"^[-+]?(?:[0-9][0-9_]*|0o[0-7_]+|0x[0-9a-fA-F_]+)$")
 _FLOAT = re.compile(
     r"""^(?:[-+]?(?:\.[0-9][0-9_]*|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:[eE][-+]?[0-9]+)?
@@ -25,13 +29,37 @@ _FLOAT = re.compile(
 )
 
 
+class DuplicateKeyError(ConstructorError):
+    """A mapping gives the same key twice; YAML would silently keep the last value."""
+
+    def __init__(self, key: Any, first: int, node: Node) -> None:
+        self.what = f"key {quoted(key)} is given twice in one mapping"
+        line = node.start_mark.line + 1
+        super().__init__(None, None, f"{self.what} (lines {first} and {line})", node.start_mark)
+
+
 class SpecLoader(yaml.SafeLoader):
-    """Safe loading with YAML 1.2 core scalars."""
+    """Safe loading with YAML 1.2 core scalars; a repeated key is an error, not 'last wins'."""
 
     yaml_implicit_resolvers: dict[str, list[tuple[str, re.Pattern[str]]]] = {
         first: [(tag, regexp) for tag, regexp in resolvers if tag in _KEPT_RESOLVERS]
         for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
     }
+
+    def construct_mapping(self, node: MappingNode, deep: bool = False) -> dict[Any, Any]:
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == _MERGE_TAG:  # keys merged in from '<<' may be overridden
+                continue
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            try:
+                first = lines.get(key)
+            except TypeError:  # an unhashable key: construct_mapping says so
+                continue
+            if first is not None:
+                raise DuplicateKeyError(key, first, key_node)
+            lines[key] = line
+        return super().construct_mapping(node, deep=deep)
 
     def construct_yaml_int(self, node: ScalarNode) -> int:
         text = str(self.construct_scalar(node)).replace("_", "")

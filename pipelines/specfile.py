@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from pipelines.search_settings import check_search
 from pipelines.spec import Spec
-from pipelines.spec_yaml import load_yaml
+from pipelines.spec_yaml import DuplicateKeyError, load_yaml
 from storage.errors import MergeInputError, SpecError
 
 
@@ -22,6 +22,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise SpecError(f"--set {text!r} is not of the form dotted.key=value")
     try:
         value = load_yaml(raw) if raw.strip() else ""
+    except DuplicateKeyError as error:
+        raise SpecError(f"--set {text!r}: {error.what}: keep one") from None
     except yaml.YAMLError as error:
         raise SpecError(f"--set {text!r}: the value is not valid YAML ({error.problem})") from None
     return key.strip().split("."), value
@@ -65,6 +67,8 @@ def read_document(path: str | Path) -> dict[str, Any]:
         raise SpecError(f"spec file {str(spec_path)!r} does not exist: check the path")
     try:
         document = load_yaml(spec_path.read_text(encoding="utf-8"))
+    except DuplicateKeyError as error:
+        raise SpecError(f"{spec_path}: {error.problem}: keep one") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -103,8 +103,11 @@ CASES = [
     ("task-name-colon", lambda t: ["validate", QUICKSTART, S, "tasks.0.name=a:b"], "tasks[0].name"),
     ("spec-name-too-long", lambda t: ["validate", QUICKSTART, S, "name=" + "x" * 65], "field 'name'"),
     ("tall-masks-task-param-unsafe", lambda t: ["validate", QUICKSTART, S, "merge.candidates.0.method=tall_masks", S, "merge.candidates.0.params.task=../x"], "merge.candidates[0].params"),
-    # --- issue 19 (B): YAML 1.2 scalars (off/no stay text)
+    # --- issue 19 (B): YAML 1.2 scalars (off/no stay text) and duplicate keys
     ("fast-path-real-boolean", lambda t: ["validate", QUICKSTART, S, "merge.fast_path=false"], "merge.fast_path"),
+    ("duplicate-top-level-key", lambda t: ["validate", _write(t, "name: a\nname: b\ntasks: []\n")], "lines 1 and 2"),
+    ("duplicate-nested-key", lambda t: ["validate", _write(t, "name: a\nfinetune:\n  steps: 300\n  steps: 2\n")], "'steps' is given twice"),
+    ("duplicate-key-in-set", lambda t: ["validate", QUICKSTART, S, "finetune={steps: 3, steps: 4}"], "given twice"),
 ]
 
 

@@ -11,6 +11,7 @@ import pytest
 from pipelines.merge_command import parse_coefficient
 from pipelines.spec import json_schema
 from pipelines.specfile import load_spec, parse_override, read_document
+from storage.errors import SpecError
 from tests.conftest import REPO
 
 QUICKSTART = REPO / "examples" / "quickstart.yaml"
@@ -130,6 +131,40 @@ def test_a_boolean_field_still_takes_booleans(text: str, expected: bool) -> None
 def test_scalars_follow_yaml_1_2(raw: str, expected: Any) -> None:
     assert parse_override(f"a={raw}")[1] == expected
     assert type(parse_override(f"a={raw}")[1]) is type(expected)
+
+
+# ----------------------------------------------------------------------------- defect 10
+def test_a_duplicate_key_is_refused_with_both_lines(tmp_path: Path) -> None:
+    path = tmp_path / "spec.yaml"
+    path.write_text("name: dup\nfinetune:\n  steps: 300\n  lr: 0.01\n  steps: 2\n")
+    with pytest.raises(SpecError) as caught:
+        read_document(path)
+    message = str(caught.value)
+    assert "'steps'" in message and "lines 3 and 5" in message, message
+    assert "\n" not in message
+
+
+def test_a_duplicate_top_level_section_is_refused(tmp_path: Path) -> None:
+    text = QUICKSTART.read_text() + "\nfinetune: {steps: 2}\n"
+    path = tmp_path / "spec.yaml"
+    path.write_text(text)
+    with pytest.raises(SpecError, match=r"'finetune'.*lines \d+ and \d+"):
+        load_spec(path)
+
+
+def test_a_duplicate_key_in_a_flow_mapping_and_in_set_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "spec.yaml"
+    path.write_text("tasks:\n  - {name: a, name: b}\n")
+    with pytest.raises(SpecError, match="'name'.*lines 2 and 2"):
+        read_document(path)
+    with pytest.raises(SpecError, match="'steps'"):
+        parse_override("finetune={steps: 3, steps: 4}")
+
+
+def test_merge_keys_may_still_be_overridden(tmp_path: Path) -> None:
+    path = tmp_path / "spec.yaml"
+    path.write_text("base: &b {steps: 3, lr: 0.1}\nfinetune:\n  <<: *b\n  steps: 5\n")
+    assert read_document(path)["finetune"] == {"steps": 5, "lr": 0.1}
 
 
 def test_merge_coefficients_read_task_names_as_written() -> None:
