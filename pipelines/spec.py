@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from storage.errors import SpecError
 from storage.names import Name
+from storage.quoting import quoted
 
 
 class _Model(BaseModel):
@@ -409,7 +410,7 @@ class StorageSpec(_Model):
     @classmethod
     def _scheme(cls, value: str) -> str:
         if not re.match(r"^(file|s3)://.+", value):
-            raise ValueError(f"storage.uri {value!r} must start with file:// or s3://")
+            raise ValueError(f"storage.uri {quoted(value)} must start with file:// or s3://")
         return _no_credentials(value, "storage.uri")
 
     @field_validator("endpoint_url")
@@ -451,7 +452,7 @@ class TrackingSpec(_Model):
     def _scheme(cls, value: str) -> str:
         if not re.match(r"^(sqlite:///|https?://).+", value):
             raise ValueError(
-                f"tracking.uri {value!r} must start with sqlite:///, http:// or https://"
+                f"tracking.uri {quoted(value)} must start with sqlite:///, http:// or https://"
             )
         return value
 
@@ -493,7 +494,8 @@ class Spec(_Model):
         for index, task in enumerate(self.tasks):
             if task.name in seen:
                 raise ValueError(
-                    f"tasks[{index}].name {task.name!r} is used twice: task names must be unique"
+                    f"tasks[{index}].name {quoted(task.name)} is used twice: task names must "
+                    "be unique"
                 )
             seen.add(task.name)
         return self
