@@ -4,8 +4,6 @@ from __future__ import annotations
 
 #: Longest quoted value an error message shows, in characters (the quotes included).
 QUOTE_LIMIT = 80
-
-
 #: Longest error line the CLI prints; longer ones lose their middle (the advice is at the end).
 LINE_LIMIT = 1000
 
