@@ -18,6 +18,7 @@ from pipelines.inspect_commands import lineage_command, ls_command
 from pipelines.merge_command import merge_command
 from pipelines.runs_command import report_command, runs_command
 from storage.errors import MergelineError, SystemFailure
+from storage.quoting import shorten_line
 
 app = typer.Typer(
     add_completion=False,
@@ -96,10 +97,10 @@ def main() -> None:
         if isinstance(code, int) and code:
             sys.exit(code)
     except MergelineError as error:
-        errors.print(f"[red]error:[/] {error}", highlight=False, soft_wrap=True)
+        errors.print(f"[red]error:[/] {shorten_line(str(error))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except SystemFailure as error:
-        errors.print(f"[red]failed:[/] {error}", highlight=False, soft_wrap=True)
+        errors.print(f"[red]failed:[/] {shorten_line(str(error))}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         errors.print(

@@ -55,8 +55,10 @@ def parse_coefficient(text: str) -> float | dict[str, float]:
     """A float, or a YAML mapping ``{task: α_t}`` for per-task coefficients."""
     import yaml
 
+    from pipelines.spec_yaml import load_yaml
+
     try:
-        value = yaml.safe_load(text)
+        value = load_yaml(text)
     except yaml.YAMLError:
         value = None
     if isinstance(value, bool) or not isinstance(value, int | float | dict):

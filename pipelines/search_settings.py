@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from pipelines.spec import Spec
 from storage.errors import SpecError
+from storage.quoting import quoted
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,8 @@ def check_search(spec: Spec, origin: str) -> None:
         for role in ("target", "control"):
             if getattr(negate, role) not in names:
                 raise SpecError(
-                    f"{origin}: field 'merge.negate.{role}': {getattr(negate, role)!r} is not a "
-                    f"task: use one of {names}"
+                    f"{origin}: field 'merge.negate.{role}': {quoted(getattr(negate, role))} is "
+                    f"not a task: use one of {names}"
                 )
         if negate.target == negate.control:
             raise SpecError(f"{origin}: merge.negate: target and control must differ")

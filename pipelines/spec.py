@@ -13,21 +13,12 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from storage.errors import SpecError
-
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+from storage.names import Name
+from storage.quoting import quoted
 
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _check_safe_name(value: str, what: str) -> str:
-    if not _SAFE_NAME.match(value) or ".." in value:
-        raise ValueError(
-            f"{what} {value!r} is not safe as a path component: use letters, digits, '.', '_' "
-            "or '-' (1-64 characters, starting with a letter or digit)"
-        )
-    return value
 
 
 # ----------------------------------------------------------------------------- data
@@ -166,13 +157,8 @@ DatasetSpec = Annotated[SklearnDataset | FilesDataset | HubDataset, Field(discri
 
 
 class TaskSpec(_Model):
-    name: str
+    name: Name
     dataset: DatasetSpec
-
-    @field_validator("name")
-    @classmethod
-    def _safe(cls, value: str) -> str:
-        return _check_safe_name(value, "task name")
 
 
 # ----------------------------------------------------------------------------- model
@@ -325,7 +311,7 @@ class CoefficientGrid(_Model):
 
 
 class CandidateSpec(_Model):
-    method: str
+    method: Name
     params: dict[str, Any] = Field(default_factory=dict)
     coefficient: CoefficientGrid = CoefficientGrid()
 
@@ -349,8 +335,8 @@ class SearchSpec(_Model):
 class NegateSpec(_Model):
     """Task negation θ0 − α τ_target: forget ``target`` while ``control`` keeps its accuracy."""
 
-    target: str
-    control: str
+    target: Name
+    control: Name
     control_retention: float = Field(
         default=0.95, gt=0.0, le=1.0, description="Control accuracy kept vs zero-shot."
     )
@@ -424,7 +410,7 @@ class StorageSpec(_Model):
     @classmethod
     def _scheme(cls, value: str) -> str:
         if not re.match(r"^(file|s3)://.+", value):
-            raise ValueError(f"storage.uri {value!r} must start with file:// or s3://")
+            raise ValueError(f"storage.uri {quoted(value)} must start with file:// or s3://")
         return _no_credentials(value, "storage.uri")
 
     @field_validator("endpoint_url")
@@ -451,8 +437,10 @@ def _no_credentials(value: str, what: str) -> str:
 
 class TrackingSpec(_Model):
     uri: str = "sqlite:///.mergeline/mlflow.db"
-    experiment: str = "mergeline"
-    registered_model: str | None = None
+    experiment: Name = "mergeline"
+    registered_model: Name | None = Field(
+        default=None, description="The MLflow registered model and store folder; default: name."
+    )
     on_error: Literal["fail", "warn"] = Field(
         default="fail",
         description="fail: an unreachable tracking server stops the run before any "
@@ -464,7 +452,7 @@ class TrackingSpec(_Model):
     def _scheme(cls, value: str) -> str:
         if not re.match(r"^(sqlite:///|https?://).+", value):
             raise ValueError(
-                f"tracking.uri {value!r} must start with sqlite:///, http:// or https://"
+                f"tracking.uri {quoted(value)} must start with sqlite:///, http:// or https://"
             )
         return value
 
@@ -489,7 +477,7 @@ class ComputeSpec(_Model):
 
 
 class Spec(_Model):
-    name: str
+    name: Name
     base_model: ModelSpec = BuiltinModel()
     tasks: list[TaskSpec] = Field(min_length=1)
     finetune: FinetuneSpec = FinetuneSpec()
@@ -500,18 +488,14 @@ class Spec(_Model):
     publish: PublishSpec = PublishSpec()
     compute: ComputeSpec = ComputeSpec()
 
-    @field_validator("name")
-    @classmethod
-    def _safe(cls, value: str) -> str:
-        return _check_safe_name(value, "spec name")
-
     @model_validator(mode="after")
     def _unique_tasks(self) -> Spec:
         seen: set[str] = set()
         for index, task in enumerate(self.tasks):
             if task.name in seen:
                 raise ValueError(
-                    f"tasks[{index}].name {task.name!r} is used twice: task names must be unique"
+                    f"tasks[{index}].name {quoted(task.name)} is used twice: task names must "
+                    "be unique"
                 )
             seen.add(task.name)
         return self

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
-import re
 from pathlib import Path
 from typing import Any
 
@@ -12,39 +12,30 @@ from pydantic import ValidationError
 
 from pipelines.search_settings import check_search
 from pipelines.spec import Spec
+from pipelines.spec_yaml import DuplicateKeyError, load_yaml
 from storage.errors import MergeInputError, SpecError
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML 1.1 safe loading, plus floats written without a dot (``1e-3``) as numbers."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
-
-
-def _load_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+from storage.quoting import QUOTE_LIMIT, cut, quoted
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``a.b.0.c=value`` -> (["a", "b", "0", "c"], value parsed as a YAML scalar or list)."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
-        raise SpecError(f"--set {text!r} is not of the form dotted.key=value")
+        raise SpecError(f"--set {quoted(text)} is not of the form dotted.key=value")
     try:
-        value = _load_yaml(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
+    except DuplicateKeyError as error:
+        raise SpecError(f"--set {quoted(text)}: {error.what}: keep one") from None
     except yaml.YAMLError as error:
-        raise SpecError(f"--set {text!r}: the value is not valid YAML ({error.problem})") from None
+        raise SpecError(
+            f"--set {quoted(text)}: the value is not valid YAML ({error.problem})"
+        ) from None
     return key.strip().split("."), value
 
 
 def apply_overrides(document: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Return a copy of ``document`` with each override applied in order."""
-    result = yaml.safe_load(yaml.safe_dump(document))
+    result = copy.deepcopy(document)
     for text in overrides:
         path, value = parse_override(text)
         node: Any = result
@@ -57,29 +48,35 @@ def apply_overrides(document: dict[str, Any], overrides: list[str]) -> dict[str,
                     node[part] = {}
                 node = node[part]
             else:
-                raise SpecError(f"--set {text!r}: '{where}' is not a mapping or list")
+                raise SpecError(f"--set {quoted(text)}: {quoted(where)} is not a mapping or list")
         last = path[-1]
         if isinstance(node, list):
             node[_list_index(node, last, ".".join(path), text)] = value
         elif isinstance(node, dict):
             node[last] = value
         else:
-            raise SpecError(f"--set {text!r}: the parent of '{last}' is not a mapping or list")
+            raise SpecError(
+                f"--set {quoted(text)}: the parent of {quoted(last)} is not a mapping or list"
+            )
     return result
 
 
 def _list_index(node: list[Any], part: str, where: str, text: str) -> int:
     if not part.isdigit() or int(part) >= len(node):
-        raise SpecError(f"--set {text!r}: '{where}' is not an index of a list of {len(node)}")
+        raise SpecError(
+            f"--set {quoted(text)}: {quoted(where)} is not an index of a list of {len(node)}"
+        )
     return int(part)
 
 
 def read_document(path: str | Path) -> dict[str, Any]:
     spec_path = Path(path)
     if not spec_path.is_file():
-        raise SpecError(f"spec file {str(spec_path)!r} does not exist: check the path")
+        raise SpecError(f"spec file {quoted(str(spec_path))} does not exist: check the path")
     try:
-        document = _load_yaml(spec_path.read_text(encoding="utf-8"))
+        document = load_yaml(spec_path.read_text(encoding="utf-8"))
+    except DuplicateKeyError as error:
+        raise SpecError(f"{spec_path}: {error.problem}: keep one") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -134,7 +131,7 @@ def _field_path(loc: tuple[Any, ...]) -> str:
         elif part in {"sklearn", "files", "huggingface", "builtin", "hf"} and parts:
             continue  # discriminator tags pydantic inserts into the location
         else:
-            parts.append(str(part))
+            parts.append(cut(str(part), QUOTE_LIMIT))  # an unknown key is the user's input
     return ".".join(parts)
 
 

@@ -13,7 +13,10 @@ from typing import Any
 import torch
 
 from storage.artifacts import ArtifactRef, find_artifact, read_file, write_artifact
+from storage.errors import ArtifactError
+from storage.names import NAME_ADVICE, is_name
 from storage.objectstore import ObjectStore
+from storage.quoting import quoted
 from storage.tensors import bytes_to_tensors, tensors_to_bytes
 
 
@@ -26,6 +29,8 @@ def base_model_prefix(key: str) -> str:
 
 
 def model_prefix(name: str, run_id: str) -> str:
+    if not is_name(name):  # the spec refuses such names; this guards every other caller
+        raise ArtifactError(f"model name {quoted(name)} is not safe as a store key: {NAME_ADVICE}")
     return f"models/{name}/{run_id}"
 
 

@@ -31,6 +31,7 @@ def _write(tmp_path: Path, text: str) -> str:
 
 
 S = "--set"
+HUGE = 200_000  # characters of one bad value: the error line must still be short
 # (id, argv builder taking tmp_path, fragment expected in the message)
 CASES = [
     # --- spec: unknown fields, wrong types, out-of-range values
@@ -69,7 +70,7 @@ CASES = [
     ("task-name-dotdot", lambda t: ["validate", QUICKSTART, S, "tasks.0.name=../escape"], "path component"),
     ("task-name-slash", lambda t: ["validate", QUICKSTART, S, "tasks.0.name=a/b"], "path component"),
     ("task-name-empty", lambda t: ["validate", QUICKSTART, S, "tasks.0.name="], "tasks[0].name"),
-    ("spec-name-unsafe", lambda t: ["validate", QUICKSTART, S, "name=../../etc"], "spec name"),
+    ("spec-name-unsafe", lambda t: ["validate", QUICKSTART, S, "name=../../etc"], "field 'name'"),
     # --- spec: the file itself
     ("yaml-syntax", lambda t: ["validate", _write(t, "name: [oops\n")], "YAML"),
     ("empty-file", lambda t: ["validate", _write(t, "")], "empty"),
@@ -93,6 +94,31 @@ CASES = [
     ("unreachable-ray", lambda t: ["run", _tiny(t), S, "compute.ray_address=127.0.0.1:1"], "unreachable"),
     ("malformed-ray-address", lambda t: ["run", _tiny(t), S, "compute.ray_address=nowhere"], "compute.ray_address"),
     ("unreachable-tracking", lambda t: ["run", _tiny(t), S, "tracking.uri=http://127.0.0.1:1"], "127.0.0.1:1"),
+    # --- issue 19 (B): names that become paths, store keys or MLflow names: one rule, at load time
+    ("registered-model-escapes-store", lambda t: ["run", _tiny(t), S, "tracking.registered_model=../../../../x", S, "tracking.on_error=warn"], "tracking.registered_model"),
+    ("registered-model-mlflow-refuses", lambda t: ["run", _tiny(t), S, "tracking.registered_model=team/digits"], "tracking.registered_model"),
+    ("registered-model-colon", lambda t: ["validate", QUICKSTART, S, "tracking.registered_model=team:digits"], "tracking.registered_model"),
+    ("experiment-unsafe", lambda t: ["validate", QUICKSTART, S, "tracking.experiment=../x"], "tracking.experiment"),
+    ("method-name-path", lambda t: ["validate", QUICKSTART, S, "merge.candidates.0.method=../ties"], "merge.candidates[0].method"),
+    ("negate-target-unsafe", lambda t: ["validate", QUICKSTART, S, "merge.objective=negate", S, "merge.negate.target=a/b", S, "merge.negate.control=digits-perm1"], "merge.negate.target"),
+    ("task-name-colon", lambda t: ["validate", QUICKSTART, S, "tasks.0.name=a:b"], "tasks[0].name"),
+    ("spec-name-too-long", lambda t: ["validate", QUICKSTART, S, "name=" + "x" * 65], "field 'name'"),
+    ("tall-masks-task-param-unsafe", lambda t: ["validate", QUICKSTART, S, "merge.candidates.0.method=tall_masks", S, "merge.candidates.0.params.task=../x"], "merge.candidates[0].params"),
+    # --- issue 19 (B): YAML 1.2 scalars (off/no stay text) and duplicate keys
+    ("fast-path-real-boolean", lambda t: ["validate", QUICKSTART, S, "merge.fast_path=false"], "merge.fast_path"),
+    ("duplicate-top-level-key", lambda t: ["validate", _write(t, "name: a\nname: b\ntasks: []\n")], "lines 1 and 2"),
+    ("duplicate-nested-key", lambda t: ["validate", _write(t, "name: a\nfinetune:\n  steps: 300\n  steps: 2\n")], "'steps' is given twice"),
+    ("duplicate-key-in-set", lambda t: ["validate", QUICKSTART, S, "finetune={steps: 3, steps: 4}"], "given twice"),
+    # --- issue 19 (B): error lines quote user input cut to a readable length, whatever its size
+    ("huge-task-name-set", lambda t: ["validate", QUICKSTART, S, "tasks.0.name=" + "x" * 5_000_000], "…"),
+    ("huge-task-name-file", lambda t: ["validate", _tiny(t, tasks=[{"name": "y" * HUGE, "dataset": {"source": "sklearn"}}])], "…"),
+    ("huge-unknown-key", lambda t: ["validate", QUICKSTART, S, "k" * HUGE + "=1"], "…"),
+    ("huge-override-no-equals", lambda t: ["validate", QUICKSTART, S, "k" * HUGE], "…"),
+    ("huge-override-bad-index", lambda t: ["validate", QUICKSTART, S, "tasks.9.name=" + "x" * HUGE], "…"),
+    ("huge-storage-uri", lambda t: ["validate", QUICKSTART, S, "storage.uri=gs://" + "b" * HUGE], "storage.uri"),
+    ("huge-tracking-uri", lambda t: ["validate", QUICKSTART, S, "tracking.uri=ftp://" + "b" * HUGE], "tracking.uri"),
+    ("huge-method-name", lambda t: ["validate", QUICKSTART, S, "merge.candidates.0.method=" + "m" * HUGE], "…"),
+    ("huge-data-file-name", lambda t: ["validate", QUICKSTART, S, "tasks.0.dataset={source: files, train: " + "d" * HUGE + ", test: t.csv}"], "…"),
 ]
 
 
@@ -108,6 +134,7 @@ def test_bad_input_gets_one_clear_error(argv, fragment: str, tmp_path: Path, mon
     assert "Traceback" not in out + err
     lines = [line for line in err.splitlines() if line.strip()]
     assert 1 <= len(lines) <= 4, err
+    assert max(len(line) for line in lines) <= 1100, err[:2000]  # however long the input
     assert err.startswith("error:")
     assert not (tmp_path / ".mergeline" / "store" / "models").exists()
     assert not list(tmp_path.rglob("manifest.json"))

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 from pydantic import BaseModel, ValidationError
 
 from storage.errors import MergeInputError
+from storage.quoting import quoted
 from workers.merge.backbone import Coefficient, StateDict, TaskVectors
 from workers.merge.validation import validate_coefficient, validate_task_vectors
 
@@ -68,7 +69,7 @@ class RegisteredMethod:
             first = error.errors()[0]
             field = str(first["loc"][0]) if first["loc"] else "params"
             known = ", ".join(self.params_model.model_fields) or "none"
-            got = "" if first["type"] == "missing" else f" (got {first['input']!r})"
+            got = "" if first["type"] == "missing" else f" (got {quoted(first['input'])})"
             raise MergeInputError(
                 f"{self.name} param '{field}': {first['msg']}{got}; {self.name} params are: "
                 f"{known}. Fix the value, or leave it out to use the default"
@@ -156,5 +157,5 @@ def get_method(name: str) -> RegisteredMethod:
         return _REGISTRY[name]
     except (KeyError, TypeError):
         raise MergeInputError(
-            f"unknown merge method {name!r}: choose one of {', '.join(list_methods())}"
+            f"unknown merge method {quoted(name)}: choose one of {', '.join(list_methods())}"
         ) from None

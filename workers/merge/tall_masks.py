@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from storage.errors import MergeInputError
+from storage.names import Name
 from workers.merge.backbone import (
     Coefficient,
     StateDict,
@@ -41,7 +42,7 @@ class TallMasksParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
-    task: str = Field(min_length=1)
+    task: Name
     lam: float = Field(0.4, ge=0)
     use_ties: bool = False
 
