@@ -93,6 +93,12 @@ CASES = [
     ("unreachable-ray", lambda t: ["run", _tiny(t), S, "compute.ray_address=127.0.0.1:1"], "unreachable"),
     ("malformed-ray-address", lambda t: ["run", _tiny(t), S, "compute.ray_address=nowhere"], "compute.ray_address"),
     ("unreachable-tracking", lambda t: ["run", _tiny(t), S, "tracking.uri=http://127.0.0.1:1"], "127.0.0.1:1"),
+    # --- issue 19 (C): output paths, stores that do not exist
+    ("summary-is-a-directory", lambda t: ["run", _tiny(t), "--summary", str(t)], "--summary"),
+    ("summary-parent-is-a-file", lambda t: ["run", _tiny(t), "--summary", _tiny(t) + "/summary.json"], "is a file"),
+    ("report-out-is-a-file", lambda t: ["report", "20250101-000000-aaaaaa", "--store", f"file://{t}", "--out", _tiny(t)], "--out"),
+    ("runs-store-missing", lambda t: ["runs", "--store", f"file://{t}/absent"], "does not exist"),
+    ("report-store-missing", lambda t: ["report", "20250101-000000-aaaaaa", "--store", f"file://{t}/absent", "--out", str(t / "r")], "does not exist"),
 ]
 
 
