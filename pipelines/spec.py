@@ -79,9 +79,21 @@ class FilesDataset(_Model):
     )
     label_column: str = "label"
     num_classes: int | None = Field(default=None, ge=2, description="Default: max label + 1.")
+    encoding: str = Field(
+        default="utf-8",
+        description="Text encoding of CSV and JSONL files and of binary Parquet text columns "
+        "(a Python codec name: utf-8, latin-1, cp1252, ...).",
+    )
     endpoint_url: str | None = Field(
         default=None, description="S3-compatible server for s3:// files; credentials: AWS env."
     )
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value: str) -> str:
+        from workers.data.text_encoding import check_encoding
+
+        return check_encoding(value)
 
     @field_validator("train", "test", "val")
     @classmethod
