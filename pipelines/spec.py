@@ -498,6 +498,13 @@ class ComputeSpec(_Model):
         description="spread: place fine-tune tasks and search actors over as many nodes as "
         "possible (Ray's SPREAD strategy); default packs them where resources are free.",
     )
+    placement_timeout_s: float = Field(
+        default=600.0,
+        gt=0.0,
+        description="On a cluster (ray_address set): how long each resource request may wait "
+        "for a node (an autoscaler adding one) before the run fails naming it. A local Ray "
+        "refuses a request it cannot hold at once.",
+    )
 
 
 class Spec(_Model):

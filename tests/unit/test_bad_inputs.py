@@ -106,6 +106,10 @@ CASES = [
     ("label-typo-huge", lambda t: ["run", _files_spec(t, "csv", _typo_csv(10**12))], "row 17"),
     ("label-negative", lambda t: ["run", _files_spec(t, "csv", _typo_csv(-3))], "row 17"),
     ("num-classes-huge", lambda t: ["run", _files_spec(t, "csv", _typo_csv(1), num_classes=10**12)], "num_classes"),
+    # --- issue 19 (C): resource requests a local Ray can never grant (refused, never a hang)
+    ("cpus-beyond-local-ray", lambda t: ["run", _tiny(t), S, "compute.num_cpus=2", S, "finetune.resources.num_cpus=4"], "finetune.resources.num_cpus"),
+    ("gpus-on-a-cpu-ray", lambda t: ["run", _tiny(t), S, "compute.num_cpus=2", S, "finetune.resources.num_gpus=64"], "finetune.resources.num_gpus"),
+    ("workers-beyond-local-ray", lambda t: ["run", _tiny(t), S, "compute.num_cpus=2", S, "finetune.resources.num_workers=4", S, "finetune.deepspeed.zero_stage=0"], "finetune.resources.num_workers"),
 ]
 
 _HF_BASE = {"source": "hf", "model": "/nonexistent/minilm"}  # the data fails before the model loads
