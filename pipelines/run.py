@@ -31,7 +31,7 @@ from pipelines.stages.finetune import run_finetune_job
 from pipelines.stages.search import CandidateScorer
 from pipelines.stages.tangent_search import TangentScorer
 from pipelines.strategies import TangentSearch, task_scores
-from storage.errors import DataError, MergelineError
+from storage.errors import DataError, MergelineError, SystemFailure
 from storage.objectstore import open_store, open_store_from
 from storage.runs import write_candidates
 from storage.runstate import begin_run, finish_run
@@ -317,6 +317,9 @@ def finetune_all(
             continue
         if not info["cache_hit"]:
             info["ref"] = find_task_vector(store, info["key"])
+            if info["ref"] is None:  # written by the job, gone now: the store lost it
+                missing = store.url(task_vector_prefix(info["key"]))
+                raise SystemFailure(f"fine-tune '{name}'", f"{missing} is gone from the store")
             info["meta"] = info["ref"].meta
         console.print(
             f"  {name}: {'cache hit' if info['cache_hit'] else 'fine-tuned'} → {info['ref'].uri}"
