@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -89,8 +88,6 @@ def main() -> None:
     """Entry point: user mistakes exit 2 with one line, system failures exit 1."""
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no migration chatter
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    # MLflow's advice about type hints and input examples does not apply to our code model.
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\.")
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
