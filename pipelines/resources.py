@@ -47,9 +47,6 @@ class PlacementTimeout(SystemFailure):
         )
         self.request, self.timeout_s = request, timeout_s
 
-    def __reduce__(self) -> tuple[type, tuple[str, float]]:
-        return type(self), (self.request, self.timeout_s)
-
 
 def plan_requests(plan: Plan) -> list[Request]:
     """Every placement the run asks Ray for: each fine-tune (its Ray Train workers, all at
