@@ -6,13 +6,13 @@ import json
 import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
+from pipelines.consoles import output_console
 from pipelines.diagnose import diagnose_app
 from pipelines.inspect_commands import lineage_command, ls_command
 from pipelines.merge_command import merge_command
@@ -26,7 +26,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Fine-tune one model per task, merge the task vectors, publish the best merge.",
 )
-console = Console(stderr=False)
+console = output_console()
 errors = Console(stderr=True)
 
 SpecArg = Annotated[Path, typer.Argument(help="The pipeline spec (YAML).", show_default=False)]
@@ -43,10 +43,13 @@ def run(
     summary: Annotated[Path | None, typer.Option(help="Write the run summary JSON here.")] = None,
 ) -> None:
     """Run the whole pipeline: fine-tune, task vectors, merge search, publish."""
+    from pipelines.outputs import check_output_file
     from pipelines.report import print_summary
     from pipelines.run import run_pipeline
     from pipelines.specfile import load_spec
 
+    if summary is not None:
+        check_output_file(summary, "--summary")
     loaded = load_spec(spec, set_ or [])
     result = run_pipeline(loaded, console, summary)
     print_summary(result, console)
@@ -86,8 +89,6 @@ def main() -> None:
     """Entry point: user mistakes exit 2 with one line, system failures exit 1."""
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no migration chatter
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    # MLflow's advice about type hints and input examples does not apply to our code model.
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\.")
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     try:

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from pipelines.consoles import output_console
 from storage.errors import SpecError
 
 diagnose_app = typer.Typer(no_args_is_help=True, help="Diagnostics over a spec's task vectors.")
@@ -34,8 +35,10 @@ def disentanglement_command(
     split: Annotated[str, typer.Option(help="Split whose inputs are compared.")] = "val",
 ) -> None:
     """Weight disentanglement error heatmap (PNG) and CSV of two tasks over an (α1, α2) grid."""
+    from pipelines.outputs import check_output_directory
     from pipelines.specfile import load_spec
 
+    check_output_directory(out, "--out")
     loaded = load_spec(spec, set_ or [])
     pair = tuple(name.strip() for name in tasks.split(","))
     names = [task.name for task in loaded.tasks]
@@ -44,7 +47,7 @@ def disentanglement_command(
     if split not in ("val", "test"):
         raise SpecError(f"--split {split!r}: use val or test")
     alphas = [round(start + i * (stop - start) / (num - 1), 10) for i in range(num)]
-    console = Console()
+    console = output_console()
     errors = compute_disentanglement(loaded, pair, alphas, split, console)
     csv_path, png_path = write_disentanglement(errors, pair, alphas, loaded.finetune.mode, out)
     console.print(f"ξ min {min(map(min, errors)):.3f} max {max(map(max, errors)):.3f}")

@@ -10,6 +10,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from pipelines.consoles import output_console
+
 DEFAULT_STORE = "file://.mergeline/store"
 DEFAULT_TRACKING = "sqlite:///.mergeline/mlflow.db"
 
@@ -48,7 +50,7 @@ def ls_command(
     if json_:
         sys.stdout.write(json.dumps(listing, indent=1) + "\n")
     else:
-        print_listing(listing, Console())
+        print_listing(listing, output_console())
 
 
 def lineage_command(

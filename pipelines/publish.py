@@ -19,6 +19,7 @@ from storage.taskvectors import base_model_prefix
 from storage.tracking_guard import GuardedTracker
 
 SERVING_CODE = Path(__file__).with_name("serving.py")
+SERVING_TEXT_CODE = Path(__file__).with_name("serving_text.py")  # a Hugging Face base: texts in
 
 
 def publish(
@@ -128,7 +129,7 @@ def publish(
     with _local_copy(store, stored["prefix"]) as model_dir:
         published = tracker.publish(
             str(model_dir),
-            str(SERVING_CODE),
+            str(SERVING_TEXT_CODE if base_meta["input_dim"] == 0 else SERVING_CODE),
             name,
             tags,
             aliases,

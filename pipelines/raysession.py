@@ -14,7 +14,7 @@ from typing import Any
 import ray
 from ray.exceptions import RayError, RayTaskError
 
-from storage.errors import MergelineError, ServiceError, SystemFailure
+from storage.errors import ArtifactMissing, MergelineError, ServiceError, SystemFailure
 
 
 @contextmanager
@@ -97,6 +97,12 @@ def get(refs: Any, stage: str) -> Any:
         return ray.get(refs)
     except RayTaskError as error:
         cause = error.cause if isinstance(getattr(error, "cause", None), BaseException) else None
+        if isinstance(cause, ArtifactMissing):  # the run's own store lost it while it ran
+            raise SystemFailure(
+                stage,
+                f"{cause.url} is gone from the store: an artifact this run wrote or checked "
+                "was deleted while it ran (was the store wiped?)",
+            ) from None
         if isinstance(cause, MergelineError | SystemFailure):  # e.g. storage down past retries
             raise cause from None
         raise SystemFailure(stage, _first_line(cause or error)) from None

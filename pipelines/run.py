@@ -20,6 +20,7 @@ from pipelines.publish import publish
 from pipelines.raysession import check_reachable, get, ray_session, wait_any
 from pipelines.recovery import run_key, task_failed, without_tasks
 from pipelines.report import build_summary
+from pipelines.resources import check_requests, local_resources, plan_requests, wait_for_placement
 from pipelines.retrieval import best_by_method, per_task_lambda_candidates
 from pipelines.scheduling import actor_options, finetune_options
 from pipelines.search_settings import resolve_search
@@ -30,7 +31,7 @@ from pipelines.stages.finetune import run_finetune_job
 from pipelines.stages.search import CandidateScorer
 from pipelines.stages.tangent_search import TangentScorer
 from pipelines.strategies import TangentSearch, task_scores
-from storage.errors import DataError, MergelineError
+from storage.errors import DataError, MergelineError, SystemFailure
 from storage.objectstore import open_store, open_store_from
 from storage.runs import write_candidates
 from storage.runstate import begin_run, finish_run
@@ -62,6 +63,9 @@ def progress_bar(console: Console) -> Progress:
 
 def run_pipeline(spec: Spec, console: Console, summary_path: Path | None = None) -> dict[str, Any]:
     plan = make_plan(spec)
+    requests = plan_requests(plan)
+    if not spec.compute.ray_address:  # a local Ray can never grow: refuse what it cannot hold
+        check_requests(requests, local_resources(spec.compute.num_cpus))
     started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -104,6 +108,8 @@ def run_pipeline(spec: Spec, console: Console, summary_path: Path | None = None)
         ray_session(spec.compute.ray_address, spec.compute.num_cpus),
         tracker.pipeline_run(run_id, tags),
     ):
+        if spec.compute.ray_address:  # an autoscaler may add nodes: wait, but not forever
+            wait_for_placement(requests, spec.compute.placement_timeout_s)
         base_key, base_meta = prepare_base(plan, store_cfg, base_key, input_dim, console)
         t0 = time.perf_counter()
         tasks = finetune_all(plan, store, store_cfg, base_key, base_meta, datasets, console)
@@ -311,6 +317,9 @@ def finetune_all(
             continue
         if not info["cache_hit"]:
             info["ref"] = find_task_vector(store, info["key"])
+            if info["ref"] is None:  # written by the job, gone now: the store lost it
+                missing = store.url(task_vector_prefix(info["key"]))
+                raise SystemFailure(f"fine-tune '{name}'", f"{missing} is gone from the store")
             info["meta"] = info["ref"].meta
         console.print(
             f"  {name}: {'cache hit' if info['cache_hit'] else 'fine-tuned'} → {info['ref'].uri}"

@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
+
+from pipelines.consoles import output_console
 
 if TYPE_CHECKING:
     from storage.objectstore import ObjectStore
@@ -59,7 +60,7 @@ def runs_command(
             objective,
             {True: "yes", False: "no", None: "-"}[row["promoted"]],
         )
-    Console().print(table)
+    output_console().print(table)
 
 
 def report_command(
@@ -69,14 +70,18 @@ def report_command(
     endpoint_url: EndpointOpt = None,
 ) -> None:
     """Write an HTML report of one run with its plots (search, per task, history)."""
+    from pipelines.outputs import check_output_directory
+
+    check_output_directory(out, "--out")
     page = write_report(_open(store, endpoint_url), run_id, out)
-    Console().print(f"report of run {run_id} → {page}")
+    output_console().print(f"report of run {run_id} → {page}")
 
 
 def list_runs(store: ObjectStore, name: str | None = None) -> list[dict[str, Any]]:
-    """One row per run directory, oldest first; a run without a summary did not finish."""
+    """One row per run directory, oldest first; a run without a summary did not finish, and
+    one whose summary is not a readable run summary is listed as corrupt."""
     from storage.errors import ArtifactError
-    from storage.runs import list_run_ids, pipeline_name, read_summary
+    from storage.runs import list_run_ids, pipeline_name, read_summary, run_prefix
 
     rows = []
     for run_id in list_run_ids(store):
@@ -84,9 +89,10 @@ def list_runs(store: ObjectStore, name: str | None = None) -> list[dict[str, Any
             summary = read_summary(store, run_id)
         except ArtifactError:
             summary = None
-        if summary is None:
+        if summary is None or not _is_summary(summary):
             if name is None:
-                rows.append(_unfinished(run_id))
+                present = summary is not None or store.exists(f"{run_prefix(run_id)}/summary.json")
+                rows.append(_without_summary(run_id, "corrupt summary" if present else None))
             continue
         if name is not None and pipeline_name(summary) != name:
             continue
@@ -115,12 +121,16 @@ def _run_row(summary: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _unfinished(run_id: str) -> dict[str, Any]:
+def _is_summary(summary: dict[str, Any]) -> bool:
+    return isinstance(summary.get("run_id"), str) and isinstance(summary.get("tasks"), dict)
+
+
+def _without_summary(run_id: str, problem: str | None) -> dict[str, Any]:
     return {
         "run_id": run_id,
         "started": _start_from_id(run_id),
         "pipeline": None,
-        "status": "unfinished (no summary)",
+        "status": problem or "unfinished (no summary)",
         "tasks": 0,
         "rebuilt": None,
         "best": None,
@@ -286,4 +296,10 @@ def _open(store: str, endpoint_url: str | None) -> ObjectStore:
     except ValidationError as error:
         message = describe_validation_error(error).replace("field 'uri'", "--store")
         raise SpecError(message.replace("field 'endpoint_url'", "--endpoint-url")) from None
-    return open_store(checked.uri, checked.endpoint_url, checked.retry_seconds)
+    opened = open_store(checked.uri, checked.endpoint_url, checked.retry_seconds)
+    if not opened.exists(""):  # the store's root: a folder, or an S3 prefix holding objects
+        raise SpecError(
+            f"--store {opened.uri} does not exist: name the store that `mergeline run` wrote "
+            "(its spec's storage.uri)"
+        )
+    return opened

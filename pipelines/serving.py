@@ -1,8 +1,9 @@
 """The MLflow pyfunc model of a published merge (logged as code: nothing is pickled).
 
-``predict`` takes a 2-D array (or DataFrame) of features, or for a Hugging Face base a
-DataFrame with a ``text`` column (what its MLflow signature asks for), and
-``params={"task": name}``, and returns that task's predicted class per row.
+``predict`` takes a 2-D array of features, or for a Hugging Face base a DataFrame with a
+``text`` column (:mod:`pipelines.serving_text`; what each MLflow signature asks for), and
+``params={"task": name}``, and returns that task's predicted class per row. The type hints
+of ``predict`` say which input each model gets.
 """
 
 from __future__ import annotations
@@ -33,7 +34,11 @@ class MergedModel(mlflow.pyfunc.PythonModel):
         self.linear = isinstance(self.state, tuple)
         self.task_states = {} if self.linear else load_task_states(directory, self.state)
 
-    def predict(self, context, model_input, params=None):  # untyped: MLflow infers no schema
+    def predict(
+        self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None
+    ) -> np.ndarray:
+        """One predicted class per row of features (MLflow passes the signature's float32
+        matrix); ``params={"task": name}`` picks the head."""
         task = (params or {}).get("task") or next(iter(self.heads))
         if task not in self.heads:
             raise ValueError(f"unknown task {task!r}; this model serves {sorted(self.heads)}")

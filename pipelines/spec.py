@@ -70,9 +70,21 @@ class FilesDataset(_Model):
     )
     label_column: str = "label"
     num_classes: int | None = Field(default=None, ge=2, description="Default: max label + 1.")
+    encoding: str = Field(
+        default="utf-8",
+        description="Text encoding of CSV and JSONL files and of binary Parquet text columns "
+        "(a Python codec name: utf-8, latin-1, cp1252, ...).",
+    )
     endpoint_url: str | None = Field(
         default=None, description="S3-compatible server for s3:// files; credentials: AWS env."
     )
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value: str) -> str:
+        from workers.data.text_encoding import check_encoding
+
+        return check_encoding(value)
 
     @field_validator("train", "test", "val")
     @classmethod
@@ -473,6 +485,13 @@ class ComputeSpec(_Model):
         default="default",
         description="spread: place fine-tune tasks and search actors over as many nodes as "
         "possible (Ray's SPREAD strategy); default packs them where resources are free.",
+    )
+    placement_timeout_s: float = Field(
+        default=600.0,
+        gt=0.0,
+        description="On a cluster (ray_address set): how long each resource request may wait "
+        "for a node (an autoscaler adding one) before the run fails naming it. A local Ray "
+        "refuses a request it cannot hold at once.",
     )
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from storage.digest import sha256_bytes
-from storage.errors import ArtifactError
+from storage.errors import ArtifactError, ArtifactMissing
 from storage.objectstore import ObjectStore
 
 MANIFEST = "manifest.json"
@@ -133,7 +133,7 @@ def _read(store: ObjectStore, key: str) -> bytes:
     try:
         return store.get(key)
     except FileNotFoundError:
-        raise ArtifactError(f"{store.url(key)} does not exist: rebuild the artifact") from None
+        raise ArtifactMissing(store.url(key)) from None
 
 
 def table_sha256(table: dict[str, Any]) -> str:

@@ -33,6 +33,19 @@ class ArtifactError(MergelineError):
     """A stored artifact is missing, corrupt or fails its checksum."""
 
 
+class ArtifactMissing(ArtifactError):
+    """An artifact's file or manifest is not in the store. Named by a user, that is theirs to
+    fix; read by a run that wrote or verified it earlier, the store lost it (a system
+    failure, see :func:`pipelines.raysession.get`)."""
+
+    def __init__(self, url: str, advice: str = "rebuild the artifact") -> None:
+        super().__init__(f"{url} does not exist: {advice}")
+        self.url, self.advice = url, advice
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:  # crosses Ray's process boundary
+        return type(self), (self.url, self.advice)
+
+
 class ServiceError(MergelineError):
     """A service named in the spec (Ray, storage, tracking) cannot be reached."""
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from storage.artifacts import MANIFEST
-from storage.errors import ArtifactError
+from storage.errors import ArtifactError, ArtifactMissing
 from storage.objectstore import FsspecStore
 
 CHUNK = 16 * 1024 * 1024
@@ -60,9 +60,7 @@ def verified_path(store: FsspecStore, prefix: str, name: str, scratch: Path) -> 
                     target.write(chunk)
                     size += len(chunk)
     except FileNotFoundError:
-        raise ArtifactError(
-            f"{store.url(prefix + '/' + name)} does not exist: rebuild it"
-        ) from None
+        raise ArtifactMissing(store.url(prefix + "/" + name), "rebuild it") from None
     if size != expected["size"] or hasher.hexdigest() != expected["sha256"]:
         raise ArtifactError(
             f"{store.url(prefix + '/' + name)}: checksum mismatch (sha256 differs from the "

@@ -175,6 +175,15 @@ def serving_signature(input_width: int, params: dict[str, str]) -> ModelSignatur
     )
 
 
+def serving_example(input_width: int) -> Any:
+    """An input the signature accepts, logged with the model so that users see its shape."""
+    if input_width == 0:
+        import pandas as pd
+
+        return pd.DataFrame({"text": ["an example text"]})
+    return np.zeros((1, input_width), dtype=np.float32)
+
+
 def log_and_register(
     tracking_uri: str,
     run_id: str,
@@ -184,6 +193,7 @@ def log_and_register(
     tags: dict[str, str],
     pip_requirements: list[str] | None = None,
     signature: ModelSignature | None = None,
+    input_example: Any = None,
 ) -> ModelVersion:
     """Log ``model_dir`` under run ``run_id`` as a pyfunc from ``code_path``; register it.
 
@@ -200,5 +210,6 @@ def log_and_register(
                 pip_requirements=pip_requirements or default_pip_requirements(),
                 tags=tags,
                 signature=signature,
+                input_example=input_example,
             )
         return mlflow.register_model(info.model_uri, registered_model, tags=tags)

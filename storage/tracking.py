@@ -33,6 +33,7 @@ from storage.mlflow_model import (
     log_and_register,
     quiet_run_links,
     redact_uri,
+    serving_example,
     serving_signature,
     to_csv,
     to_dataset_input,
@@ -238,6 +239,7 @@ class MlflowTracker:
         params with their defaults) gives the model a signature.
         """
         signature = serving_signature(*serving) if serving else None
+        example = serving_example(serving[0]) if serving else None
         tags = {key: to_text(value) for key, value in tags.items()}
         with self._child("publish", tags) as run_id:
             self._log(run_id, {}, to_metrics(metrics))
@@ -251,6 +253,7 @@ class MlflowTracker:
                     tags,
                     pip_requirements,
                     signature,
+                    example,
                 )
             for alias in aliases:
                 self.set_alias(registered_model, alias, int(version.version))

@@ -119,7 +119,43 @@ CASES = [
     ("huge-tracking-uri", lambda t: ["validate", QUICKSTART, S, "tracking.uri=ftp://" + "b" * HUGE], "tracking.uri"),
     ("huge-method-name", lambda t: ["validate", QUICKSTART, S, "merge.candidates.0.method=" + "m" * HUGE], "…"),
     ("huge-data-file-name", lambda t: ["validate", QUICKSTART, S, "tasks.0.dataset={source: files, train: " + "d" * HUGE + ", test: t.csv}"], "…"),
+    # --- issue 19 (C): output paths, stores that do not exist
+    ("summary-is-a-directory", lambda t: ["run", _tiny(t), "--summary", str(t)], "--summary"),
+    ("summary-parent-is-a-file", lambda t: ["run", _tiny(t), "--summary", _tiny(t) + "/summary.json"], "is a file"),
+    ("report-out-is-a-file", lambda t: ["report", "20250101-000000-aaaaaa", "--store", f"file://{t}", "--out", _tiny(t)], "--out"),
+    ("runs-store-missing", lambda t: ["runs", "--store", f"file://{t}/absent"], "does not exist"),
+    ("report-store-missing", lambda t: ["report", "20250101-000000-aaaaaa", "--store", f"file://{t}/absent", "--out", str(t / "r")], "does not exist"),
+    # --- issue 19 (C): text that is not UTF-8, label typos
+    ("text-csv-not-utf8", lambda t: ["run", _files_spec(t, "csv", _LATIN1_CSV, _HF_BASE, text_column="text")], "line 3 is not valid utf-8"),
+    ("text-jsonl-not-utf8", lambda t: ["run", _files_spec(t, "jsonl", _LATIN1_JSONL, _HF_BASE, text_column="text")], "line 2 is not valid utf-8"),
+    ("text-unknown-encoding", lambda t: ["validate", _files_spec(t, "csv", _LATIN1_CSV, _HF_BASE, text_column="text", encoding="klingon-8")], "klingon-8"),
+    ("label-typo-huge", lambda t: ["run", _files_spec(t, "csv", _typo_csv(10**12))], "row 17"),
+    ("label-negative", lambda t: ["run", _files_spec(t, "csv", _typo_csv(-3))], "row 17"),
+    ("num-classes-huge", lambda t: ["run", _files_spec(t, "csv", _typo_csv(1), num_classes=10**12)], "num_classes"),
+    # --- issue 19 (C): resource requests a local Ray can never grant (refused, never a hang)
+    ("cpus-beyond-local-ray", lambda t: ["run", _tiny(t), S, "compute.num_cpus=2", S, "finetune.resources.num_cpus=4"], "finetune.resources.num_cpus"),
+    ("gpus-on-a-cpu-ray", lambda t: ["run", _tiny(t), S, "compute.num_cpus=2", S, "finetune.resources.num_gpus=64"], "finetune.resources.num_gpus"),
+    ("workers-beyond-local-ray", lambda t: ["run", _tiny(t), S, "compute.num_cpus=2", S, "finetune.resources.num_workers=4", S, "finetune.deepspeed.zero_stage=0"], "finetune.resources.num_workers"),
 ]
+
+_HF_BASE = {"source": "hf", "model": "/nonexistent/minilm"}  # the data fails before the model loads
+_LATIN1_CSV = "text,label\nfine,0\ncaf\u00e9,1\nrain,0\nsun,1\n".encode("latin-1")
+_LATIN1_JSONL = '{"text": "fine", "label": 0}\n{"text": "caf\u00e9", "label": 1}\n'.encode("latin-1")
+
+
+def _typo_csv(label: int) -> bytes:
+    rows = [f"{i},{i % 3}" for i in range(40)]
+    rows[17] = f"17,{label}"
+    return ("x,label\n" + "\n".join(rows) + "\n").encode()
+
+
+def _files_spec(tmp_path: Path, suffix: str, content: bytes, base: dict | None = None, **dataset: object) -> str:
+    """The tiny spec with both tasks reading one file of ``content``."""
+    path = tmp_path / f"data.{suffix}"
+    path.write_bytes(content)
+    files = {"source": "files", "train": str(path), "test": str(path), **dataset}
+    changes: dict[str, object] = {"tasks": [{"name": n, "dataset": files} for n in ("one", "two")]}
+    return _tiny(tmp_path, **changes, **({"base_model": base} if base else {}))
 
 
 @pytest.mark.parametrize(("argv", "fragment"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])

@@ -127,6 +127,28 @@ def test_num_classes_can_be_given_and_labels_must_fit(tmp_path: Path) -> None:
         load_dataset(config | {"num_classes": 2}, EVAL, "tasks[1].dataset")
 
 
+def test_a_label_typo_is_a_data_error_naming_the_file_and_row(tmp_path: Path) -> None:
+    """One label of 10**12 must not become a head of 10**12 classes (terabytes)."""
+    path = tmp_path / "typo.csv"
+    rows = [f"{i},{i % 3}" for i in range(40)]
+    rows[17] = f"17,{10**12}"
+    path.write_text("x,label\n" + "\n".join(rows) + "\n")
+    config = {"source": "files", "train": str(path), "test": str(path)}
+    with pytest.raises(DataError) as caught:
+        load_dataset(config, EVAL, "tasks[0].dataset")
+    message = str(caught.value)
+    assert str(path) in message and "row 17" in message and str(10**12) in message
+    with pytest.raises(
+        DataError, match=r"num_classes 1000000000000 is more than the task.s 80 rows"
+    ):
+        load_dataset(config | {"num_classes": 10**12}, EVAL, "tasks[0].dataset")
+    rows[17] = "17,2"
+    path.write_text("x,label\n" + "\n".join(rows) + "\n")
+    assert load_dataset(config, EVAL, "t").num_classes == 3
+    with pytest.raises(DataError, match=r"typo\.csv: labels must lie in \[0, 2\).*row 2 "):
+        load_dataset(config | {"num_classes": 2}, EVAL, "t")
+
+
 def test_missing_files_and_columns_name_the_file(tmp_path: Path) -> None:
     config = files_config(tmp_path, ".csv")
     with pytest.raises(DataError, match=r"nope\.csv does not exist"):
@@ -217,6 +239,48 @@ def test_text_columns_load_as_strings_with_a_digest_of_their_content(tmp_path: P
     jsonl.write_text(jsonl.read_text().replace("rain, again", "rain again", 1))
     changed = load_dataset(config, EVAL | {"val_fraction": 0.25}, "t")
     assert changed.digest() != data.digest()
+
+
+LATIN1_ROWS = [("a fine day", 1), ("caf\u00e9 au lait", 0), ("na\u00efve rain", 1)] * 4
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "csv", "parquet"])
+def test_text_that_is_not_utf8_fails_naming_the_file_row_and_encoding(
+    tmp_path: Path, suffix: str
+) -> None:
+    path = tmp_path / f"latin1.{suffix}"
+    if suffix == "jsonl":
+        lines = [f'{{"text": "{t}", "label": {y}}}\n' for t, y in LATIN1_ROWS]
+        path.write_bytes("".join(lines).encode("latin-1"))
+        where = "line 2"
+    elif suffix == "csv":
+        lines = ["text,label\n", *(f"{t},{y}\n" for t, y in LATIN1_ROWS)]
+        path.write_bytes("".join(lines).encode("latin-1"))
+        where = "line 3"
+    else:  # Parquet stores such text as binary
+        texts = pa.array([t.encode("latin-1") for t, _ in LATIN1_ROWS], pa.binary())
+        pq.write_table(pa.table({"text": texts, "label": [y for _, y in LATIN1_ROWS]}), path)
+        where = "row 1"
+    config = {"source": "files", "train": str(path), "test": str(path), "text_column": "text"}
+    with pytest.raises(DataError) as caught:
+        load_dataset(config, EVAL | {"val_fraction": 0.25}, "tasks[0].dataset")
+    message = str(caught.value)
+    assert str(path) in message and where in message and "utf-8" in message
+    assert "0xe9" in message and "dataset.encoding" in message and "\n" not in message
+    data = load_dataset(config | {"encoding": "latin-1"}, EVAL | {"val_fraction": 0.25}, "t")
+    assert "caf\u00e9 au lait" in data.x_test.tolist() + data.x_train.tolist()
+
+
+def test_the_spec_accepts_only_known_encodings() -> None:
+    document = copy.deepcopy(TINY_SPEC)
+    document["base_model"] = {"source": "hf", "model": "/nonexistent/model"}
+    dataset = {"source": "files", "train": "a.csv", "test": "b.csv", "text_column": "text"}
+    document["tasks"][0]["dataset"] = dataset | {"encoding": "cp1252"}
+    document["tasks"][1]["dataset"] = dataset
+    assert validate_document(document).tasks[0].dataset.encoding == "cp1252"
+    document["tasks"][0]["dataset"] = dataset | {"encoding": "klingon-8"}
+    with pytest.raises(SpecError, match="klingon-8"):
+        validate_document(document)
 
 
 def test_the_spec_resolves_relative_paths_and_checks_formats(

@@ -129,6 +129,30 @@ def test_runs_command_prints_json_and_a_table(store: FsspecStore, tmp_path: Path
     assert isinstance(bad.exception, SpecError) and "--store" in str(bad.exception)
 
 
+def test_runs_tells_a_corrupt_summary_from_an_unfinished_run(store: FsspecStore) -> None:
+    store.put("runs/20250106-020000-ffffff/summary.json", b'{"run_id": "20250106-02')
+    store.put("runs/20250107-020000-gggggg/summary.json", b'{"status": "succeeded"}')
+    statuses = {row["run_id"]: row["status"] for row in list_runs(store)}
+    assert statuses["20250105-020000-eeeeee"] == "unfinished (no summary)"
+    assert statuses["20250106-020000-ffffff"].startswith("corrupt summary")
+    assert statuses["20250107-020000-gggggg"].startswith("corrupt summary")
+
+
+def test_runs_table_is_whole_without_a_terminal(store: FsspecStore) -> None:
+    """cron, CI and ``kubectl logs`` have no terminal: no column may be cut to fit 80."""
+    write_summary(
+        store,
+        "20250108-020000-hhhhhh",
+        make_summary("20250108-020000-hhhhhh", "a-rather-long-pipeline-name", 0.9, True, None),
+    )
+    table = CliRunner().invoke(app, ["runs", "--store", store.uri], env={"COLUMNS": None})
+    assert table.exit_code == 0, table.output
+    assert "…" not in table.output
+    assert "20250108-020000-hhhhhh" in table.output
+    assert "a-rather-long-pipeline-name" in table.output
+    assert "mean_normalized_accuracy 0.9000 (test)" in table.output
+
+
 def test_report_writes_html_and_plots(store: FsspecStore, tmp_path: Path) -> None:
     out = tmp_path / "report"
     result = CliRunner().invoke(

@@ -19,8 +19,10 @@ import numpy as np
 
 from storage.errors import DataError
 from storage.files import read_bytes
+from workers.data.labels import count_classes
 from workers.data.sources import register_source
 from workers.data.splits import Splits, check_labels, split_validation
+from workers.data.text_encoding import DEFAULT_ENCODING, decode_rows, to_utf8
 
 FORMATS = ("jsonl", "csv", "parquet", "npz")
 _EXTENSIONS = {
@@ -35,11 +37,13 @@ _EXTENSIONS = {
 
 @dataclass(frozen=True)
 class Columns:
-    """Which columns of a tabular file hold the label and the inputs."""
+    """Which columns of a tabular file hold the label and the inputs, and how its text is
+    encoded."""
 
     label: str = "label"
     features: tuple[str, ...] | None = None  # None: every column but the label
     text: str | None = None
+    encoding: str = DEFAULT_ENCODING
 
 
 def infer_format(uri: str, declared: str = "auto") -> str:
@@ -63,6 +67,8 @@ def parse_examples(
     column) and int64 labels, not yet checked against a number of classes."""
     if fmt == "npz":
         return _parse_npz(data, where)
+    if fmt in ("csv", "jsonl"):
+        data = to_utf8(data, columns.encoding, where)
     return examples_from_table(_read_table(data, fmt, where), columns, where)
 
 
@@ -81,7 +87,7 @@ def examples_from_table(table, columns: Columns, where: str) -> tuple[np.ndarray
         )
     labels = _labels(table.column(columns.label), columns.label, where)
     if columns.text:
-        return _text(table.column(columns.text), columns.text, where), labels
+        return _text(table.column(columns.text), columns, where), labels
     features = columns.features or tuple(n for n in names if n != columns.label)
     if not features:
         raise DataError(f"{where}: no feature columns besides the label {columns.label!r}")
@@ -165,14 +171,24 @@ def _labels(column, name: str, where: str) -> np.ndarray:
     return _integer_labels(column.to_numpy(zero_copy_only=False), where)
 
 
-def _text(column, name: str, where: str) -> np.ndarray:
+def _text(column, columns: Columns, where: str) -> np.ndarray:
+    """A text column as strings: string cells, or binary ones (Parquet) in ``encoding``."""
     import pyarrow as pa
 
-    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+    name = columns.text
+    strings = pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
+    binary = pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)
+    if not (strings or binary):
         raise DataError(f"{where}: text column {name!r} holds {column.type}, not strings")
     if column.null_count:
         raise DataError(f"{where}: text column {name!r} has {column.null_count} missing values")
-    return np.array(column.to_pylist(), dtype=object)
+    if strings:
+        try:
+            return np.array(column.to_pylist(), dtype=object)
+        except UnicodeDecodeError:  # a writer stored invalid UTF-8 as strings: find the row
+            column = column.cast(pa.large_binary())
+    where = f"{where}: text column {name!r}"
+    return np.array(decode_rows(column.to_pylist(), columns.encoding, where), dtype=object)
 
 
 def _is_number(kind) -> bool:
@@ -227,6 +243,7 @@ def columns_of(config: dict[str, Any]) -> Columns:
         label=config.get("label_column", "label"),
         features=tuple(features) if features else None,
         text=config.get("text_column"),
+        encoding=config.get("encoding") or DEFAULT_ENCODING,
     )
 
 
@@ -262,7 +279,7 @@ def assemble_splits(
             f"{what}: the files have different numbers of features {widths} ({files}): "
             "every split needs the same inputs"
         )
-    num_classes = config.get("num_classes") or _infer_num_classes(parts, what)
+    num_classes = count_classes(parts, config, what)
     seed = int(evaluation.get("split_seed", 0))
     x_train, y_train = parts["train"]
     if "val" in parts:
@@ -282,13 +299,3 @@ def assemble_splits(
         origin = config.get(split) or f"{config['train']} (held out)"
         check_labels(splits.split(split)[1], int(num_classes), f"{what}.{split} {origin}")
     return splits
-
-
-def _infer_num_classes(parts: dict[str, tuple[np.ndarray, np.ndarray]], what: str) -> int:
-    labels = np.concatenate([y for _, y in parts.values()])
-    if labels.min() < 0:
-        raise DataError(f"{what}: labels must be integers >= 0; found {int(labels.min())}")
-    count = int(labels.max()) + 1
-    if count < 2:
-        raise DataError(f"{what}: every label is 0: a task needs at least two classes")
-    return count

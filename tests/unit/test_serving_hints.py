@@ -1,0 +1,33 @@
+"""The served models say what ``predict`` takes, so MLflow has no type-hint advice to give."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import typing
+
+import numpy as np
+import pandas as pd
+
+from tests.conftest import REPO
+
+
+def test_predict_is_typed_for_the_input_its_signature_gives() -> None:
+    from pipelines.serving import MergedModel
+    from pipelines.serving_text import MergedTextModel
+
+    assert typing.get_type_hints(MergedModel.predict)["model_input"] is np.ndarray
+    assert typing.get_type_hints(MergedTextModel.predict)["model_input"] is pd.DataFrame
+
+
+def test_defining_the_served_models_gives_no_mlflow_warning() -> None:
+    code = "import pipelines.serving, pipelines.serving_text"
+    done = subprocess.run(
+        [sys.executable, "-W", "always::UserWarning", "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "type hint" not in done.stderr.lower(), done.stderr[-2000:]
