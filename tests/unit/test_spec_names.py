@@ -28,6 +28,7 @@ NOT_NAMES = {
     "FilesDataset.text_column": "a column of the user's file",
     "FilesDataset.label_column": "a column of the user's file",
     "FilesDataset.endpoint_url": "an S3 server URL",
+    "FilesDataset.encoding": "a text codec name, checked against Python's codecs",
     "HubDataset.path": "a Hugging Face dataset id (may hold '/')",
     "HubDataset.name": "a Hugging Face dataset configuration",
     "HubDataset.revision": "a Hugging Face revision",
