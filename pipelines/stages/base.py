@@ -18,9 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from storage.artifacts import find_artifact, read_file
+from storage.artifacts import find_artifact
 from storage.digest import digest_state
 from storage.errors import DataError
+from storage.localfiles import copy_artifact
 from storage.objectstore import open_store_from
 from storage.taskvectors import base_model_prefix, read_base_model, write_base_model
 from workers.data import Splits, load_dataset
@@ -155,11 +156,7 @@ def base_files(store_cfg: dict[str, Any], key: str, base_meta: dict[str, Any]) -
         return Path(local)
     cache = Path(os.environ.get("MERGELINE_CACHE", "~/.cache/mergeline")).expanduser()
     target = cache / "bases" / hashlib.sha256(store.url(prefix).encode()).hexdigest()[:24]
-    if not (target / "config.json").is_file():
-        target.mkdir(parents=True, exist_ok=True)
-        for name in store.list(f"{prefix}/{TRANSFORMERS}"):
-            data = read_file(store, prefix, f"{TRANSFORMERS}/{name}")
-            partial = target / f"{name}.partial"
-            partial.write_bytes(data)
-            partial.replace(target / name)
+    if not target.is_dir():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        copy_artifact(store, prefix, target, folder=TRANSFORMERS)
     return target
