@@ -21,7 +21,8 @@ from typer.testing import CliRunner
 from pipelines.cli import app
 from pipelines.run import run_pipeline
 from pipelines.specfile import validate_document
-from tests.conftest_s3 import S3Server
+from storage.errors import ArtifactError
+from tests.conftest_s3 import BUCKET, S3Server
 from tests.hf_fixtures import write_text_task, write_tiny_bert
 from workers.data import load_dataset
 
@@ -80,3 +81,16 @@ def test_a_hugging_face_base_on_s3_publishes_registers_serves_and_verifies(
     assert lineage["merged_model"]["status"] == "verified"
     assert lineage["base_model"]["status"] == "verified"
     assert {v["status"] for v in lineage["task_vectors"]} == {"verified"}
+
+    # Issue 19 defect 5: on S3 too, a file gone from an artifact is named, --quick included.
+    weights = f"{model['uri'].removeprefix(f's3://{BUCKET}/')}/transformers/model.safetensors"
+    s3_server.client().delete_object(Bucket=BUCKET, Key=weights)
+    for extra in ([], ["--quick"]):
+        result = CliRunner().invoke(
+            app, ["lineage", f"models:/{name}/1", "--tracking-uri", mlflow_server, *extra]
+        )
+        assert isinstance(result.exception, ArtifactError)
+        assert f"{model['uri']}/transformers/model.safetensors does not exist" in str(
+            result.exception
+        )
+        assert f"merged model {model['uri']} file missing" in result.stdout
