@@ -46,13 +46,13 @@ def pretrain_base_job(
         return existing.meta | {"cache_hit": True}
     started = time.perf_counter()
     if base_model["source"] == "hf":
-        state, extra, metrics = _load_hf(base_model)
+        state, extra, metrics, digest = _load_hf(base_model)
     else:
         state, metrics = _build_builtin(base_model, evaluation, input_dim)
-        extra = {}
+        extra, digest = {}, digest_state(state)
     meta = {
         "kind": "base_model",
-        "digest": digest_state(state),
+        "digest": digest,
         "config": base_model,
         "input_dim": input_dim,
         "metrics": metrics,
@@ -90,7 +90,9 @@ def _build_builtin(
 
 def _load_hf(
     base_model: dict[str, Any],
-) -> tuple[dict[str, torch.Tensor], dict[str, bytes], dict[str, float]]:
+) -> tuple[dict[str, torch.Tensor], dict[str, bytes], dict[str, float], str]:
+    """θ0, the config and tokenizer files, metrics, and the digest of the directory's weights
+    (:func:`hf.weights_digest`, which ``mergeline merge --base DIR`` computes too)."""
     directory = hf.resolve_model_dir(
         base_model["model"], base_model.get("revision"), base_model.get("endpoint_url")
     )
@@ -101,7 +103,8 @@ def _load_hf(
     hf.load_tokenizer(directory)  # a model without a usable tokenizer fails here, once
     state = {k: v.detach().clone().contiguous() for k, v in backbone.state_dict().items()}
     extra = {f"{TRANSFORMERS}/{name}": data for name, data in files.items()}
-    return state, extra, {"parameters": float(sum(v.numel() for v in state.values()))}
+    metrics = {"parameters": float(sum(v.numel() for v in state.values()))}
+    return state, extra, metrics, hf.weights_digest(directory)
 
 
 def load_base(store_cfg: dict[str, Any], key: str) -> dict[str, torch.Tensor]:
