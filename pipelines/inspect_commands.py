@@ -68,13 +68,19 @@ def lineage_command(
         ),
     ] = None,
     json_: JsonOpt = False,
+    quick: Annotated[
+        bool,
+        typer.Option("--quick", help="Check file sizes only, not sha256 (says so in its output)."),
+    ] = False,
 ) -> None:
-    """Walk a registered model back to its task vectors, datasets and base model."""
-    from pipelines.lineage import print_lineage, trace_lineage
+    """Walk a registered model back to its task vectors, datasets and base model, checking
+    every file of each artifact (exit 2 if one is missing, corrupt or changed)."""
+    from pipelines.lineage import print_lineage, raise_unless_verified, trace_lineage
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING
-    lineage = trace_lineage(model_uri, uri)
+    lineage = trace_lineage(model_uri, uri, quick)
     if json_:
         sys.stdout.write(json.dumps(lineage, indent=1) + "\n")
     else:
         print_lineage(lineage, Console())
+    raise_unless_verified(lineage)

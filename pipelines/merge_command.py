@@ -128,6 +128,7 @@ def resolve_base(ref: str, store_uri: str, scratch: Path, mmap: bool = False) ->
     from storage.localfiles import read_manifest, verified_path
     from storage.objectstore import open_store
     from storage.shards import SafetensorsReader, digest_model
+    from workers.models import huggingface as hf
 
     located = split_store_uri(ref, BASE_MODELS, store_uri)
     if located is not None:
@@ -151,9 +152,10 @@ def resolve_base(ref: str, store_uri: str, scratch: Path, mmap: bool = False) ->
         )
     reader = SafetensorsReader(local, mmap=mmap)
     hf_dir = local if local.is_dir() else None
+    is_hf = hf_dir is not None and (local / "config.json").is_file()
     return {
         "reader": reader,
-        "digest": digest_model(reader),
+        "digest": hf.weights_digest(local) if is_hf else digest_model(reader),
         "meta": {},
         "uri": str(local),
         "hf_dir": hf_dir,
@@ -196,7 +198,13 @@ def run_merge(
     mmap: bool = False,
 ) -> dict[str, Any]:
     """Resolve, verify and merge; returns the merge's figures (see ``merge_files``)."""
-    from pipelines.merge_files import hf_side_files, merge_files, provenance
+    from pipelines.merge_files import (
+        hf_side_files,
+        merge_files,
+        onto_files,
+        provenance,
+        split_unmerged,
+    )
     from pipelines.plan import code_version
     from storage.localfiles import verified_paths
     from storage.objectstore import open_store
@@ -219,6 +227,8 @@ def run_merge(
         readers, heads = {}, {}
         for vector in vectors:
             readers[vector.task] = SafetensorsReader(next(paths), mmap=mmap)
+            if resolved["hf_dir"] is not None:  # the pipeline's names: encoder.<file's name>
+                readers[vector.task] = onto_files(readers[vector.task])
             if len(names) == 2:
                 head = bytes_to_tensors(next(paths).read_bytes(), vector.uri)
                 heads |= {f"heads.{vector.task}.{k}": v for k, v in head.items()}
@@ -232,12 +242,15 @@ def run_merge(
             "code_version": code_version(),
         }
         side: dict[str, Any] = {"merge.json": provenance(info)}
+        base_reader = resolved["reader"]
         if resolved["hf_dir"] is not None:
             side |= hf_side_files(resolved["hf_dir"])
+            base_reader, kept = split_unmerged(base_reader, readers.values())
+            heads |= kept  # written as they are, like the heads
         else:
             side["config.json"] = store_config(resolved["meta"], vectors, info)
         result = merge_files(
-            resolved["reader"],
+            base_reader,
             readers,
             out_path,
             method,

@@ -10,15 +10,16 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from storage.shards import DEFAULT_SHARD_BYTES, SafetensorsReader, ShardedWriter
+from storage.shards import DEFAULT_SHARD_BYTES, SafetensorsReader, ShardedWriter, TensorView
 from workers.merge.backbone import Coefficient
 from workers.merge.engine import TensorSpec, merge_stream, plan_merge, trim_thresholds
+from workers.models.huggingface import BACKBONE_PREFIX
 
 #: Files of a Hugging Face model directory copied beside the merged shards.
 HF_SIDE_FILES = (
@@ -35,13 +36,13 @@ HF_SIDE_FILES = (
 )
 
 
-def reader_specs(reader: SafetensorsReader) -> list[TensorSpec]:
+def reader_specs(reader: SafetensorsReader | TensorView) -> list[TensorSpec]:
     return [TensorSpec(i.name, i.dtype, i.shape) for i in reader.tensors.values()]
 
 
 def merge_files(
-    base: SafetensorsReader,
-    tasks: Mapping[str, SafetensorsReader],
+    base: SafetensorsReader | TensorView,
+    tasks: Mapping[str, SafetensorsReader | TensorView],
     out: str | Path,
     method: str,
     coefficient: Coefficient = 1.0,
@@ -100,6 +101,25 @@ def merge_files(
 def hf_side_files(directory: Path) -> dict[str, Path]:
     """config.json and tokenizer files of a Hugging Face model directory, where present."""
     return {name: directory / name for name in HF_SIDE_FILES if (directory / name).is_file()}
+
+
+def onto_files(reader: SafetensorsReader) -> TensorView:
+    """A pipeline task vector of a Hugging Face base under the model files' tensor names."""
+    return TensorView(reader, {name.removeprefix(BACKBONE_PREFIX): name for name in reader.names()})
+
+
+def split_unmerged(
+    base: SafetensorsReader, task_readers: Iterable[SafetensorsReader | TensorView]
+) -> tuple[TensorView, dict[str, torch.Tensor]]:
+    """(the base's tensors some task vector has, the others read as they are).
+
+    A model file may hold tensors that are no trained parameter (``position_ids`` buffers):
+    no task vector has them, and the merged model keeps them unchanged.
+    """
+    trained = {name for reader in task_readers for name in reader.names()}
+    merged = TensorView(base, {name: name for name in base.names() if name in trained})
+    kept = {name: base.read(name) for name in base.names() if name not in trained}
+    return merged, kept
 
 
 def provenance(info: Mapping[str, Any]) -> bytes:

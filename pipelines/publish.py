@@ -14,7 +14,8 @@ from pipelines.raysession import get
 from pipelines.selection import champion_score, decide_promotion
 from pipelines.stages.publish import merge_and_store_job
 from storage.artifacts import find_artifact
-from storage.objectstore import ObjectStore
+from storage.localfiles import copy_artifact
+from storage.objectstore import FsspecStore
 from storage.taskvectors import base_model_prefix
 from storage.tracking_guard import GuardedTracker
 
@@ -25,7 +26,7 @@ SERVING_TEXT_CODE = Path(__file__).with_name("serving_text.py")  # a Hugging Fac
 def publish(
     plan: Plan,
     run_id: str,
-    store: ObjectStore,
+    store: FsspecStore,
     store_cfg: dict[str, Any],
     tracker: GuardedTracker,
     base_key: str,
@@ -151,7 +152,7 @@ def publish(
 def lineage_tags(
     plan: Plan,
     run_id: str,
-    store: ObjectStore,
+    store: FsspecStore,
     store_cfg: dict[str, Any],
     base_key: str,
     base_meta: dict[str, Any],
@@ -216,9 +217,10 @@ def _promotion(promoted: bool, reason: str, champion: float | None, score: float
 
 
 class _local_copy:
-    """The model's files as a local directory (the store's own path when it is local)."""
+    """The model's files as a local directory (the store's own path when it is local); a
+    remote model is copied with every file its manifest lists, sub-folders included."""
 
-    def __init__(self, store: ObjectStore, prefix: str) -> None:
+    def __init__(self, store: FsspecStore, prefix: str) -> None:
         self.store, self.prefix, self._temporary = store, prefix, None
 
     def __enter__(self) -> Path:
@@ -226,9 +228,7 @@ class _local_copy:
         if local is not None:
             return Path(local)
         self._temporary = tempfile.TemporaryDirectory(prefix="mergeline-model-")
-        for name in self.store.list(self.prefix):
-            (Path(self._temporary.name) / name).write_bytes(self.store.get(f"{self.prefix}/{name}"))
-        return Path(self._temporary.name)
+        return copy_artifact(self.store, self.prefix, Path(self._temporary.name) / "model")
 
     def __exit__(self, *exc: object) -> None:
         if self._temporary is not None:

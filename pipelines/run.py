@@ -223,7 +223,7 @@ def fingerprint_pretrain(plan: Plan, datasets: dict[str, Splits]) -> str:
         directory = hf.resolve_model_dir(
             config["model"], config.get("revision"), config.get("endpoint_url")
         )
-        return base_model_key(config, hf.directory_digest(directory))
+        return base_model_key(config, f"{hf.directory_digest(directory)}/{hf.DIGEST_RULE}")
     pretrain = plan.base_model.get("pretrain")
     input_dim = next(iter(datasets.values())).input_dim
     pretrain_digest = None

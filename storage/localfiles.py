@@ -3,15 +3,21 @@
 ``storage.artifacts.read_file`` returns a file's bytes; a merge engine wants a path it can read
 tensor by tensor instead. Local stores give the store's own path after a streamed sha256 check;
 remote stores (s3://) are downloaded to a scratch directory while hashing.
+
+An artifact's file names are the manifest's keys, and may hold folders (``transformers/…``):
+:func:`copy_artifact` copies every listed file, never only the prefix's direct children.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
+import uuid
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from storage.artifacts import MANIFEST
@@ -40,32 +46,11 @@ def verified_path(store: FsspecStore, prefix: str, name: str, scratch: Path) -> 
     if expected is None:
         raise ArtifactError(f"{store.url(prefix)}: the manifest does not list '{name}'")
     local = store.local_path(f"{prefix}/{name}")
-    hasher, size = hashlib.sha256(), 0
-    try:
-        if local is not None:
-            with open(local, "rb") as handle:
-                while chunk := handle.read(CHUNK):
-                    hasher.update(chunk)
-                    size += len(chunk)
-            path = Path(local)
-        else:
-            path = scratch / prefix.replace("/", "_") / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with (
-                store.fs.open(f"{store.root}/{prefix}/{name}", "rb") as source,
-                open(path, "wb") as target,
-            ):
-                while chunk := source.read(CHUNK):
-                    hasher.update(chunk)
-                    target.write(chunk)
-                    size += len(chunk)
-    except FileNotFoundError:
-        raise ArtifactMissing(store.url(prefix + "/" + name), "rebuild it") from None
-    if size != expected["size"] or hasher.hexdigest() != expected["sha256"]:
-        raise ArtifactError(
-            f"{store.url(prefix + '/' + name)}: checksum mismatch (sha256 differs from the "
-            "manifest): the file is corrupt; delete the artifact directory to rebuild it"
-        )
+    if local is not None:
+        _fetch(store, prefix, name, expected, None)
+        return Path(local)
+    path = scratch / prefix.replace("/", "_") / _relative(store, prefix, name)
+    _fetch(store, prefix, name, expected, path)
     return path
 
 
@@ -76,3 +61,89 @@ def verified_paths(wanted: list[tuple[FsspecStore, str, str]], scratch: Path) ->
     """
     with ThreadPoolExecutor(max_workers=max(1, min(len(wanted), os.cpu_count() or 1))) as pool:
         return list(pool.map(lambda item: verified_path(*item, scratch), wanted))
+
+
+def copy_artifact(store: FsspecStore, prefix: str, target: Path, folder: str = "") -> Path:
+    """Every file the manifest lists (only those under ``folder``, if given), verified, into
+    the new directory ``target``, keeping sub-folders; returns ``target``.
+
+    The files land in a staging directory renamed to ``target`` once all are there, so a
+    directory at ``target`` is always complete. If another process made it first, that one
+    stays. With no ``folder`` the manifest is copied too: the directory is the artifact.
+    """
+    manifest = read_manifest(store, prefix)
+    inside = f"{folder.strip('/')}/" if folder else ""
+    staging = target.with_name(f".{target.name}.{uuid.uuid4().hex}.partial")
+    staging.mkdir(parents=True)
+    try:
+        for name, expected in manifest["files"].items():
+            if name.startswith(inside):
+                relative = _relative(store, prefix, name.removeprefix(inside))
+                _fetch(store, prefix, name, expected, staging / relative)
+        if not inside:
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        try:
+            os.replace(staging, target)
+        except OSError:
+            if not target.is_dir():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def check_files(store: FsspecStore, prefix: str, sizes_only: bool = False) -> str | None:
+    """None if every file the manifest lists exists with its size and (unless ``sizes_only``)
+    its sha256, else what is wrong, naming the file. Streams: no file is held in memory."""
+    for name, expected in read_manifest(store, prefix)["files"].items():
+        try:
+            if not sizes_only:
+                _fetch(store, prefix, name, expected, None)
+            elif store.size(f"{prefix}/{name}") != expected["size"]:
+                return (
+                    f"{store.url(prefix + '/' + name)}: size differs from the manifest: the file "
+                    "is corrupt; delete the artifact directory to rebuild it"
+                )
+        except FileNotFoundError:
+            return f"{store.url(prefix + '/' + name)} does not exist: rebuild it"
+        except ArtifactError as error:
+            return str(error)
+    return None
+
+
+def _relative(store: FsspecStore, prefix: str, name: str) -> Path:
+    """A manifest file name as a relative path; one that could leave the directory is refused."""
+    path = PurePosixPath(name)
+    if not name or path.is_absolute() or ".." in path.parts or "\\" in name:
+        raise ArtifactError(
+            f"{store.url(prefix)}: the manifest lists the file name {name[:80]!r}, which is no "
+            "relative path: the artifact is corrupt; delete it to rebuild it"
+        )
+    return Path(*path.parts)
+
+
+def _fetch(
+    store: FsspecStore, prefix: str, name: str, expected: dict[str, Any], copy: Path | None
+) -> None:
+    """Hash artifact file ``name`` while streaming it (into ``copy`` when given); a missing
+    file or one whose size or sha256 differs from ``expected`` is an ArtifactError."""
+    hasher, size = hashlib.sha256(), 0
+    if copy is not None:
+        copy.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with (
+            store.fs.open(f"{store.root}/{prefix}/{name}", "rb") as source,
+            open(copy, "wb") if copy is not None else contextlib.nullcontext() as target,
+        ):
+            while chunk := source.read(CHUNK):
+                hasher.update(chunk)
+                size += len(chunk)
+                if target is not None:
+                    target.write(chunk)
+    except FileNotFoundError:
+        raise ArtifactMissing(store.url(prefix + "/" + name), "rebuild it") from None
+    if size != expected["size"] or hasher.hexdigest() != expected["sha256"]:
+        raise ArtifactError(
+            f"{store.url(prefix + '/' + name)}: checksum mismatch (sha256 differs from the "
+            "manifest): the file is corrupt; delete the artifact directory to rebuild it"
+        )

@@ -41,6 +41,7 @@ class ObjectStore(Protocol):
     def get(self, key: str) -> bytes: ...
     def delete(self, key: str) -> None: ...
     def exists(self, key: str) -> bool: ...
+    def size(self, key: str) -> int: ...
     def list(self, prefix: str) -> list[str]: ...
     def local_path(self, key: str) -> str | None: ...
 
@@ -141,6 +142,11 @@ class FsspecStore:
     def exists(self, key: str) -> bool:
         path = self._path(key)
         return bool(self._call("check", key, lambda: self.fs.exists(path)))
+
+    def size(self, key: str) -> int:
+        """The object's size in bytes; ``FileNotFoundError`` if it does not exist."""
+        path = self._path(key)
+        return int(self._call("check", key, lambda: self.fs.size(path)))
 
     def list(self, prefix: str) -> list[str]:
         """Immediate children of ``prefix`` (names only), empty if it does not exist."""

@@ -13,6 +13,7 @@ being written is held. The directory appears under its name only once complete.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -286,7 +287,29 @@ class ShardedWriter:
         shutil.rmtree(self.staging, ignore_errors=True)
 
 
-def digest_model(reader: SafetensorsReader) -> str:
+class TensorView:
+    """Some of a reader's tensors under other names: ``names`` maps each new name to the name
+    it has in ``reader``. Reads go to ``reader``; closing the view closes it."""
+
+    def __init__(self, reader: SafetensorsReader | TensorView, names: dict[str, str]) -> None:
+        self.reader = reader
+        self._source = dict(names)
+        self.tensors = {
+            new: dataclasses.replace(reader.tensors[old], name=new)
+            for new, old in self._source.items()
+        }
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self.reader.read(self._source[name], out=out)
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+def digest_model(reader: SafetensorsReader | TensorView) -> str:
     """``storage.digest.digest_state`` of the model, computed one tensor at a time."""
     hasher = hashlib.sha256()
     for name in sorted(reader.tensors):

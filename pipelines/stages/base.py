@@ -18,9 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from storage.artifacts import find_artifact, read_file
+from storage.artifacts import find_artifact
 from storage.digest import digest_state
 from storage.errors import DataError
+from storage.localfiles import copy_artifact
 from storage.objectstore import open_store_from
 from storage.taskvectors import base_model_prefix, read_base_model, write_base_model
 from workers.data import Splits, load_dataset
@@ -45,13 +46,13 @@ def pretrain_base_job(
         return existing.meta | {"cache_hit": True}
     started = time.perf_counter()
     if base_model["source"] == "hf":
-        state, extra, metrics = _load_hf(base_model)
+        state, extra, metrics, digest = _load_hf(base_model)
     else:
         state, metrics = _build_builtin(base_model, evaluation, input_dim)
-        extra = {}
+        extra, digest = {}, digest_state(state)
     meta = {
         "kind": "base_model",
-        "digest": digest_state(state),
+        "digest": digest,
         "config": base_model,
         "input_dim": input_dim,
         "metrics": metrics,
@@ -89,7 +90,9 @@ def _build_builtin(
 
 def _load_hf(
     base_model: dict[str, Any],
-) -> tuple[dict[str, torch.Tensor], dict[str, bytes], dict[str, float]]:
+) -> tuple[dict[str, torch.Tensor], dict[str, bytes], dict[str, float], str]:
+    """θ0, the config and tokenizer files, metrics, and the digest of the directory's weights
+    (:func:`hf.weights_digest`, which ``mergeline merge --base DIR`` computes too)."""
     directory = hf.resolve_model_dir(
         base_model["model"], base_model.get("revision"), base_model.get("endpoint_url")
     )
@@ -100,7 +103,8 @@ def _load_hf(
     hf.load_tokenizer(directory)  # a model without a usable tokenizer fails here, once
     state = {k: v.detach().clone().contiguous() for k, v in backbone.state_dict().items()}
     extra = {f"{TRANSFORMERS}/{name}": data for name, data in files.items()}
-    return state, extra, {"parameters": float(sum(v.numel() for v in state.values()))}
+    metrics = {"parameters": float(sum(v.numel() for v in state.values()))}
+    return state, extra, metrics, hf.weights_digest(directory)
 
 
 def load_base(store_cfg: dict[str, Any], key: str) -> dict[str, torch.Tensor]:
@@ -155,11 +159,7 @@ def base_files(store_cfg: dict[str, Any], key: str, base_meta: dict[str, Any]) -
         return Path(local)
     cache = Path(os.environ.get("MERGELINE_CACHE", "~/.cache/mergeline")).expanduser()
     target = cache / "bases" / hashlib.sha256(store.url(prefix).encode()).hexdigest()[:24]
-    if not (target / "config.json").is_file():
-        target.mkdir(parents=True, exist_ok=True)
-        for name in store.list(f"{prefix}/{TRANSFORMERS}"):
-            data = read_file(store, prefix, f"{TRANSFORMERS}/{name}")
-            partial = target / f"{name}.partial"
-            partial.write_bytes(data)
-            partial.replace(target / name)
+    if not target.is_dir():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        copy_artifact(store, prefix, target, folder=TRANSFORMERS)
     return target

@@ -15,7 +15,6 @@ from pipelines.run import run_pipeline
 from pipelines.serving import load_merged
 from pipelines.specfile import validate_document
 from storage.artifacts import find_artifact, write_artifact
-from storage.digest import digest_state
 from storage.objectstore import open_store
 from storage.shards import SafetensorsReader
 from storage.taskvectors import read_base_model, read_task_vector
@@ -123,6 +122,8 @@ def test_a_corrupt_task_vector_or_another_base_is_refused(pipeline_store: Path, 
 def test_a_hugging_face_base_merges_into_a_model_transformers_loads(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+    from workers.models.huggingface import weights_digest
+
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2)  # fmt: skip
@@ -135,9 +136,11 @@ def test_a_hugging_face_base_merges_into_a_model_transformers_loads(tmp_path: Pa
         vectors[task] = {
             n: 0.01 * torch.randn(t.shape, generator=generator) for n, t in base.items()
         }
-        files = {"delta.safetensors": tensors_to_bytes(vectors[task]),
+        stored = {f"encoder.{n}": t for n, t in vectors[task].items()}  # the pipeline's names
+        files = {"delta.safetensors": tensors_to_bytes(stored),
                  "head.safetensors": tensors_to_bytes({})}  # fmt: skip
-        meta = {"kind": "task_vector", "task": task, "base_digest": digest_state(base)}
+        digest = weights_digest(tmp_path / "base")  # what the pipeline records for this base
+        meta = {"kind": "task_vector", "task": task, "base_digest": digest}
         write_artifact(store, f"task-vectors/{task}-key", files, meta)
     done = mergeline(
         "--base", str(tmp_path / "base"), "--task", "alpha", "--task", "beta", "--method", "ties",
@@ -150,3 +153,51 @@ def test_a_hugging_face_base_merges_into_a_model_transformers_loads(tmp_path: Pa
     state = model.state_dict()
     for name, tensor in expected.items():
         assert torch.equal(state[name], tensor), name
+
+
+def test_pipeline_task_vectors_merge_onto_the_local_directory_they_were_built_from(
+    tmp_path: Path, local_ray
+) -> None:
+    """Issue 19 defect 6: one base digest for the pipeline and `merge --base DIR`."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModel
+
+    from tests.hf_fixtures import write_text_task, write_tiny_bert
+
+    base_dir = write_tiny_bert(tmp_path / "tiny-bert")
+    weights = load_file(str(base_dir / "model.safetensors"))
+    position_ids = torch.arange(64).unsqueeze(0)  # a buffer in the file, as MiniLM's has
+    save_file(weights | {"embeddings.position_ids": position_ids},
+              str(base_dir / "model.safetensors"), {"format": "pt"})  # fmt: skip
+    spec = {
+        "name": "words",
+        "base_model": {"source": "hf", "model": str(base_dir), "max_length": 16},
+        "tasks": [
+            {"name": f"words{i}", "dataset": write_text_task(tmp_path / f"w{i}", i, 60, 30)}
+            for i in (1, 2)
+        ],
+        "finetune": {"steps": 3, "batch_size": 16, "lr": 1e-3},
+        "merge": {"candidates": [{"method": "task_arithmetic",
+                                  "coefficient": {"start": 0.5, "stop": 1, "num": 2}}]},
+        "storage": {"uri": f"file://{tmp_path}/store"},
+        "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "words"},
+    }  # fmt: skip
+    summary = run_pipeline(validate_document(spec), Console(file=open(os.devnull, "w")))  # noqa: SIM115
+    coefficients = json.dumps(summary["best"]["coefficients"])
+    done = mergeline(
+        "--base", str(base_dir), "--task", "words1", "--task", "words2",
+        "--coefficient", coefficients, "--out", str(tmp_path / "out"),
+        "--store", f"file://{tmp_path}/store", cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    merged = read_all(tmp_path / "out")
+    model_dir = Path(summary["model"]["uri"].removeprefix("file://"))
+    published = load_file(str(model_dir / "transformers" / "model.safetensors"))
+    assert set(merged) == set(published) | {"embeddings.position_ids"}
+    for name, tensor in published.items():
+        torch.testing.assert_close(merged[name], tensor, rtol=0, atol=1e-6)
+    assert torch.equal(merged["embeddings.position_ids"], position_ids)
+    AutoModel.from_pretrained(tmp_path / "out", local_files_only=True)

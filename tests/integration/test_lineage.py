@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,12 @@ def _run(document: dict, tmp_path: Path) -> tuple[dict, str]:
     return summary, output.getvalue()
 
 
-def test_local_sqlite_lineage_walks_back_from_the_champion(tiny_spec: dict, tmp_path: Path) -> None:
+def test_local_sqlite_lineage_walks_back_from_the_champion(
+    tiny_spec: dict,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     summary, _ = _run(tiny_spec, tmp_path)
     tracking = tiny_spec["tracking"]["uri"]
     tags = check_recorded_lineage(tracking, "tiny", summary, tmp_path)
@@ -62,6 +68,48 @@ def test_local_sqlite_lineage_walks_back_from_the_champion(tiny_spec: dict, tmp_
     secret = FAKE_SECRET_KEY.encode()  # in this process's environment, nowhere on disk
     assert grep_tree(tmp_path, summary["run_id"].encode())  # the scan reads the records
     assert grep_tree(tmp_path, secret) == []
+
+    _damaged_files_are_not_verified(summary, tracking, capsys, monkeypatch)
+
+
+def _damaged_files_are_not_verified(
+    summary: dict, tracking: str, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``verified`` means every listed file has its size and sha256; ``--quick`` sizes only."""
+    from pipelines import cli
+
+    def lineage(*extra: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["mergeline", "lineage", "models:/tiny/1", *extra])
+        capsys.readouterr()  # what the test printed so far
+        try:
+            cli.main()
+            code = 0
+        except SystemExit as exited:
+            code = exited.code
+        output = capsys.readouterr()
+        return code, output.out, output.err
+
+    vector = summary["tasks"]["perm1"]["task_vector_uri"]
+    delta = Path(vector.removeprefix("file://"), "delta.safetensors")
+    data = bytearray(delta.read_bytes())
+    data[-1] ^= 0xFF  # same size, another sha256
+    delta.write_bytes(bytes(data))
+    code, out, err = lineage("--tracking-uri", tracking, "--json")
+    statuses = {v["task"]: v["status"] for v in json.loads(out)["task_vectors"]}
+    assert statuses == {"perm1": "corrupt", "perm2": "verified"} and code == 2
+    assert len(err.strip().splitlines()) == 1 and f"{vector}/delta.safetensors" in err
+    code, out, err = lineage("--tracking-uri", tracking, "--quick")
+    assert code == 0, err
+    assert "checked: sizes only (--quick): sha256 not read" in out
+    assert f"{vector} sizes match" in out and " verified" not in out
+
+    model = summary["model"]["uri"]
+    Path(model.removeprefix("file://"), "model.safetensors").unlink()
+    for extra in ((), ("--quick",)):
+        code, out, err = lineage("--tracking-uri", tracking, *extra)
+        assert code == 2 and len(err.strip().splitlines()) == 1
+        assert f"{model}/model.safetensors does not exist" in err
+        assert f"merged model {model} file missing" in out
 
 
 def test_an_unreachable_server_stops_the_run_before_fine_tuning(

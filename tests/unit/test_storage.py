@@ -74,3 +74,34 @@ def test_digest_covers_scalars_and_is_value_sensitive() -> None:
     a = digest_state({"scale": torch.tensor(1.5), "w": torch.ones(2)})
     assert a == digest_state({"scale": torch.tensor(1.5), "w": torch.ones(2)})
     assert a != digest_state({"scale": torch.tensor(2.5), "w": torch.ones(2)})
+
+
+def test_copying_an_artifact_keeps_its_sub_folders_and_checks_every_file(
+    store, tmp_path: Path
+) -> None:
+    from storage.localfiles import copy_artifact
+
+    files = {"model.safetensors": b"w", "transformers/config.json": b"{}", "a/b/c.txt": b"c"}
+    write_artifact(store, "models/m/r1", files, {})
+    copied = copy_artifact(store, "models/m/r1", tmp_path / "all")
+    assert {p.relative_to(copied).as_posix() for p in copied.rglob("*") if p.is_file()} == {
+        *files,
+        "manifest.json",
+    }
+    assert (copied / "a/b/c.txt").read_bytes() == b"c"
+    only = copy_artifact(store, "models/m/r1", tmp_path / "hf", folder="transformers")
+    assert [p.name for p in only.iterdir()] == ["config.json"]
+
+    (tmp_path / "store/models/m/r1/a/b/c.txt").write_bytes(b"rotten")
+    with pytest.raises(ArtifactError, match="a/b/c.txt: checksum mismatch"):
+        copy_artifact(store, "models/m/r1", tmp_path / "again")
+    assert not (tmp_path / "again").exists()  # nothing half copied is left as the directory
+
+
+def test_a_manifest_name_that_leaves_the_artifact_is_refused(store, tmp_path: Path) -> None:
+    from storage.localfiles import copy_artifact
+
+    write_artifact(store, "models/m/r2", {"../../escape": b"x"}, {})
+    with pytest.raises(ArtifactError, match="no relative path"):
+        copy_artifact(store, "models/m/r2", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

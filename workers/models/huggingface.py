@@ -42,6 +42,10 @@ CONFIG_FILES = (
     "sentencepiece.bpe.model",
 )
 WEIGHTS = "model.safetensors"
+#: The backbone holds the encoder as ``encoder``: task vectors name its tensors ``encoder.<name>``.
+BACKBONE_PREFIX = "encoder."
+#: Part of a stored base's key: a base stored under an older :func:`weights_digest` is rebuilt.
+DIGEST_RULE = 2
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
 
@@ -254,6 +258,19 @@ def directory_digest(directory: Path) -> str:
     return hasher.hexdigest()
 
 
+def weights_digest(directory: Path) -> str:
+    """The base digest of a model directory: the one its task vectors record as base_digest.
+
+    ``storage.digest.digest_state`` of its safetensors tensors under the backbone's names,
+    streamed one tensor at a time. The pipeline (stage 1) and ``mergeline merge --base DIR``
+    both call this, so the task vectors built from a directory are accepted on it.
+    """
+    from storage.shards import SafetensorsReader, TensorView, digest_model
+
+    with SafetensorsReader(directory) as reader:
+        return digest_model(TensorView(reader, {BACKBONE_PREFIX + n: n for n in reader.names()}))
+
+
 def hf_state_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Backbone state (``encoder.<name>``) -> the encoder's own names, as transformers saves."""
-    return {name.removeprefix("encoder."): tensor for name, tensor in state.items()}
+    return {name.removeprefix(BACKBONE_PREFIX): tensor for name, tensor in state.items()}
