@@ -33,8 +33,12 @@ text-example: install
 	$(BIN)/python examples/make_text_data.py
 	$(BIN)/mergeline run examples/text-minilm.yaml --summary .mergeline/text-summary.json
 
+# Two pytest workers: the integration and e2e tiers spend much of their time waiting on Ray,
+# MLflow and subprocesses, so two workers keep 2 cores busy. TEST_WORKERS=0 runs serially.
+TEST_WORKERS ?= 2
+
 test: install
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 test-fast: install
 	$(BIN)/pytest -q -m "not slow and not integration and not e2e"

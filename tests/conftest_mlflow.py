@@ -73,10 +73,9 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         process.wait(timeout=15)
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real MLflow tracking server (SQLite backend, proxied artifacts); yields its http URI."""
-    root = tmp_path_factory.mktemp("mlflow-server")
+def _start_server(root: Path) -> tuple[subprocess.Popen[bytes], str] | None:
+    """Start ``mlflow server`` on a free port and wait until it is healthy; None if it exited
+    early because another process took the port between our probe and its bind."""
     port = free_port()
     command = [
         sys.executable, "-m", "mlflow", "server",
@@ -94,20 +93,36 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
     uri = f"http://127.0.0.1:{port}"
-    SERVER_ROOTS[uri] = root
     deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while True:
+        if process.poll() is not None:
+            if "address already in use" in log_path.read_text(errors="replace").lower():
+                return None
+            pytest.fail(f"mlflow server exited early:\n{log_path.read_text()[-3000:]}")
+        try:
+            if requests.get(f"{uri}/health", timeout=1).status_code == 200:
+                return process, uri
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline:
+            _stop(process)
+            pytest.fail(f"mlflow server not healthy in time:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real MLflow tracking server (SQLite backend, proxied artifacts); yields its http URI."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    for _ in range(3):
+        started = _start_server(root)
+        if started is not None:
+            break
+    else:
+        pytest.fail("mlflow server: every port tried was taken")
+    process, uri = started
+    SERVER_ROOTS[uri] = root
     try:
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"mlflow server exited early:\n{log_path.read_text()[-3000:]}")
-            try:
-                if requests.get(f"{uri}/health", timeout=1).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server not healthy in time:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.25)
         yield uri
     finally:
         _stop(process)

@@ -8,16 +8,12 @@ pass them; no test can reach a real AWS account.
 from __future__ import annotations
 
 import logging
-import socket
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
 import pytest
-
-from tests.conftest_mlflow import free_port
 
 FAKE_ACCESS_KEY = "AKIAMERGELINETEST0001"
 #: Recognisable: a test greps every stored byte for it and must find none.
@@ -42,29 +38,31 @@ def fake_aws_credentials(tmp_path_factory: pytest.TempPathFactory) -> Iterator[N
 
 
 class S3Server:
-    """moto's S3 API in a thread on 127.0.0.1; can be stopped and started on the same port."""
+    """moto's S3 API in a thread on 127.0.0.1; can be stopped and started on the same port.
+
+    The first start binds port 0 (the kernel picks a free port, so parallel test sessions
+    never race for one); a restart binds that same port again. The objects live in moto's
+    in-process backend, so they survive a restart.
+    """
 
     def __init__(self) -> None:
-        from moto.server import ThreadedMotoServer
-
-        self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.port = 0
         self.running = False
+        self._server = None
+
+    @property
+    def endpoint(self) -> str:
+        assert self.port, "start the server first"
+        return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        """Start serving; returns once the port accepts connections (also after a restart,
-        when moto's own readiness event is already set)."""
-        self._server.start()
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "moto's S3 server did not come up"
-                time.sleep(0.01)
-        self.running = True
+        """Serve; returns once the port accepts connections."""
+        from moto.server import ThreadedMotoServer
+
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        server.start()
+        self.port = server.get_host_and_port()[1]
+        self._server, self.running = server, True
 
     def stop(self) -> None:
         self._server.stop()

@@ -22,7 +22,7 @@ from tests.e2e.test_cli import mergeline
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 EXAMPLE = REPO / "examples" / "text-minilm.yaml"
 FORTUNES = Path("/usr/share/games/fortunes/computers")
-SHORT = ["finetune.steps=25", "merge.candidates.0.coefficient.num=6"]
+SHORT = ["finetune.steps=10", "merge.candidates.0.coefficient.num=6"]
 
 
 @pytest.fixture()
