@@ -8,7 +8,6 @@ import sys
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from pipelines.consoles import output_console
 
@@ -33,20 +32,10 @@ def ls_command(
     json_: JsonOpt = False,
 ) -> None:
     """List the task vectors and merged models in a store."""
-    from pydantic import ValidationError
-
     from pipelines.listing import list_store, print_listing
-    from pipelines.spec import StorageSpec
-    from pipelines.specfile import describe_validation_error
-    from storage.errors import SpecError
-    from storage.objectstore import open_store
+    from pipelines.runs_command import open_named_store
 
-    try:
-        checked = StorageSpec(uri=store, endpoint_url=endpoint_url)
-    except ValidationError as error:
-        message = describe_validation_error(error).replace("field 'uri'", "--store")
-        raise SpecError(message.replace("field 'endpoint_url'", "--endpoint-url")) from None
-    listing = list_store(open_store(checked.uri, checked.endpoint_url, checked.retry_seconds))
+    listing = list_store(open_named_store(store, endpoint_url))
     if json_:
         sys.stdout.write(json.dumps(listing, indent=1) + "\n")
     else:
@@ -82,5 +71,5 @@ def lineage_command(
     if json_:
         sys.stdout.write(json.dumps(lineage, indent=1) + "\n")
     else:
-        print_lineage(lineage, Console())
+        print_lineage(lineage, output_console())
     raise_unless_verified(lineage)

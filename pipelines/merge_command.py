@@ -293,7 +293,8 @@ def merge_command(
 ) -> None:
     """Merge task vectors already in the store into a sharded model, without a pipeline."""
     import torch
-    from rich.console import Console
+
+    from pipelines.consoles import output_console
 
     if threads is not None:
         torch.set_num_threads(threads)
@@ -303,7 +304,7 @@ def merge_command(
         base, task, out, method, params, parse_coefficient(coefficient), store, shard_bytes, mmap
     )
     gigabytes = result["task_vector_bytes"] / 1e9
-    Console().print(
+    output_console().print(
         f"merged {len(result['tasks'])} task vectors with {method} → {result['out']} "
         f"({result['tensors']} tensors, {result['shards']} shard(s), {result['seconds']:.1f}s, "
         f"{gigabytes / max(result['seconds'], 1e-9):.2f} GB/s of task vectors)",

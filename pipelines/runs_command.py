@@ -39,7 +39,7 @@ def runs_command(
     json_: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """List past runs: id, start, status, best candidate, objective, promoted or not."""
-    rows = list_runs(_open(store, endpoint_url), name)
+    rows = list_runs(open_named_store(store, endpoint_url), name)
     if json_:
         sys.stdout.write(json.dumps(rows, indent=1) + "\n")
         return
@@ -73,7 +73,7 @@ def report_command(
     from pipelines.outputs import check_output_directory
 
     check_output_directory(out, "--out")
-    page = write_report(_open(store, endpoint_url), run_id, out)
+    page = write_report(open_named_store(store, endpoint_url), run_id, out)
     output_console().print(f"report of run {run_id} → {page}")
 
 
@@ -283,7 +283,9 @@ def _e(value: Any) -> str:
     return html.escape("-" if value is None else str(value))
 
 
-def _open(store: str, endpoint_url: str | None) -> ObjectStore:
+def open_named_store(store: str, endpoint_url: str | None) -> ObjectStore:
+    """The store a command's ``--store``/``--endpoint-url`` name; one line, exit 2, if it is
+    malformed or does not exist."""
     from pydantic import ValidationError
 
     from pipelines.spec import StorageSpec

@@ -124,6 +124,7 @@ CASES = [
     ("summary-parent-is-a-file", lambda t: ["run", _tiny(t), "--summary", _tiny(t) + "/summary.json"], "is a file"),
     ("report-out-is-a-file", lambda t: ["report", "20250101-000000-aaaaaa", "--store", f"file://{t}", "--out", _tiny(t)], "--out"),
     ("runs-store-missing", lambda t: ["runs", "--store", f"file://{t}/absent"], "does not exist"),
+    ("ls-store-missing", lambda t: ["ls", "--store", f"file://{t}/absent"], "does not exist"),
     ("report-store-missing", lambda t: ["report", "20250101-000000-aaaaaa", "--store", f"file://{t}/absent", "--out", str(t / "r")], "does not exist"),
     # --- issue 19 (C): text that is not UTF-8, label typos
     ("text-csv-not-utf8", lambda t: ["run", _files_spec(t, "csv", _LATIN1_CSV, _HF_BASE, text_column="text")], "line 3 is not valid utf-8"),
