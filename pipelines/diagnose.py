@@ -62,12 +62,15 @@ def compute_disentanglement(
 
     from pipelines.plan import make_plan
     from pipelines.raysession import get, ray_session
+    from pipelines.resources import await_placement, refuse_impossible
     from pipelines.run import finetune_all, fingerprint_datasets, fingerprint_pretrain, prepare_base
     from pipelines.stages.tangent_search import disentanglement_job
     from storage.objectstore import open_store
 
     subset = spec.model_copy(update={"tasks": [t for t in spec.tasks if t.name in pair]})
     plan = make_plan(subset)
+    compute = spec.compute
+    requests = refuse_impossible(plan, compute.ray_address, compute.num_cpus)
     storage = spec.storage
     store = open_store(storage.uri, storage.endpoint_url, storage.retry_seconds)
     store_cfg = {
@@ -78,7 +81,8 @@ def compute_disentanglement(
     datasets = fingerprint_datasets(plan)
     base_key = fingerprint_pretrain(plan, datasets)
     input_dim = next(iter(datasets.values())).input_dim
-    with ray_session(spec.compute.ray_address, spec.compute.num_cpus):
+    with ray_session(compute.ray_address, compute.num_cpus):
+        await_placement(requests, compute.ray_address, compute.placement_timeout_s)
         base_key, base_meta = prepare_base(plan, store_cfg, base_key, input_dim, console)
         done = finetune_all(plan, store, store_cfg, base_key, base_meta, datasets, console)
         specs = {

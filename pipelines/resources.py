@@ -94,6 +94,22 @@ def _refusal(request: Request, resource: str, amount: float, needed: float, have
     )
 
 
+def refuse_impossible(plan: Plan, ray_address: str | None, num_cpus: int | None) -> list[Request]:
+    """The plan's requests; on a local Ray (no ``ray_address``), refuse at once, before any
+    work, what it can never hold."""
+    requests = plan_requests(plan)
+    if not ray_address:  # a local Ray can never grow
+        check_requests(requests, local_resources(num_cpus))
+    return requests
+
+
+def await_placement(requests: list[Request], ray_address: str | None, timeout_s: float) -> None:
+    """On a cluster, wait (bounded) until each request can be placed; a local Ray was checked
+    by :func:`refuse_impossible` already."""
+    if ray_address:  # an autoscaler may add nodes: wait, but not forever
+        wait_for_placement(requests, timeout_s)
+
+
 def local_resources(num_cpus: int | None) -> dict[str, float]:
     """What the Ray this run uses has: the running one, or the local one it will start
     (``compute.num_cpus`` or every core, and the GPUs CUDA shows)."""

@@ -20,7 +20,7 @@ from pipelines.publish import publish
 from pipelines.raysession import check_reachable, get, ray_session, wait_any
 from pipelines.recovery import run_key, task_failed, without_tasks
 from pipelines.report import build_summary
-from pipelines.resources import check_requests, local_resources, plan_requests, wait_for_placement
+from pipelines.resources import await_placement, refuse_impossible
 from pipelines.retrieval import best_by_method, per_task_lambda_candidates
 from pipelines.scheduling import actor_options, finetune_options
 from pipelines.search_settings import resolve_search
@@ -63,9 +63,8 @@ def progress_bar(console: Console) -> Progress:
 
 def run_pipeline(spec: Spec, console: Console, summary_path: Path | None = None) -> dict[str, Any]:
     plan = make_plan(spec)
-    requests = plan_requests(plan)
-    if not spec.compute.ray_address:  # a local Ray can never grow: refuse what it cannot hold
-        check_requests(requests, local_resources(spec.compute.num_cpus))
+    compute = spec.compute
+    requests = refuse_impossible(plan, compute.ray_address, compute.num_cpus)
     started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -108,8 +107,7 @@ def run_pipeline(spec: Spec, console: Console, summary_path: Path | None = None)
         ray_session(spec.compute.ray_address, spec.compute.num_cpus),
         tracker.pipeline_run(run_id, tags),
     ):
-        if spec.compute.ray_address:  # an autoscaler may add nodes: wait, but not forever
-            wait_for_placement(requests, spec.compute.placement_timeout_s)
+        await_placement(requests, compute.ray_address, compute.placement_timeout_s)
         base_key, base_meta = prepare_base(plan, store_cfg, base_key, input_dim, console)
         t0 = time.perf_counter()
         tasks = finetune_all(plan, store, store_cfg, base_key, base_meta, datasets, console)

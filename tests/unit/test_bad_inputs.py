@@ -136,6 +136,7 @@ CASES = [
     # --- issue 19 (C): resource requests a local Ray can never grant (refused, never a hang)
     ("cpus-beyond-local-ray", lambda t: ["run", _tiny(t), S, "compute.num_cpus=2", S, "finetune.resources.num_cpus=4"], "finetune.resources.num_cpus"),
     ("gpus-on-a-cpu-ray", lambda t: ["run", _tiny(t), S, "compute.num_cpus=2", S, "finetune.resources.num_gpus=64"], "finetune.resources.num_gpus"),
+    ("diagnose-cpus-beyond-local-ray", lambda t: ["diagnose", "disentanglement", _tiny(t), "--tasks", "perm1,perm2", "--out", str(t), S, "compute.num_cpus=2", S, "finetune.resources.num_cpus=4"], "finetune.resources.num_cpus"),
     ("workers-beyond-local-ray", lambda t: ["run", _tiny(t), S, "compute.num_cpus=2", S, "finetune.resources.num_workers=4", S, "finetune.deepspeed.zero_stage=0"], "finetune.resources.num_workers"),
 ]
 
