@@ -35,7 +35,7 @@ QUICK_CHECK = "sizes only (--quick): sha256 not read"
 
 def parse_model_uri(uri: str) -> tuple[str, str | None, int | None]:
     """``models:/<name>@<alias>`` or ``models:/<name>/<version>`` -> (name, alias, version)."""
-    match = MODEL_URI.match(uri)
+    match = MODEL_URI.fullmatch(uri)
     if match is None:
         raise LineageError(
             f"{uri!r} is not a registered model URI: write models:/<name>@<alias> "

@@ -22,7 +22,7 @@ _NAME = re.compile(NAME_PATTERN)
 
 
 def is_name(value: str) -> bool:
-    return bool(_NAME.match(value))
+    return bool(_NAME.fullmatch(value))  # `$` alone would let a trailing newline through
 
 
 def check_name(value: str) -> str:

@@ -19,7 +19,7 @@ _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 def run_prefix(run_id: str) -> str:
-    if not _RUN_ID.match(run_id) or ".." in run_id:
+    if not _RUN_ID.fullmatch(run_id) or ".." in run_id:
         raise ArtifactError(
             f"{run_id!r} is not a run id (like 20250101-020000-a1b2c3): list the runs with "
             "`mergeline runs --store URI`"

@@ -101,6 +101,7 @@ CASES = [
     ("experiment-unsafe", lambda t: ["validate", QUICKSTART, S, "tracking.experiment=../x"], "tracking.experiment"),
     ("method-name-path", lambda t: ["validate", QUICKSTART, S, "merge.candidates.0.method=../ties"], "merge.candidates[0].method"),
     ("negate-target-unsafe", lambda t: ["validate", QUICKSTART, S, "merge.objective=negate", S, "merge.negate.target=a/b", S, "merge.negate.control=digits-perm1"], "merge.negate.target"),
+    ("task-name-trailing-newline", lambda t: ["validate", _tiny(t, tasks=[{"name": "perm1\n", "dataset": TINY_SPEC["tasks"][0]["dataset"]}, TINY_SPEC["tasks"][1]])], "tasks[0].name"),
     ("task-name-colon", lambda t: ["validate", QUICKSTART, S, "tasks.0.name=a:b"], "tasks[0].name"),
     ("spec-name-too-long", lambda t: ["validate", QUICKSTART, S, "name=" + "x" * 65], "field 'name'"),
     ("tall-masks-task-param-unsafe", lambda t: ["validate", QUICKSTART, S, "merge.candidates.0.method=tall_masks", S, "merge.candidates.0.params.task=../x"], "merge.candidates[0].params"),
@@ -124,6 +125,7 @@ CASES = [
     ("summary-parent-is-a-file", lambda t: ["run", _tiny(t), "--summary", _tiny(t) + "/summary.json"], "is a file"),
     ("report-out-is-a-file", lambda t: ["report", "20250101-000000-aaaaaa", "--store", f"file://{t}", "--out", _tiny(t)], "--out"),
     ("runs-store-missing", lambda t: ["runs", "--store", f"file://{t}/absent"], "does not exist"),
+    ("report-run-id-trailing-newline", lambda t: ["report", "20250101-000000-aaaaaa\n", "--store", f"file://{t}", "--out", str(t / "r")], "run id"),
     ("ls-store-missing", lambda t: ["ls", "--store", f"file://{t}/absent"], "does not exist"),
     ("report-store-missing", lambda t: ["report", "20250101-000000-aaaaaa", "--store", f"file://{t}/absent", "--out", str(t / "r")], "does not exist"),
     # --- issue 19 (C): text that is not UTF-8, label typos

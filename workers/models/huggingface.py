@@ -179,7 +179,7 @@ def resolve_model_dir(
         if not (path / "config.json").is_file():
             raise ModelError(f"base_model.model {location!r} holds no config.json")
         return path
-    if location.startswith(("/", ".", "~")) or not _HUB_ID.match(location):
+    if location.startswith(("/", ".", "~")) or not _HUB_ID.fullmatch(location):
         raise ModelError(f"base_model.model {location!r} is not a directory: check the path")
     return _hub_snapshot(location, revision)
 
