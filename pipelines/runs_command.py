@@ -300,6 +300,7 @@ def open_named_store(store: str, endpoint_url: str | None) -> ObjectStore:
         raise SpecError(message.replace("field 'endpoint_url'", "--endpoint-url")) from None
     opened = open_store(checked.uri, checked.endpoint_url, checked.retry_seconds)
     if not opened.exists(""):  # the store's root: a folder, or an S3 prefix holding objects
+        opened.list("")  # a missing bucket says so itself (StorageError naming the bucket)
         raise SpecError(
             f"--store {opened.uri} does not exist: name the store that `mergeline run` wrote "
             "(its spec's storage.uri)"
