@@ -21,7 +21,14 @@ from typing import Any
 from rich.console import Console
 
 from storage.artifacts import find_artifact
-from storage.errors import ArtifactError, LineageError, MergelineError, ServiceError, SystemFailure
+from storage.errors import (
+    ArtifactError,
+    ArtifactMissing,
+    LineageError,
+    MergelineError,
+    ServiceError,
+    SystemFailure,
+)
 from storage.localfiles import check_files
 from storage.objectstore import FsspecStore, open_store
 from storage.tracking import MlflowTracker, redact_uri
@@ -192,7 +199,8 @@ class _Manifests:
             return "unreadable", {}, None
         if problem is None:
             return ("sizes match" if self.quick else "verified"), found.meta, None
-        return ("file missing" if "does not exist" in problem else "corrupt"), found.meta, problem
+        status = "file missing" if isinstance(problem, ArtifactMissing) else "corrupt"
+        return status, found.meta, str(problem)
 
 
 def _agree(status: str, meta: dict[str, Any], dataset: str | None, base: str | None) -> str:

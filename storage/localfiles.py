@@ -92,22 +92,23 @@ def copy_artifact(store: FsspecStore, prefix: str, target: Path, folder: str = "
     return target
 
 
-def check_files(store: FsspecStore, prefix: str, sizes_only: bool = False) -> str | None:
+def check_files(store: FsspecStore, prefix: str, sizes_only: bool = False) -> ArtifactError | None:
     """None if every file the manifest lists exists with its size and (unless ``sizes_only``)
-    its sha256, else what is wrong, naming the file. Streams: no file is held in memory."""
+    its sha256, else the error naming the first file that does not (:class:`ArtifactMissing`
+    for a file that is gone). Streams: no file is held in memory."""
     for name, expected in read_manifest(store, prefix)["files"].items():
         try:
             if not sizes_only:
                 _fetch(store, prefix, name, expected, None)
             elif store.size(f"{prefix}/{name}") != expected["size"]:
-                return (
+                return ArtifactError(
                     f"{store.url(prefix + '/' + name)}: size differs from the manifest: the file "
                     "is corrupt; delete the artifact directory to rebuild it"
                 )
         except FileNotFoundError:
-            return f"{store.url(prefix + '/' + name)} does not exist: rebuild it"
+            return ArtifactMissing(store.url(prefix + "/" + name), "rebuild it")
         except ArtifactError as error:
-            return str(error)
+            return error
     return None
 
 
