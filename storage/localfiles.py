@@ -23,6 +23,7 @@ from typing import Any
 from storage.artifacts import MANIFEST
 from storage.errors import ArtifactError, ArtifactMissing
 from storage.objectstore import FsspecStore
+from storage.quoting import quoted
 
 CHUNK = 16 * 1024 * 1024
 
@@ -117,7 +118,7 @@ def _relative(store: FsspecStore, prefix: str, name: str) -> Path:
     path = PurePosixPath(name)
     if not name or path.is_absolute() or ".." in path.parts or "\\" in name:
         raise ArtifactError(
-            f"{store.url(prefix)}: the manifest lists the file name {name[:80]!r}, which is no "
+            f"{store.url(prefix)}: the manifest lists the file name {quoted(name)}, which is no "
             "relative path: the artifact is corrupt; delete it to rebuild it"
         )
     return Path(*path.parts)
