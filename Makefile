@@ -10,7 +10,6 @@ BIN = $(VENV)/bin
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	$(BIN)/python -m pip check
@@ -33,9 +32,9 @@ text-example: install
 	$(BIN)/python examples/make_text_data.py
 	$(BIN)/mergeline run examples/text-minilm.yaml --summary .mergeline/text-summary.json
 
-# Two pytest workers: the integration and e2e tiers spend much of their time waiting on Ray,
-# MLflow and subprocesses, so two workers keep 2 cores busy. TEST_WORKERS=0 runs serially.
-TEST_WORKERS ?= 2
+# Three pytest workers: the integration and e2e tiers spend much of their time waiting on Ray,
+# MLflow and subprocesses; two workers left a fifth of 2 cores idle. TEST_WORKERS=0 runs serially.
+TEST_WORKERS ?= 3
 
 test: install
 	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist worksteal
