@@ -26,6 +26,7 @@ from storage.objectstore import open_store_from
 from storage.taskvectors import base_model_prefix, read_base_model, write_base_model
 from workers.data import Splits, load_dataset
 from workers.finetune import TrainConfig, train
+from workers.kinds import TaskKind, get_kind
 from workers.models import build_backbone
 from workers.models import huggingface as hf
 
@@ -107,6 +108,11 @@ def _load_hf(
     return state, extra, metrics, hf.weights_digest(directory)
 
 
+def kind_of(config: dict[str, Any]) -> TaskKind:
+    """The task kind of a base model's config (a builtin backbone classifies)."""
+    return get_kind(config.get("kind", "classification"))
+
+
 def load_base(store_cfg: dict[str, Any], key: str) -> dict[str, torch.Tensor]:
     return read_base_model(open_store_from(store_cfg), key)
 
@@ -117,8 +123,15 @@ class Base:
 
     backbone: nn.Module
     theta0: dict[str, torch.Tensor]
+    kind: TaskKind
     tokenizer: Any = None
     max_length: int = 0
+
+    def settings(self, evaluation: dict[str, Any]) -> dict[str, Any]:
+        """What the kind's ``score`` reads: the evaluation section, its search metric (default:
+        the kind's first) and the tokenizer."""
+        metric = evaluation.get("metric") or self.kind.metrics[0]
+        return dict(evaluation) | {"metric": metric, "tokenizer": self.tokenizer}
 
     def inputs(self, splits: Splits, what: str) -> Splits:
         """Raw splits -> backbone inputs (texts tokenized; features as they are)."""
@@ -138,12 +151,14 @@ def open_base(store_cfg: dict[str, Any], key: str, base_meta: dict[str, Any]) ->
     if config["source"] != "hf":
         backbone = build_backbone(config, base_meta["input_dim"])
         backbone.load_state_dict(theta0)
-        return Base(backbone, theta0)
+        return Base(backbone, theta0, kind_of(config))
     directory = base_files(store_cfg, key, base_meta)
     backbone = hf.encoder_from_files(
         directory, theta0, config["pooling"], config["attn_implementation"]
     )
-    return Base(backbone, theta0, hf.load_tokenizer(directory), int(config["max_length"]))
+    return Base(
+        backbone, theta0, kind_of(config), hf.load_tokenizer(directory), int(config["max_length"])
+    )
 
 
 def load_task_data(base: Base, dataset: dict[str, Any], evaluation: dict[str, Any], what: str):

@@ -11,12 +11,13 @@ from pipelines.plan import finetune_config_for_key
 from pipelines.stages.base import load_task_data, open_base
 from pipelines.stages.training import TrainRequest, build_model, train_task
 from storage.checkpoints import count_attempts, delete_checkpoints
-from storage.errors import DataError
 from storage.objectstore import open_store_from
 from storage.taskvectors import find_task_vector, write_task_vector
 from workers.finetune.engine import load_trained
-from workers.models import fit_linear_probe
-from workers.search.evaluate import accuracy, features_at, linearized_accuracy
+from workers.finetune.linearized import LinearizedModel
+from workers.search.evaluate import at_state, linearized_at
+
+SPLITS = ("val", "test")
 
 
 def run_finetune_job(
@@ -44,14 +45,16 @@ def run_finetune_job(
     backbone, theta0 = base.backbone, base.theta0
     data = load_task_data(base, dataset, evaluation, f"tasks[{task}].dataset")
 
-    features = features_at(backbone, theta0, data.x_train)
-    if not torch.isfinite(features).all():
-        raise DataError(
-            f"task '{task}': the base model's features of its training inputs are not finite: "
-            "the inputs are too large for the model; standardise them"
-        )
-    head = fit_linear_probe(features.numpy(), data.y_train, data.num_classes)
-    zero_shot = {s: accuracy(backbone, theta0, head, *data.split(s)) for s in ("val", "test")}
+    kind, settings = base.kind, base.settings(evaluation)
+    metric = settings["metric"]
+    head = kind.fit_head(
+        at_state(backbone, theta0), data.x_train, data.y_train, data.num_classes, f"task '{task}'"
+    )
+
+    def scores(forward) -> dict[str, float]:
+        return {s: kind.score(forward, head, *data.split(s), metric, settings) for s in SPLITS}
+
+    zero_shot = scores(at_state(backbone, theta0))
 
     request = TrainRequest(
         store_cfg, key, task, dataset, evaluation, base_key, base_meta, finetune, head
@@ -67,15 +70,11 @@ def run_finetune_job(
     load_trained(model, outcome.model)
     history = outcome.history
     if finetune["mode"] == "linear":  # train f(x; θ0) + J f(x; θ0)·δ; score that model too
-        linearized = model.backbone
-        delta = linearized.task_vector()
-        finetuned = {
-            s: linearized_accuracy(backbone, theta0, delta, head, *data.split(s))
-            for s in ("val", "test")
-        }
+        delta = linearized_of(model).task_vector()
+        finetuned = scores(linearized_at(backbone, theta0, delta))
     else:
         theta = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
-        finetuned = {s: accuracy(backbone, theta, head, *data.split(s)) for s in ("val", "test")}
+        finetuned = scores(at_state(backbone, theta))
         delta = {name: theta[name] - theta0[name] for name in theta0}
 
     meta = {
@@ -99,6 +98,13 @@ def run_finetune_job(
     attempts = count_attempts(store, key)
     delete_checkpoints(store, key)
     return execution(ref.meta, attempts, outcome.resumed_from_step)
+
+
+def linearized_of(model: torch.nn.Module) -> LinearizedModel:
+    """The linearized network inside what a kind trains (itself, or a classifier's backbone)."""
+    if isinstance(model, LinearizedModel):
+        return model
+    return model.backbone
 
 
 def execution(meta: dict[str, Any], attempts: int, resumed_from_step: int) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from pipelines.stages.base import load_task_data, open_base
 from storage.objectstore import open_store_from
 from storage.taskvectors import read_task_vector
 from workers.merge import merge
-from workers.search.evaluate import accuracy
+from workers.search.evaluate import at_state
 
 
 class CandidateScorer:
@@ -32,6 +32,7 @@ class CandidateScorer:
         store = open_store_from(store_cfg)
         opened = open_base(store_cfg, base_key, base_meta)
         self.base, self.backbone = opened.theta0, opened.backbone
+        self.kind, self.settings = opened.kind, opened.settings(evaluation)
         self.task_vectors: dict[str, dict[str, torch.Tensor]] = {}
         self.heads: dict[str, dict[str, torch.Tensor]] = {}
         self.splits = {}
@@ -41,15 +42,28 @@ class CandidateScorer:
                 opened, task["dataset"], evaluation, f"tasks[{name}].dataset"
             )
 
-    def score(self, candidates: list[Candidate], split: str = "val") -> list[dict[str, Any]]:
-        """Per-task accuracy on ``split`` for each candidate, in order."""
-        return [self._score_one(candidate, split) for candidate in candidates]
+    def score(
+        self, candidates: list[Candidate], split: str = "val", metric: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Per-task score on ``split`` for each candidate, in order: the search metric
+        (``evaluation.metric``, default the kind's first), or ``metric``. The per-task dict is
+        keyed ``accuracy`` whatever the metric, as the objectives read it."""
+        return [self._score_one(candidate, split, metric) for candidate in candidates]
 
-    def _score_one(self, candidate: Candidate, split: str) -> dict[str, Any]:
+    def _forward(self, state: dict[str, torch.Tensor]):
+        """How a merged state is evaluated: a forward pass at that state."""
+        return at_state(self.backbone, state)
+
+    def _score_one(self, candidate: Candidate, split: str, metric: str | None) -> dict[str, Any]:
+        metric = metric or self.settings["metric"]
         per_task: dict[str, float] = {}
         for task, state in self._models(candidate):
-            per_task[task] = accuracy(
-                self.backbone, state, self.heads[task], *self.splits[task].split(split)
+            per_task[task] = self.kind.score(
+                self._forward(state),
+                self.heads[task],
+                *self.splits[task].split(split),
+                metric,
+                self.settings,
             )
         return {"id": candidate.id, "accuracy": per_task}
 

@@ -20,7 +20,7 @@ from workers.finetune import delta_between
 from workers.merge import merge
 from workers.models import apply_head
 from workers.search.disentanglement import disentanglement_errors
-from workers.search.evaluate import features_at, linearized_accuracy
+from workers.search.evaluate import features_at, linearized_at
 from workers.search.fastpath import FastPath, build_fast_path, linear_weights
 from workers.search.strategies import STRATEGIES, Point
 
@@ -39,19 +39,11 @@ class TangentScorer(CandidateScorer):
         self.mode = mode
         self._fast_paths: dict[str, FastPath] = {}
 
-    def _score_one(self, candidate: Candidate, split: str) -> dict[str, Any]:
+    def _forward(self, state: dict[str, torch.Tensor]):
+        """In linear mode a merged state is scored as the linearized model it is served as."""
         if self.mode != "linear":
-            return super()._score_one(candidate, split)
-        per_task: dict[str, float] = {}
-        for task, state in self._models(candidate):
-            per_task[task] = linearized_accuracy(
-                self.backbone,
-                self.base,
-                delta_between(state, self.base),
-                self.heads[task],
-                *self.splits[task].split(split),
-            )
-        return {"id": candidate.id, "accuracy": per_task}
+            return super()._forward(state)
+        return linearized_at(self.backbone, self.base, delta_between(state, self.base))
 
     def fast_path(self, split: str = "val") -> FastPath:
         if split not in self._fast_paths:

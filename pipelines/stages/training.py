@@ -12,13 +12,13 @@ from typing import Any
 
 import torch
 
-from pipelines.stages.base import load_task_data, open_base
+from pipelines.stages.base import kind_of, load_task_data, open_base
 from pipelines.stages.pause import pause_point
 from storage.checkpoints import latest_checkpoint, record_attempt, write_checkpoint
 from storage.objectstore import open_store_from
 from workers.finetune import LinearizedModel, TrainConfig
 from workers.finetune.checkpoint import decode_state, encode_state
-from workers.finetune.engine import Classifier, Engine, StateDict, TorchEngine, TrainState
+from workers.finetune.engine import Engine, StateDict, TorchEngine, TrainState
 from workers.finetune.loop import fit
 
 
@@ -61,23 +61,27 @@ def train_config(finetune: dict[str, Any]) -> TrainConfig:
     )
 
 
-def build_model(backbone: torch.nn.Module, theta0: StateDict, request: TrainRequest) -> Classifier:
-    """backbone (or its linearization around θ0) -> the frozen head: what the engine trains."""
+def build_model(
+    backbone: torch.nn.Module, theta0: StateDict, request: TrainRequest
+) -> torch.nn.Module:
+    """backbone (or its linearization around θ0) as the task's kind trains it (e.g. through
+    the frozen head)."""
     trainable = (
         LinearizedModel(backbone, theta0) if request.finetune["mode"] == "linear" else backbone
     )
-    return Classifier(trainable, request.head)
+    return kind_of(request.base_meta["config"]).trainable(trainable, request.head)
 
 
-def make_engine(model: Classifier, request: TrainRequest) -> Engine:
+def make_engine(model: torch.nn.Module, request: TrainRequest) -> Engine:
     config = train_config(request.finetune)
+    loss = kind_of(request.base_meta["config"]).loss
     deepspeed = request.finetune.get("deepspeed")
     if deepspeed is not None:
         from workers.finetune.deepspeed_engine import DeepSpeedEngine
 
-        return DeepSpeedEngine(model, config, int(deepspeed["zero_stage"]))
+        return DeepSpeedEngine(model, config, int(deepspeed["zero_stage"]), loss)
     gpus = request.finetune["resources"]["num_gpus"] > 0 and torch.cuda.is_available()
-    return TorchEngine(model, config.lr, config.weight_decay, "cuda" if gpus else "cpu")
+    return TorchEngine(model, config.lr, config.weight_decay, "cuda" if gpus else "cpu", loss)
 
 
 def train_task(request: TrainRequest, keep_final: bool = False) -> TrainOutcome:

@@ -14,6 +14,7 @@ from storage.errors import DataError, ModelError, SpecError
 from tests.conftest import TINY_SPEC
 from tests.hf_fixtures import write_text_task, write_tiny_bert
 from workers.data.splits import Splits
+from workers.kinds import get_kind
 
 transformers = pytest.importorskip("transformers")
 from workers.models import huggingface as hf  # noqa: E402
@@ -136,9 +137,9 @@ def test_the_base_refuses_inputs_it_cannot_read(tiny_bert: Path) -> None:
     labels = np.array([0, 1, 0, 1])
     numeric = Splits(numbers, labels, numbers, labels, numbers, labels, 2)
     textual = Splits(texts, labels, texts, labels, texts, labels, 2)
-    with_tokenizer = Base(backbone, {}, hf.load_tokenizer(tiny_bert), 8)
+    with_tokenizer = Base(backbone, {}, get_kind("classification"), hf.load_tokenizer(tiny_bert), 8)
     assert with_tokenizer.inputs(textual, "t").x_train.shape == (4, 2, 8)
     with pytest.raises(DataError, match="reads texts: set text_column"):
         with_tokenizer.inputs(numeric, "tasks[0].dataset")
     with pytest.raises(DataError, match="no tokenizer"):
-        Base(backbone, {}).inputs(textual, "tasks[0].dataset")
+        Base(backbone, {}, get_kind("classification")).inputs(textual, "tasks[0].dataset")

@@ -23,7 +23,9 @@ from torch import Tensor, nn
 
 from storage.errors import MergelineError
 from workers.finetune.engine import (
+    LossFn,
     StateDict,
+    cross_entropy,
     flatten_optimizer,
     load_trained,
     trainable_parameters,
@@ -102,7 +104,13 @@ class DeepSpeedEngine:
 
     name = "deepspeed"
 
-    def __init__(self, model: nn.Module, config: TrainConfig, zero_stage: int) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        config: TrainConfig,
+        zero_stage: int,
+        loss_fn: LossFn = cross_entropy,
+    ) -> None:
         import torch.distributed as dist
 
         deepspeed = _deepspeed()
@@ -111,6 +119,7 @@ class DeepSpeedEngine:
                 f"finetune.deepspeed.zero_stage {zero_stage} is not supported: use 0, 1 or 2"
             )
         ensure_process_group()
+        self.loss_fn = loss_fn
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         from deepspeed.accelerator import get_accelerator
 
@@ -130,8 +139,8 @@ class DeepSpeedEngine:
 
     def loss(self, inputs: Tensor, labels: Tensor) -> Tensor:
         dtype = torch.bfloat16 if self.bf16 else inputs.dtype
-        logits = self.engine(inputs.to(self.device, dtype))
-        return nn.functional.cross_entropy(logits.float(), labels.to(self.device))
+        inputs = inputs.to(self.device, dtype)
+        return self.loss_fn(self.engine(inputs), inputs, labels)
 
     def mean(self, value: float) -> float:
         if self.world_size == 1:

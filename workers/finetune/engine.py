@@ -13,7 +13,7 @@ other (one worker or many, ZeRO 0, 1 or 2).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -21,6 +21,13 @@ import torch
 from torch import Tensor, nn
 
 StateDict = dict[str, Tensor]
+#: ``(outputs, inputs, labels) -> mean loss``: what a task kind trains on (default: classes)
+LossFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def cross_entropy(outputs: Tensor, inputs: Tensor, labels: Tensor) -> Tensor:
+    """Classification: cross entropy of the logits against the labels."""
+    return nn.functional.cross_entropy(outputs.float(), labels.to(outputs.device))
 
 
 @dataclass
@@ -158,9 +165,11 @@ class TorchEngine:
         lr: float,
         weight_decay: float = 0.0,
         device: str | torch.device = "cpu",
+        loss_fn: LossFn = cross_entropy,
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device)
+        self.loss_fn = loss_fn
         parameters = trainable_parameters(model)
         self.names = list(parameters)
         self.optimizer = torch.optim.Adam(
@@ -168,8 +177,8 @@ class TorchEngine:
         )
 
     def loss(self, inputs: Tensor, labels: Tensor) -> Tensor:
-        logits = self.model(inputs.to(self.device))
-        return nn.functional.cross_entropy(logits, labels.to(self.device))
+        inputs = inputs.to(self.device)
+        return self.loss_fn(self.model(inputs), inputs, labels)
 
     def mean(self, value: float) -> float:
         return value

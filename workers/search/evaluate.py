@@ -32,6 +32,29 @@ def accuracy(
     return int((logits.argmax(dim=1) == labels).sum()) / max(len(labels), 1)
 
 
+def at_state(backbone: nn.Module, state: dict[str, torch.Tensor]):
+    """The backbone's forward at parameters ``state`` (its own weights untouched)."""
+
+    def forward(inputs: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return functional_call(backbone, state, (inputs,))
+
+    return forward
+
+
+def linearized_at(
+    backbone: nn.Module, theta0: dict[str, torch.Tensor], delta: dict[str, torch.Tensor]
+):
+    """The forward of the linearized model f(x; θ0) + J f(x; θ0) · δ."""
+    from workers.finetune.linearized import linearized_forward
+
+    def forward(inputs: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return linearized_forward(backbone, theta0, delta, inputs)
+
+    return forward
+
+
 def normalized(merged: dict[str, float], finetuned: dict[str, float]) -> dict[str, float]:
     """acc_t(merged) / acc_t(single-task fine-tuned) per task."""
     return {task: merged[task] / max(finetuned[task], 1e-12) for task in merged}

@@ -1,0 +1,94 @@
+"""The task-kind protocol and its registry (one kind per file in ``workers/kinds/``)."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from storage.errors import ModelError
+
+#: outputs of the trainable model for a batch of inputs: features (classification) or logits
+Forward = Callable[[Tensor], Tensor]
+Head = dict[str, Tensor]
+
+
+class TaskKind(Protocol):
+    """What a stage needs to know about one kind of task."""
+
+    name: str
+    metrics: tuple[str, ...]  # what :meth:`score` computes; the first is the search's default
+    report_metrics: tuple[str, ...]  # extra metrics of the final test report
+
+    def fit_head(
+        self, forward: Forward, x: np.ndarray, y: np.ndarray, num_classes: int, what: str
+    ) -> Head:
+        """The task's frozen head from θ0's outputs on its training split (may be empty)."""
+        ...
+
+    def trainable(self, network: nn.Module, head: Head) -> nn.Module:
+        """The module an engine trains: ``network`` (θ or its linearization) and the head."""
+        ...
+
+    def loss(self, outputs: Tensor, inputs: Tensor, labels: Tensor) -> Tensor:
+        """The mean training loss of a batch from the trainable module's outputs."""
+        ...
+
+    def score(
+        self,
+        forward: Forward,
+        head: Head,
+        x: np.ndarray,
+        y: np.ndarray,
+        metric: str,
+        settings: Mapping[str, Any],
+    ) -> float:
+        """``metric`` of the model ``forward`` (under ``head``) on one split; higher is better
+        except ``nll``. ``settings`` is the spec's ``evaluation`` section."""
+        ...
+
+
+KINDS: dict[str, TaskKind] = {}
+_PACKAGE = Path(__file__).parent
+_FILES = tuple(
+    sorted(p.stem for p in _PACKAGE.glob("*.py") if p.stem not in ("__init__", "registry"))
+)
+
+
+def register_kind(kind: TaskKind) -> TaskKind:
+    """Register ``kind`` under its name, which must be its file's name (once)."""
+    module = type(kind).__module__.rsplit(".", 1)[-1]
+    if kind.name != module:
+        raise RuntimeError(f"task kind {kind.name!r} must live in workers/kinds/{kind.name}.py")
+    if kind.name in KINDS:
+        raise RuntimeError(f"task kind {kind.name!r} is registered twice")
+    KINDS[kind.name] = kind
+    return kind
+
+
+def get_kind(name: str) -> TaskKind:
+    """The registered kind ``name`` (every file of the package is imported on first use)."""
+    if not KINDS:
+        for stem in _FILES:
+            importlib.import_module(f"workers.kinds.{stem}")
+    if name not in KINDS:
+        raise ModelError(f"base_model.kind: unknown {name!r}; known: {sorted(KINDS)}")
+    return KINDS[name]
+
+
+def known_kinds() -> tuple[str, ...]:
+    """Every kind's name (the file names of this package)."""
+    return _FILES
+
+
+@torch.no_grad()
+def batched(forward: Forward, x: np.ndarray, batch_size: int) -> Tensor:
+    """``forward`` over ``x`` in batches of ``batch_size`` rows, concatenated."""
+    inputs = torch.as_tensor(x)
+    size = max(int(batch_size), 1)
+    return torch.cat([forward(inputs[i : i + size]) for i in range(0, len(inputs), size)])
