@@ -218,10 +218,12 @@ def fingerprint_pretrain(plan: Plan, datasets: dict[str, Splits]) -> str:
         from workers.models import huggingface as hf
 
         config = plan.base_model
+        gguf = config.get("gguf_file")
         directory = hf.resolve_model_dir(
-            config["model"], config.get("revision"), config.get("endpoint_url")
+            config["model"], config.get("revision"), config.get("endpoint_url"), gguf
         )
-        return base_model_key(config, f"{hf.directory_digest(directory)}/{hf.DIGEST_RULE}")
+        digest = hf.directory_digest(directory, gguf)
+        return base_model_key(config, f"{digest}/{hf.DIGEST_RULE}")
     pretrain = plan.base_model.get("pretrain")
     input_dim = next(iter(datasets.values())).input_dim
     pretrain_digest = None

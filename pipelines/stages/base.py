@@ -27,10 +27,9 @@ from storage.taskvectors import base_model_prefix, read_base_model, write_base_m
 from workers.data import Splits, load_dataset
 from workers.finetune import TrainConfig, train
 from workers.kinds import TaskKind, get_kind
+from workers.kinds.registry import TRANSFORMERS  # the base artifact's folder of HF files
 from workers.models import build_backbone
 from workers.models import huggingface as hf
-
-TRANSFORMERS = "transformers"  # the base artifact's folder of HF config + tokenizer files
 
 
 def pretrain_base_job(
@@ -92,20 +91,18 @@ def _build_builtin(
 def _load_hf(
     base_model: dict[str, Any],
 ) -> tuple[dict[str, torch.Tensor], dict[str, bytes], dict[str, float], str]:
-    """θ0, the config and tokenizer files, metrics, and the digest of the directory's weights
-    (:func:`hf.weights_digest`, which ``mergeline merge --base DIR`` computes too)."""
+    """θ0, the config and tokenizer files, metrics, and the digest the task vectors record
+    (for an encoder :func:`hf.weights_digest`, which ``mergeline merge --base DIR`` computes
+    too). A GGUF base is dequantized here, once: later stages read θ0 from the store."""
+    gguf = base_model.get("gguf_file")
     directory = hf.resolve_model_dir(
-        base_model["model"], base_model.get("revision"), base_model.get("endpoint_url")
+        base_model["model"], base_model.get("revision"), base_model.get("endpoint_url"), gguf
     )
-    backbone = hf.load_encoder(
-        directory, pooling=base_model["pooling"], attention=base_model["attn_implementation"]
-    )
-    files = hf.config_and_tokenizer_files(directory)
-    hf.load_tokenizer(directory)  # a model without a usable tokenizer fails here, once
-    state = {k: v.detach().clone().contiguous() for k, v in backbone.state_dict().items()}
-    extra = {f"{TRANSFORMERS}/{name}": data for name, data in files.items()}
+    loaded = kind_of(base_model).load_pretrained(directory, base_model)
+    state = {k: v.detach().clone().contiguous() for k, v in loaded.network.state_dict().items()}
+    extra = {f"{TRANSFORMERS}/{name}": data for name, data in loaded.files.items()}
     metrics = {"parameters": float(sum(v.numel() for v in state.values()))}
-    return state, extra, metrics, hf.weights_digest(directory)
+    return state, extra, metrics, loaded.digest
 
 
 def kind_of(config: dict[str, Any]) -> TaskKind:
@@ -133,15 +130,23 @@ class Base:
         metric = evaluation.get("metric") or self.kind.metrics[0]
         return dict(evaluation) | {"metric": metric, "tokenizer": self.tokenizer}
 
-    def inputs(self, splits: Splits, what: str) -> Splits:
-        """Raw splits -> backbone inputs (texts tokenized; features as they are)."""
+    def inputs(self, splits: Splits, what: str, dataset: dict[str, Any] | None = None) -> Splits:
+        """Raw splits -> backbone inputs (texts tokenized the kind's way; features as they
+        are). Rows the kind drops (``dataset.overflow: drop``) leave their labels too."""
         if self.tokenizer is None:
             if splits.is_text:
                 raise DataError(f"{what}: holds texts but the base model has no tokenizer")
             return splits
         if not splits.is_text:
             raise DataError(f"{what}: the Hugging Face base reads texts: set text_column")
-        return splits.with_inputs(lambda x: hf.tokenize(x, self.tokenizer, self.max_length))
+        encoded = {}
+        for name in ("train", "val", "test"):
+            x, y = splits.split(name)
+            inputs, kept = self.kind.encode(
+                x, self.tokenizer, self.max_length, dataset or {}, f"{what} ({name} split)"
+            )
+            encoded[name] = (inputs, y[kept])
+        return Splits(*encoded["train"], *encoded["val"], *encoded["test"], splits.num_classes)
 
 
 def open_base(store_cfg: dict[str, Any], key: str, base_meta: dict[str, Any]) -> Base:
@@ -153,16 +158,14 @@ def open_base(store_cfg: dict[str, Any], key: str, base_meta: dict[str, Any]) ->
         backbone.load_state_dict(theta0)
         return Base(backbone, theta0, kind_of(config))
     directory = base_files(store_cfg, key, base_meta)
-    backbone = hf.encoder_from_files(
-        directory, theta0, config["pooling"], config["attn_implementation"]
-    )
+    backbone = kind_of(config).from_files(directory, theta0, config)
     return Base(
         backbone, theta0, kind_of(config), hf.load_tokenizer(directory), int(config["max_length"])
     )
 
 
 def load_task_data(base: Base, dataset: dict[str, Any], evaluation: dict[str, Any], what: str):
-    return base.inputs(load_dataset(dataset, evaluation, what), what)
+    return base.inputs(load_dataset(dataset, evaluation, what), what, dataset)
 
 
 def base_files(store_cfg: dict[str, Any], key: str, base_meta: dict[str, Any]) -> Path:

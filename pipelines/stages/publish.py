@@ -12,20 +12,17 @@ through the MLflow model.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import torch
 
 from pipelines.plan import Candidate
-from pipelines.stages.base import TRANSFORMERS, base_files, load_base
+from pipelines.stages.base import base_files, kind_of, load_base
 from pipelines.stages.publish_tall import write_tall_model
 from storage.objectstore import open_store_from
 from storage.taskvectors import read_task_vector, write_merged_model
-from storage.tensors import tensors_to_bytes
 from workers.finetune import pack_linearized
 from workers.merge import merge
-from workers.models import huggingface as hf
 
 Tensors = dict[str, torch.Tensor]
 
@@ -71,26 +68,7 @@ def export_files(
     merged: Tensors | None,
     heads: dict[str, Tensors],
 ) -> dict[str, bytes]:
-    """The ``transformers/`` folder and the heads beside it (see the module docstring)."""
+    """The kind's published files (see the module docstring) from the base's HF files."""
     directory = base_files(store_cfg, base_key, base_meta)
-    files = {
-        f"{TRANSFORMERS}/{n}": data for n, data in hf.config_and_tokenizer_files(directory).items()
-    }
-    if merged is not None:
-        weights = {k: v.contiguous() for k, v in hf.hf_state_names(merged).items()}
-        files[f"{TRANSFORMERS}/{hf.WEIGHTS}"] = tensors_to_bytes(weights, {"format": "pt"})
-    model = base_meta["config"]
-    files["heads.safetensors"] = tensors_to_bytes(
-        {f"{task}.{part}": value for task, head in heads.items() for part, value in head.items()}
-    )
-    files["heads.json"] = json.dumps(
-        {
-            "pooling": model["pooling"],
-            "max_length": model["max_length"],
-            "transformers_weights": merged is not None,
-            "tasks": {task: int(head["weight"].shape[0]) for task, head in heads.items()},
-        },
-        indent=1,
-        sort_keys=True,
-    ).encode()
-    return files
+    config = base_meta["config"]
+    return kind_of(config).export(directory, merged, heads, config)

@@ -8,14 +8,16 @@ pass: the search's default), ``exact_match`` (greedy generation, the final repor
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from torch import Tensor, nn
 
 from storage.errors import ModelError
-from workers.kinds.registry import Forward, Head, register_kind
+from workers.kinds.registry import TRANSFORMERS, Forward, Head, Pretrained, register_kind
 
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_MAX_NEW_TOKENS = 16
@@ -66,6 +68,57 @@ class CausalLanguageModel:
                 lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
             )
         raise ModelError(f"causal_lm has no metric {metric!r}; known: {list(self.metrics)}")
+
+    # ---------------------------------------------------------------- Hugging Face models
+    def load_pretrained(self, directory: Path, config: Mapping[str, Any]) -> Pretrained:
+        from storage.digest import digest_state
+        from workers.models import causal_lm
+
+        model, tokenizer = causal_lm.load_causal_lm(
+            directory, config.get("gguf_file"), config["attn_implementation"]
+        )
+        files = causal_lm.causal_lm_files(model, tokenizer)
+        return Pretrained(model, files, digest_state(model.state_dict()))
+
+    def from_files(
+        self, directory: Path, state: Mapping[str, Tensor], config: Mapping[str, Any]
+    ) -> nn.Module:
+        from workers.models import causal_lm
+
+        return causal_lm.causal_lm_from_files(directory, dict(state), config["attn_implementation"])
+
+    def encode(
+        self, x: np.ndarray, tokenizer: Any, max_length: int, dataset: Mapping[str, Any], what: str
+    ) -> tuple[np.ndarray, np.ndarray]:
+        from workers.data.prompts import encode_prompts
+
+        return encode_prompts(x, tokenizer, max_length, dataset.get("overflow", "refuse"), what)
+
+    def export(
+        self,
+        directory: Path,
+        merged: Mapping[str, Tensor] | None,
+        heads: Mapping[str, Head],
+        config: Mapping[str, Any],
+    ) -> dict[str, bytes]:
+        """A Hugging Face directory under ``transformers/`` (config, sharded safetensors,
+        tokenizer, generation config) that ``AutoModelForCausalLM`` loads; without ``merged``
+        (a linear-mode merge) the config and tokenizer files only."""
+        from workers.models import causal_lm
+
+        if merged is None:
+            return {
+                f"{TRANSFORMERS}/{path.name}": path.read_bytes()
+                for path in sorted(directory.iterdir())
+                if path.is_file()
+            }
+        with tempfile.TemporaryDirectory(prefix="mergeline-export-") as out:
+            causal_lm.export_directory(directory, dict(merged), Path(out))
+            return {
+                f"{TRANSFORMERS}/{path.relative_to(out)}": path.read_bytes()
+                for path in sorted(Path(out).rglob("*"))
+                if path.is_file()
+            }
 
 
 register_kind(CausalLanguageModel())

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -10,8 +12,10 @@ import torch
 from torch import Tensor, nn
 
 from storage.errors import DataError
+from storage.tensors import tensors_to_bytes
 from workers.finetune.engine import Classifier
-from workers.kinds.registry import Forward, Head, register_kind
+from workers.kinds.registry import TRANSFORMERS, Forward, Head, Pretrained, register_kind
+from workers.models import huggingface as hf
 from workers.models.heads import apply_head, fit_linear_probe
 
 
@@ -52,6 +56,59 @@ class Classification:
         logits = apply_head(head, forward(torch.as_tensor(x)))
         labels = torch.as_tensor(y)
         return int((logits.argmax(dim=1) == labels).sum()) / max(len(labels), 1)
+
+    # ---------------------------------------------------------------- Hugging Face encoders
+    def load_pretrained(self, directory: Path, config: Mapping[str, Any]) -> Pretrained:
+        encoder = hf.load_encoder(
+            directory, pooling=config["pooling"], attention=config["attn_implementation"]
+        )
+        hf.load_tokenizer(directory)  # a model without a usable tokenizer fails here, once
+        return Pretrained(
+            encoder, hf.config_and_tokenizer_files(directory), hf.weights_digest(directory)
+        )
+
+    def from_files(
+        self, directory: Path, state: Mapping[str, Tensor], config: Mapping[str, Any]
+    ) -> nn.Module:
+        return hf.encoder_from_files(
+            directory, dict(state), config["pooling"], config["attn_implementation"]
+        )
+
+    def encode(
+        self, x: np.ndarray, tokenizer: Any, max_length: int, dataset: Mapping[str, Any], what: str
+    ) -> tuple[np.ndarray, np.ndarray]:
+        return hf.tokenize(x, tokenizer, max_length), np.arange(len(x))
+
+    def export(
+        self,
+        directory: Path,
+        merged: Mapping[str, Tensor] | None,
+        heads: Mapping[str, Head],
+        config: Mapping[str, Any],
+    ) -> dict[str, bytes]:
+        """The encoder under its own names (``transformers/``) and the heads beside it:
+        ``heads.safetensors`` (``<task>.weight``, ``<task>.bias``) with ``heads.json``."""
+        files = {
+            f"{TRANSFORMERS}/{n}": data
+            for n, data in hf.config_and_tokenizer_files(directory).items()
+        }
+        if merged is not None:
+            weights = {k: v.contiguous() for k, v in hf.hf_state_names(dict(merged)).items()}
+            files[f"{TRANSFORMERS}/{hf.WEIGHTS}"] = tensors_to_bytes(weights, {"format": "pt"})
+        files["heads.safetensors"] = tensors_to_bytes(
+            {f"{task}.{part}": v for task, head in heads.items() for part, v in head.items()}
+        )
+        files["heads.json"] = json.dumps(
+            {
+                "pooling": config["pooling"],
+                "max_length": config["max_length"],
+                "transformers_weights": merged is not None,
+                "tasks": {task: int(head["weight"].shape[0]) for task, head in heads.items()},
+            },
+            indent=1,
+            sort_keys=True,
+        ).encode()
+        return files
 
 
 register_kind(Classification())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -13,6 +14,7 @@ from torch import Tensor, nn
 
 from storage.errors import ModelError
 
+TRANSFORMERS = "transformers"  # the folder of a published merge that transformers loads
 #: outputs of the trainable model for a batch of inputs: features (classification) or logits
 Forward = Callable[[Tensor], Tensor]
 Head = dict[str, Tensor]
@@ -50,6 +52,47 @@ class TaskKind(Protocol):
     ) -> float:
         """``metric`` of the model ``forward`` (under ``head``) on one split; higher is better
         except ``nll``. ``settings`` is the spec's ``evaluation`` section."""
+        ...
+
+
+@dataclass(frozen=True)
+class Pretrained:
+    """A Hugging Face base as a kind loads it: the network at θ0, the config and tokenizer
+    files that rebuild it (file name -> bytes), and the digest its task vectors record."""
+
+    network: nn.Module
+    files: dict[str, bytes]
+    digest: str
+
+
+class HFKind(Protocol):
+    """What a kind adds for Hugging Face bases (``base_model.source: hf``)."""
+
+    def load_pretrained(self, directory: Path, config: Mapping[str, Any]) -> Pretrained:
+        """The base from the resolved model directory (or its GGUF file)."""
+        ...
+
+    def from_files(
+        self, directory: Path, state: Mapping[str, Tensor], config: Mapping[str, Any]
+    ) -> nn.Module:
+        """The network from stored config files and a state (θ0 or merged)."""
+        ...
+
+    def encode(
+        self, x: np.ndarray, tokenizer: Any, max_length: int, dataset: Mapping[str, Any], what: str
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Raw inputs of one split -> the network's int64 inputs, and the kept rows' indices."""
+        ...
+
+    def export(
+        self,
+        directory: Path,
+        merged: Mapping[str, Tensor] | None,
+        heads: Mapping[str, Head],
+        config: Mapping[str, Any],
+    ) -> dict[str, bytes]:
+        """The published files beside a merge: a transformers directory and what serves it.
+        ``merged`` is None where no plain transformers model computes the merge."""
         ...
 
 

@@ -162,41 +162,46 @@ def packaged_minilm() -> Path:
 
 
 def resolve_model_dir(
-    location: str, revision: str | None = None, endpoint_url: str | None = None
+    location: str,
+    revision: str | None = None,
+    endpoint_url: str | None = None,
+    gguf_file: str | None = None,
 ) -> Path:
-    """A spec's model location -> a local directory holding config.json and the weights.
+    """A spec's model location -> a local directory holding config.json and the weights (or
+    the GGUF file ``gguf_file``, which holds both).
 
     ``package:NAME/SUB`` is a folder inside an installed Python package; ``s3://`` prefixes are
     copied once into the local cache (``MERGELINE_CACHE``, default ``~/.cache/mergeline``);
     anything else that is not a directory is a Hugging Face Hub id (needs network access).
     """
+    required = gguf_file or "config.json"
     if location.startswith("package:"):
-        return _package_dir(location)
+        return _package_dir(location, required)
     if location.startswith("s3://"):
-        return _copy_s3_dir(location, endpoint_url)
+        return _copy_s3_dir(location, endpoint_url, gguf_file)
     path = Path(location).expanduser()
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelError(f"base_model.model {location!r} holds no config.json")
+        if not (path / required).is_file():
+            raise ModelError(f"base_model.model {location!r} holds no {required}")
         return path
     if location.startswith(("/", ".", "~")) or not _HUB_ID.fullmatch(location):
         raise ModelError(f"base_model.model {location!r} is not a directory: check the path")
-    return _hub_snapshot(location, revision)
+    return _hub_snapshot(location, revision, gguf_file)
 
 
-def _package_dir(location: str) -> Path:
+def _package_dir(location: str, required: str = "config.json") -> Path:
     name, _, sub = location[len("package:") :].partition("/")
     spec = importlib.util.find_spec(name) if name else None
     if spec is None or not spec.submodule_search_locations:
         hint = f" (pip install {name.replace('_', '-')})" if name else ""
         raise ModelError(f"base_model.model {location!r}: no installed package {name!r}{hint}")
     directory = Path(next(iter(spec.submodule_search_locations))) / sub
-    if not (directory / "config.json").is_file():
-        raise ModelError(f"base_model.model {location!r}: {directory} holds no config.json")
+    if not (directory / required).is_file():
+        raise ModelError(f"base_model.model {location!r}: {directory} holds no {required}")
     return directory
 
 
-def _copy_s3_dir(location: str, endpoint_url: str | None) -> Path:
+def _copy_s3_dir(location: str, endpoint_url: str | None, gguf_file: str | None = None) -> Path:
     """Copy the model files under an s3:// prefix to the local cache (same URI, same folder)."""
     from storage.objectstore import open_store
 
@@ -204,11 +209,16 @@ def _copy_s3_dir(location: str, endpoint_url: str | None) -> Path:
     cache = Path(os.environ.get("MERGELINE_CACHE", "~/.cache/mergeline")).expanduser()
     target = cache / "models" / hashlib.sha256(prefix.encode()).hexdigest()[:24]
     store = open_store(prefix, endpoint_url)
-    names = [n for n in (*CONFIG_FILES, WEIGHTS) if store.exists(n)]
-    if "config.json" not in names or WEIGHTS not in names:
-        raise ModelError(
-            f"base_model.model {location!r}: needs config.json and {WEIGHTS} under the prefix"
-        )
+    if gguf_file is not None:
+        names = [n for n in (*CONFIG_FILES, gguf_file) if store.exists(n)]
+        if gguf_file not in names:
+            raise ModelError(f"base_model.model {location!r}: no {gguf_file} under the prefix")
+    else:
+        names = [n for n in (*CONFIG_FILES, WEIGHTS) if store.exists(n)]
+        if "config.json" not in names or WEIGHTS not in names:
+            raise ModelError(
+                f"base_model.model {location!r}: needs config.json and {WEIGHTS} under the prefix"
+            )
     target.mkdir(parents=True, exist_ok=True)
     for name in names:
         data = store.get(name)
@@ -220,7 +230,8 @@ def _copy_s3_dir(location: str, endpoint_url: str | None) -> Path:
     return target
 
 
-def _hub_snapshot(model_id: str, revision: str | None) -> Path:
+def _hub_snapshot(model_id: str, revision: str | None, gguf_file: str | None = None) -> Path:
+    weights = [gguf_file] if gguf_file else [WEIGHTS, "*.safetensors"]
     try:
         from huggingface_hub import snapshot_download
 
@@ -228,7 +239,7 @@ def _hub_snapshot(model_id: str, revision: str | None) -> Path:
             snapshot_download(
                 model_id,
                 revision=revision,
-                allow_patterns=[*CONFIG_FILES, WEIGHTS, "*.safetensors", "*.json"],
+                allow_patterns=[*CONFIG_FILES, *weights, "*.json"],
             )
         )
     except Exception as error:  # offline, unknown id, gated: one line, not a traceback
@@ -244,10 +255,11 @@ def config_and_tokenizer_files(directory: Path) -> dict[str, bytes]:
     return {n: (directory / n).read_bytes() for n in CONFIG_FILES if (directory / n).is_file()}
 
 
-def directory_digest(directory: Path) -> str:
-    """sha256 over a model directory's config, tokenizer and weights files (name and bytes)."""
+def directory_digest(directory: Path, gguf_file: str | None = None) -> str:
+    """sha256 over a model directory's config, tokenizer and weights files (name and bytes);
+    with ``gguf_file``, over that file (it holds the weights and the tokenizer)."""
     hasher = hashlib.sha256()
-    for name in sorted((*CONFIG_FILES, WEIGHTS)):
+    for name in sorted((gguf_file,) if gguf_file else (*CONFIG_FILES, WEIGHTS)):
         path = directory / name
         if not path.is_file():
             continue
