@@ -30,7 +30,10 @@ class SearchSettings:
 
 def resolve_search(spec: Spec) -> SearchSettings:
     linear = spec.finetune.mode == "linear"
-    fast = linear and spec.merge.fast_path == "auto"
+    # The causal-LM fast path (cached last hidden states through the frozen LM head) is not
+    # built yet: a causal LM's candidates are scored by real linearized forward passes.
+    exact = getattr(spec.base_model, "kind", "classification") == "classification"
+    fast = linear and spec.merge.fast_path == "auto" and exact
     per_task = spec.merge.search.per_task
     if per_task is None:
         per_task = (
@@ -63,6 +66,14 @@ def check_search(spec: Spec, origin: str) -> None:
                 )
         if negate.target == negate.control:
             raise SpecError(f"{origin}: merge.negate: target and control must differ")
+    if (
+        getattr(spec.base_model, "kind", "classification") != "classification"
+        and spec.merge.search.surrogate != "none"
+    ):
+        raise SpecError(
+            f"{origin}: merge.search.surrogate scores through a classifier's head: a "
+            "causal_lm's candidates are scored by forward passes (set it to 'none')"
+        )
     if spec.finetune.mode == "linear" and spec.merge.search.surrogate != "none":
         raise SpecError(
             f"{origin}: merge.search.surrogate is for standard-mode task vectors; in linear "
