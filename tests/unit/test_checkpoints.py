@@ -26,8 +26,8 @@ from storage.objectstore import open_store
 from storage.runstate import begin_run, finish_run, read_run_state, unfinished_run
 from workers.finetune import DivergenceError, TrainConfig
 from workers.finetune.checkpoint import decode_state, encode_state
-from workers.finetune.deepspeed_engine import deepspeed_config
-from workers.finetune.engine import Classifier, TorchEngine
+from workers.finetune.deepspeed_engine import DeepSpeedEngine, deepspeed_config, inputs_for
+from workers.finetune.engine import Classifier, TorchEngine, cross_entropy
 from workers.finetune.loop import fit
 from workers.models import build_backbone
 
@@ -196,6 +196,29 @@ def test_deepspeed_config_comes_from_the_spec() -> None:
     assert config["zero_optimization"] == {"stage": 2, "compute_grad_norm": False}
     gpu = deepspeed_config(CONFIG, zero_stage=1, world_size=1, bf16=True)
     assert gpu["bf16"] == {"enabled": True} and gpu["zero_optimization"] == {"stage": 1}
+
+
+def test_deepspeed_casts_only_floating_inputs_to_bf16() -> None:
+    cpu = torch.device("cpu")
+    ids = torch.tensor([[3, 300, 7]])  # 300 is not exactly representable in bf16
+    features = torch.ones(1, 3)
+    assert inputs_for(ids, cpu, bf16=True).dtype == torch.int64
+    assert torch.equal(inputs_for(ids, cpu, bf16=True), ids)
+    assert inputs_for(features, cpu, bf16=True).dtype == torch.bfloat16
+    assert inputs_for(features, cpu, bf16=False).dtype == torch.float32
+    # The engine's own loss hands its module what inputs_for made (no DeepSpeed needed).
+    seen: list[torch.dtype] = []
+
+    def module(inputs: torch.Tensor) -> torch.Tensor:
+        seen.append(inputs.dtype)
+        return torch.zeros(len(inputs), 2)
+
+    engine = object.__new__(DeepSpeedEngine)
+    engine.engine, engine.device, engine.bf16 = module, cpu, True
+    engine.loss_fn = cross_entropy
+    engine.loss(ids, torch.tensor([0]))
+    engine.loss(features, torch.tensor([0]))
+    assert seen == [torch.int64, torch.bfloat16]
 
 
 def test_a_failing_task_fails_the_run_or_is_left_out(tiny_spec: dict) -> None:

@@ -99,6 +99,16 @@ def _deepspeed():
     return deepspeed
 
 
+def inputs_for(inputs: Tensor, device: torch.device, bf16: bool) -> Tensor:
+    """``inputs`` on ``device``; floating-point features in bf16 when the engine trains in bf16.
+
+    Integer inputs (token ids, packed text batches) keep their dtype: an embedding lookup needs
+    integers, and bf16 could not even represent ids above 256 exactly.
+    """
+    dtype = torch.bfloat16 if bf16 and inputs.is_floating_point() else inputs.dtype
+    return inputs.to(device, dtype)
+
+
 class DeepSpeedEngine:
     """Adam through ``deepspeed.initialize``; one instance per worker process."""
 
@@ -138,8 +148,7 @@ class DeepSpeedEngine:
         self.partitioned = any(hasattr(p, "_hp_mapping") for p in self.parameters.values())
 
     def loss(self, inputs: Tensor, labels: Tensor) -> Tensor:
-        dtype = torch.bfloat16 if self.bf16 else inputs.dtype
-        inputs = inputs.to(self.device, dtype)
+        inputs = inputs_for(inputs, self.device, self.bf16)
         return self.loss_fn(self.engine(inputs), inputs, labels)
 
     def mean(self, value: float) -> float:

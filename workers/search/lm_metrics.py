@@ -1,0 +1,202 @@
+"""Training loss and validation metrics of causal language models on packed completion batches.
+
+A batch is ``packed``, int64 of shape ``(rows, 3, length)``: token ids, attention mask (right
+padded) and completion mask (1 exactly on the completion's tokens; the prompt is the real tokens
+before them). A model is any ``logits_fn(packed) -> (rows, L', vocab)`` with ``L' <= length``
+(trimmed to the longest row); position ``t`` predicts token ``t + 1``.
+
+Greedy generation keeps rows right-padded and runs the whole prefix at every step, without a
+KV cache (a ``logits_fn`` is a plain function): each row's next token is read at its own last
+real position. Left padding would shift the positions of a shorter prompt's tokens, since
+Hugging Face's Llama numbers positions ``0..L'-1`` whatever the mask, and ``logits_fn`` passes no
+position ids; right padding gives every row the positions it has alone, so a batch generates
+what each prompt generates by itself.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Collection, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.nn import functional
+
+from storage.errors import DataError
+
+LogitsFn = Callable[[Tensor], Tensor]
+Packed = np.ndarray | Tensor
+IDS, ATTENTION, COMPLETION = 0, 1, 2
+
+
+def completion_logits(logits: Tensor, packed: Packed) -> tuple[Tensor, Tensor]:
+    """The logits that predict completion tokens, ``(n, vocab)``, and those tokens, ``(n,)``.
+
+    Only completion tokens are targets; a completion's first token is predicted at the prompt's
+    last position. ``logits`` may be shorter than ``length`` (trimmed to the longest row).
+    """
+    packed = torch.as_tensor(packed).to(logits.device)
+    if logits.shape[0] != packed.shape[0] or logits.shape[1] > packed.shape[2]:
+        raise ValueError(f"logits {tuple(logits.shape)} do not fit packed {tuple(packed.shape)}")
+    length = logits.shape[1]
+    if bool(packed[:, COMPLETION, length:].any()):
+        raise ValueError(f"completion tokens beyond the logits' {length} positions")
+    targets = packed[:, COMPLETION, 1:length].bool()
+    return logits[:, :-1][targets], packed[:, IDS, 1:length][targets].long()
+
+
+def completion_loss(logits: Tensor, packed: Packed) -> Tensor:
+    """Mean next-token cross entropy over the batch's completion tokens (token-weighted)."""
+    predicting, tokens = completion_logits(logits, packed)
+    if len(tokens) == 0:
+        raise DataError("a batch has no completion tokens to train on: check its completion mask")
+    return functional.cross_entropy(predicting.float(), tokens)
+
+
+def _batches(packed: Packed, batch_size: int) -> Iterator[Tensor]:
+    packed = torch.as_tensor(packed)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+    for start in range(0, len(packed), batch_size):
+        yield packed[start : start + batch_size]
+
+
+def _split_mean(total: float, count: int, what: str) -> float:
+    if count == 0:
+        raise DataError(f"no completion tokens to score {what} on: check the completion mask")
+    return total / count
+
+
+@torch.no_grad()
+def token_accuracy(logits_fn: LogitsFn, packed: Packed, batch_size: int) -> float:
+    """Teacher-forced next-token accuracy (argmax) over all completion tokens of the split."""
+    right = count = 0
+    for batch in _batches(packed, batch_size):
+        predicting, tokens = completion_logits(logits_fn(batch), batch)
+        right += int((predicting.argmax(dim=-1) == tokens).sum())
+        count += len(tokens)
+    return _split_mean(right, count, "token accuracy")
+
+
+@torch.no_grad()
+def nll(logits_fn: LogitsFn, packed: Packed, batch_size: int) -> float:
+    """Mean negative log-likelihood per completion token over the split (nats)."""
+    total, count = 0.0, 0
+    for batch in _batches(packed, batch_size):
+        predicting, tokens = completion_logits(logits_fn(batch), batch)
+        total += float(functional.cross_entropy(predicting.float(), tokens, reduction="sum"))
+        count += len(tokens)
+    return _split_mean(total, count, "nll")
+
+
+def prompts_of(packed: Packed) -> list[Tensor]:
+    """Each row's prompt ids: its real tokens before the completion (a prefix of the row)."""
+    packed = torch.as_tensor(packed).cpu()
+    prompt = packed[:, ATTENTION].bool() & ~packed[:, COMPLETION].bool()
+    lengths = prompt.sum(dim=1)
+    if not torch.equal(prompt, torch.arange(prompt.shape[1]) < lengths[:, None]):
+        raise DataError("a row's prompt is not a prefix of its tokens: check the masks")
+    if bool((lengths == 0).any()):
+        raise DataError("a row has an empty prompt: there is nothing to generate from")
+    return [row[:n] for row, n in zip(packed[:, IDS], lengths.tolist(), strict=True)]
+
+
+def _stop_ids(eos_id: int | Collection[int] | None) -> set[int]:
+    if eos_id is None:
+        return set()
+    return {eos_id} if isinstance(eos_id, int) else set(eos_id)
+
+
+@torch.no_grad()
+def generate_greedy(
+    logits_fn: LogitsFn,
+    packed: Packed,
+    batch_size: int,
+    max_new_tokens: int,
+    eos_id: int | Collection[int] | None,
+) -> list[list[int]]:
+    """Greedy continuation ids of each row's prompt, eos included, as ``generate()`` returns.
+
+    A row stops after an ``eos_id`` token or ``max_new_tokens`` tokens. No KV cache: see the
+    module docstring for why rows stay right-padded.
+    """
+    stops = _stop_ids(eos_id)
+    generated: list[list[int]] = []
+    for batch in _batches(packed, batch_size):
+        prompts = prompts_of(batch)
+        lengths = torch.tensor([len(p) for p in prompts])
+        rows = torch.zeros(len(prompts), 3, int(lengths.max()) + max_new_tokens, dtype=torch.int64)
+        for row, prompt in zip(rows, prompts, strict=True):
+            row[IDS, : len(prompt)] = prompt
+            row[ATTENTION, : len(prompt)] = 1
+        new: list[list[int]] = [[] for _ in prompts]
+        active = list(range(len(prompts)))
+        for _ in range(max_new_tokens):
+            if not active:
+                break
+            width = int(lengths[active].max())
+            logits = logits_fn(rows[active, :, :width])
+            last = (lengths[active] - 1).to(logits.device)
+            chosen = logits[torch.arange(len(active), device=logits.device), last].argmax(dim=-1)
+            for index, token in zip(active, chosen.tolist(), strict=True):
+                rows[index, IDS, lengths[index]] = token
+                rows[index, ATTENTION, lengths[index]] = 1
+                lengths[index] += 1
+                new[index].append(token)
+            active = [i for i in active if new[i][-1] not in stops]
+        generated.extend(new)
+    return generated
+
+
+def greedy_completions(
+    logits_fn: LogitsFn,
+    packed: Packed,
+    batch_size: int,
+    max_new_tokens: int,
+    eos_id: int | Collection[int] | None,
+    decode: Callable[[list[int]], str],
+) -> list[str]:
+    """The decoded greedy completion of each row's prompt (see :func:`generate_greedy`)."""
+    ids = generate_greedy(logits_fn, packed, batch_size, max_new_tokens, eos_id)
+    return [decode(row) for row in ids]
+
+
+def normalize_answer(text: str, end_texts: Collection[str] = ()) -> str:
+    """Lowercase, whitespace collapsed and stripped, less a trailing end-of-turn/eos text."""
+    text = re.sub(r"\s+", " ", text).strip().lower()
+    for end in sorted({re.sub(r"\s+", " ", e).strip().lower() for e in end_texts} - {""}):
+        text = text.removesuffix(end).strip()
+    return text
+
+
+def reference_completions(packed: Packed) -> list[list[int]]:
+    """Each row's completion ids (its completion-masked tokens)."""
+    packed = torch.as_tensor(packed).cpu()
+    completion = packed[:, COMPLETION].bool()
+    return [row[mask].tolist() for row, mask in zip(packed[:, IDS], completion, strict=True)]
+
+
+def exact_match(
+    logits_fn: LogitsFn,
+    packed: Packed,
+    batch_size: int,
+    max_new_tokens: int,
+    eos_id: int | Collection[int] | None,
+    decode: Callable[[list[int]], str],
+) -> float:
+    """Fraction of rows whose greedy completion equals the reference after normalisation.
+
+    Both sides go through ``decode`` (skipping special tokens is the caller's choice) and then
+    :func:`normalize_answer`, which also drops a trailing ``decode([eos])`` text.
+    """
+    generated = greedy_completions(logits_fn, packed, batch_size, max_new_tokens, eos_id, decode)
+    if not generated:
+        raise DataError("no rows to score exact match on")
+    ends = [decode([token]) for token in _stop_ids(eos_id)]
+    references = [decode(ids) for ids in reference_completions(packed)]
+    matches = sum(
+        normalize_answer(answer, ends) == normalize_answer(reference, ends)
+        for answer, reference in zip(generated, references, strict=True)
+    )
+    return matches / len(generated)
