@@ -99,7 +99,14 @@ def finetune_config_for_key(finetune: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in finetune.items() if k not in EXECUTION_ONLY}
 
 
-def task_vector_key(base_digest: str, dataset_digest: str, finetune: dict[str, Any]) -> str:
+def task_vector_key(
+    base_digest: str,
+    dataset_digest: str,
+    finetune: dict[str, Any],
+    kind_settings: dict[str, Any] | None = None,
+) -> str:
+    """``kind_settings``: what else the task kind's stored vector depends on (how a causal
+    LM's rows are rendered and scored); none for a classifier, whose keys stay as they were."""
     return digest_json(
         {
             "base": base_digest,
@@ -107,6 +114,7 @@ def task_vector_key(base_digest: str, dataset_digest: str, finetune: dict[str, A
             "finetune": finetune_config_for_key(finetune),
             "format": FORMAT_VERSION,
         }
+        | ({"kind": kind_settings} if kind_settings else {})
     )[:32]
 
 

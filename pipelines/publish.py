@@ -12,12 +12,14 @@ import ray
 from pipelines.plan import Candidate, Plan
 from pipelines.raysession import get
 from pipelines.selection import champion_score, decide_promotion
+from pipelines.stages.base import kind_of
 from pipelines.stages.publish import merge_and_store_job
 from storage.artifacts import find_artifact
 from storage.localfiles import copy_artifact
 from storage.objectstore import FsspecStore
 from storage.taskvectors import base_model_prefix
 from storage.tracking_guard import GuardedTracker
+from workers.kinds.registry import TRANSFORMERS
 
 SERVING_CODE = Path(__file__).with_name("serving.py")
 SERVING_TEXT_CODE = Path(__file__).with_name("serving_text.py")  # a Hugging Face base: texts in
@@ -127,7 +129,10 @@ def publish(
     registered = tracker.find_run_version(name, run_id)
     if registered is not None:  # this run registered it before it was interrupted: reuse it
         return result | _registered_before(tracker, registered, aliases, promotion)
+    kind = kind_of(base_meta["config"])
     with _local_copy(store, stored["prefix"]) as model_dir:
+        hf_dir = model_dir / TRANSFORMERS
+        flavor = kind.mlflow_task is not None and any(hf_dir.glob("*.safetensors"))
         published = tracker.publish(
             str(model_dir),
             str(SERVING_TEXT_CODE if base_meta["input_dim"] == 0 else SERVING_CODE),
@@ -136,6 +141,7 @@ def publish(
             aliases,
             {f"test_{k}": v for k, v in test_scores.items()},
             serving=(base_meta["input_dim"], {"task": plan.task_names[0]}),
+            transformers_dir=str(hf_dir) if flavor else None,
         )
     if published is None:  # tracking failed just now, under tracking.on_error: warn
         reason = f"not registered: {tracker.disabled}"

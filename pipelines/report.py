@@ -28,10 +28,14 @@ def build_summary(
     rebuilt: dict[str, str | None] | None = None,
     started: str | None = None,
     skipped: dict[str, str] | None = None,
+    scoring: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """``rebuilt`` maps each task to why it was fine-tuned (None: a cache hit); ``skipped``
-    (under ``finetune.on_task_failure: skip``) each task left out of the merge to why."""
+    (under ``finetune.on_task_failure: skip``) each task left out of the merge to why;
+    ``scoring``: the metric the scores are in, and the kind's report metrics of the merge on
+    test (``{"metric": ..., "report": {metric: {task: score}}}``)."""
     names = plan.task_names
+    scoring = scoring or {"metric": "accuracy", "report": {}}
     return {
         "run_id": run_id,
         "status": "succeeded",
@@ -40,6 +44,7 @@ def build_summary(
             "name": plan.spec.name,
             "digest": plan.spec_digest,
             "objective": plan.spec.merge.objective,
+            "metric": scoring["metric"],
         },
         "mode": plan.finetune["mode"],
         "tasks": {
@@ -50,6 +55,7 @@ def build_summary(
                 "rebuilt_reason": (rebuilt or {}).get(name),
                 "zero_shot": dict(info["meta"]["zero_shot"]),
                 "finetuned": dict(info["meta"]["finetuned"]),
+                **({"report": info["meta"]["report"]} if info["meta"].get("report") else {}),
                 **execution_keys(info),
             }
             for name, info in tasks.items()
@@ -65,7 +71,11 @@ def build_summary(
             "params": dict(best.params),
             "coefficients": best.coefficients_for(names),
             "val": dict(best_row["objective"]),
-            "test": {**test_scores, "per_task": dict(test)},
+            "test": {
+                **test_scores,
+                "per_task": dict(test),
+                **({"report": scoring["report"]} if scoring["report"] else {}),
+            },
         },
         "model": {key: published[key] for key in MODEL_KEYS},
         "timings": {key: round(value, 3) for key, value in timings.items()},

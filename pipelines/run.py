@@ -26,7 +26,7 @@ from pipelines.scheduling import actor_options, finetune_options
 from pipelines.search_settings import resolve_search
 from pipelines.selection import candidate_row, choose_best, objective_scores
 from pipelines.spec import Spec
-from pipelines.stages.base import pretrain_base_job
+from pipelines.stages.base import kind_of, pretrain_base_job
 from pipelines.stages.finetune import run_finetune_job
 from pipelines.stages.search import CandidateScorer
 from pipelines.stages.tangent_search import TangentScorer
@@ -140,6 +140,13 @@ def run_pipeline(spec: Spec, console: Console, summary_path: Path | None = None)
             best = choose_best(candidates, scores, spec.merge.objective)
             console.print(best_by_method(rows, spec.merge.objective))
         test = get(scorers[0].score.remote([best], "test"), "final evaluation")[0]["accuracy"]
+        kind = kind_of(plan.base_model)
+        metric = plan.evaluation.get("metric") or kind.metrics[0]
+        report = {  # the kind's report metrics of the chosen merge (a causal LM's exact match)
+            m: get(scorers[0].score.remote([best], "test", m), "final report")[0]["accuracy"]
+            for m in kind.report_metrics
+            if m != metric
+        }
         for scorer in scorers:  # give their CPUs back to the publish stage
             ray.kill(scorer)
         timings["search_s"] = time.perf_counter() - t0
@@ -182,6 +189,7 @@ def run_pipeline(spec: Spec, console: Console, summary_path: Path | None = None)
             rebuilt,
             started_at,
             skipped,
+            {"metric": metric, "report": report},
         )
         console.print(f"promotion: {published['promotion']['reason']}")
         write_candidates(store, run_id, spec.merge.objective, best.id, rows)  # summary last
@@ -269,8 +277,14 @@ def finetune_all(
     job = ray.remote(run_finetune_job).options(**finetune_options(plan))
     results: dict[str, dict[str, Any]] = {}
     pending: dict[Any, str] = {}
+    kind = kind_of(plan.base_model)
     keys = {
-        t.name: task_vector_key(base_meta["digest"], datasets[t.name].digest(), plan.finetune)
+        t.name: task_vector_key(
+            base_meta["digest"],
+            datasets[t.name].digest(),
+            plan.finetune,
+            kind.key_settings(plan.evaluation, t.dataset),
+        )
         for t in plan.tasks
     }
     prefixes = {name: task_vector_prefix(key) for name, key in keys.items()}

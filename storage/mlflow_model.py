@@ -213,3 +213,25 @@ def log_and_register(
                 input_example=input_example,
             )
         return mlflow.register_model(info.model_uri, registered_model, tags=tags)
+
+
+def log_and_register_transformers(
+    tracking_uri: str,
+    run_id: str,
+    model_dir: str,
+    registered_model: str,
+    tags: dict[str, str],
+    task: str = "text-generation",
+) -> ModelVersion:
+    """Log a Hugging Face directory (config, safetensors, tokenizer) with MLflow's own
+    ``transformers`` flavor under run ``run_id``, straight from its files (never loaded into
+    memory here); register it. ``mlflow.pyfunc.load_model`` then serves it as a ``task``
+    pipeline, and ``mlflow.transformers.load_model`` gives the pipeline itself."""
+    import mlflow.transformers
+
+    with _global_tracking_uri(tracking_uri):
+        with mlflow.start_run(run_id=run_id, nested=True):
+            info = mlflow.transformers.log_model(
+                transformers_model=model_dir, task=task, name="model", tags=tags
+            )
+        return mlflow.register_model(info.model_uri, registered_model, tags=tags)

@@ -31,6 +31,7 @@ from storage.mlflow_model import (
     flatten,
     is_number,
     log_and_register,
+    log_and_register_transformers,
     quiet_run_links,
     redact_uri,
     serving_example,
@@ -231,12 +232,15 @@ class MlflowTracker:
         metrics: dict[str, float],
         pip_requirements: list[str] | None = None,
         serving: tuple[int, dict[str, str]] | None = None,
+        transformers_dir: str | None = None,
     ) -> PublishedModel:
         """Child run ``publish``: log a pyfunc model from code, register it, tag and alias it.
 
         Nothing is pickled: the model class is read from ``code_path`` when loaded, and the
         files of ``model_dir`` are its artifact ``model``. ``serving`` = (input width, inference
-        params with their defaults) gives the model a signature.
+        params with their defaults) gives the model a signature. With ``transformers_dir`` (a
+        Hugging Face causal-LM directory) the model is logged with MLflow's ``transformers``
+        flavor instead (task ``text-generation``).
         """
         signature = serving_signature(*serving) if serving else None
         example = serving_example(serving[0]) if serving else None
@@ -244,17 +248,22 @@ class MlflowTracker:
         with self._child("publish", tags) as run_id:
             self._log(run_id, {}, to_metrics(metrics))
             with quiet_run_links(self._has_password):
-                version = log_and_register(
-                    self.uri,
-                    run_id,
-                    model_dir,
-                    code_path,
-                    registered_model,
-                    tags,
-                    pip_requirements,
-                    signature,
-                    example,
-                )
+                if transformers_dir is not None:
+                    version = log_and_register_transformers(
+                        self.uri, run_id, transformers_dir, registered_model, tags
+                    )
+                else:
+                    version = log_and_register(
+                        self.uri,
+                        run_id,
+                        model_dir,
+                        code_path,
+                        registered_model,
+                        tags,
+                        pip_requirements,
+                        signature,
+                        example,
+                    )
             for alias in aliases:
                 self.set_alias(registered_model, alias, int(version.version))
         return PublishedModel(

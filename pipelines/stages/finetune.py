@@ -54,7 +54,8 @@ def run_finetune_job(
     def scores(forward) -> dict[str, float]:
         return {s: kind.score(forward, head, *data.split(s), metric, settings) for s in SPLITS}
 
-    zero_shot = scores(at_state(backbone, theta0))
+    at_theta0 = at_state(backbone, theta0)
+    zero_shot = scores(at_theta0)
 
     request = TrainRequest(
         store_cfg, key, task, dataset, evaluation, base_key, base_meta, finetune, head
@@ -71,11 +72,20 @@ def run_finetune_job(
     history = outcome.history
     if finetune["mode"] == "linear":  # train f(x; θ0) + J f(x; θ0)·δ; score that model too
         delta = linearized_of(model).task_vector()
-        finetuned = scores(linearized_at(backbone, theta0, delta))
+        tuned = linearized_at(backbone, theta0, delta)
     else:
         theta = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
-        finetuned = scores(at_state(backbone, theta))
+        tuned = at_state(backbone, theta)
         delta = {name: theta[name] - theta0[name] for name in theta0}
+    finetuned = scores(tuned)
+    report = {  # the kind's report metrics on test, e.g. a causal LM's exact match
+        m: {
+            "zero_shot": kind.score(at_theta0, head, *data.split("test"), m, settings),
+            "finetuned": kind.score(tuned, head, *data.split("test"), m, settings),
+        }
+        for m in kind.report_metrics
+        if m != metric
+    }
 
     meta = {
         "kind": "task_vector",
@@ -87,8 +97,10 @@ def run_finetune_job(
         "dataset_digest": data.digest(),
         "num_classes": data.num_classes,
         "finetune": finetune_config_for_key(finetune),  # what made it, not how it ran
+        "metric": metric,
         "zero_shot": zero_shot,
         "finetuned": finetuned,
+        **({"report": report} if report else {}),
         "final_loss": history[-1]["loss"],
         "steps": len(history),
         "seconds": time.perf_counter() - started,

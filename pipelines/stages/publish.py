@@ -53,8 +53,16 @@ def merge_and_store_job(
     merged = merge(candidate.method, base, vectors, candidate.coefficient, **candidate.params)
     extra = None
     if hf_base:
-        plain = merged if config.get("mode") != "linear" else None
+        linear = config.get("mode") == "linear"
+        # A linear-mode merge is f(x; θ0) + J f(x; θ0)·τ; a kind that exports it anyway writes
+        # the non-linear θ0 + Σ α_t τ_t, labelled as such in the manifest.
+        plain = merged if not linear or kind_of(base_meta["config"]).export_nonlinear else None
         extra = export_files(store_cfg, base_key, base_meta, plain, heads)
+        config = config | {
+            "transformers_weights": (
+                None if plain is None else "nonlinear_theta0_plus_tau" if linear else "merged"
+            )
+        }
     if config.get("mode") == "linear":  # served as f(x; θ0) + J f(x; θ0)·τ: keep θ0 and τ
         merged = pack_linearized(base, merged)
     ref = write_merged_model(store, name, run_id, merged, heads, config, meta, extra)

@@ -26,12 +26,26 @@ DEFAULT_MAX_NEW_TOKENS = 16
 class CausalLanguageModel:
     name = "causal_lm"
     metrics = ("token_accuracy", "exact_match", "nll")
+    #: a linear-mode merge is also exported as plain weights θ0 + Σ α τ (labelled non-linear)
+    export_nonlinear = True
+    #: the task of MLflow's transformers flavor it is logged with (None: mergeline's pyfunc)
+    mlflow_task: str | None = "text-generation"
     report_metrics = ("exact_match",)
 
     def fit_head(
         self, forward: Forward, x: np.ndarray, y: np.ndarray, num_classes: int, what: str
     ) -> Head:
         return {}  # the model's own LM head (frozen or trained with the body, never apart)
+
+    def key_settings(
+        self, evaluation: Mapping[str, Any], dataset: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """The stored scores depend on the metric settings; the rows kept, on overflow."""
+        return {
+            "metric": evaluation.get("metric") or self.metrics[0],
+            "max_new_tokens": evaluation.get("max_new_tokens"),
+            "overflow": dataset.get("overflow", "refuse"),
+        }
 
     def trainable(self, network: nn.Module, head: Head) -> nn.Module:
         return network

@@ -22,6 +22,10 @@ from workers.models.heads import apply_head, fit_linear_probe
 class Classification:
     name = "classification"
     metrics = ("accuracy",)
+    #: a linear-mode merge is also exported as plain weights θ0 + Σ α τ (labelled non-linear)
+    export_nonlinear = False
+    #: the task of MLflow's transformers flavor it is logged with (None: mergeline's pyfunc)
+    mlflow_task: str | None = None
     report_metrics: tuple[str, ...] = ()
 
     @torch.no_grad()
@@ -35,6 +39,11 @@ class Classification:
                 "the inputs are too large for the model; standardise them"
             )
         return fit_linear_probe(features.numpy(), y, num_classes)
+
+    def key_settings(
+        self, evaluation: Mapping[str, Any], dataset: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        return {}  # one metric, and the inputs are what the dataset digest covers
 
     def trainable(self, network: nn.Module, head: Head) -> nn.Module:
         return Classifier(network, head)

@@ -26,11 +26,19 @@ class TaskKind(Protocol):
     name: str
     metrics: tuple[str, ...]  # what :meth:`score` computes; the first is the search's default
     report_metrics: tuple[str, ...]  # extra metrics of the final test report
+    export_nonlinear: bool  # a linear-mode merge is also exported as plain θ0 + Σ α τ
+    mlflow_task: str | None  # logged with MLflow's transformers flavor for this task
 
     def fit_head(
         self, forward: Forward, x: np.ndarray, y: np.ndarray, num_classes: int, what: str
     ) -> Head:
         """The task's frozen head from θ0's outputs on its training split (may be empty)."""
+        ...
+
+    def key_settings(
+        self, evaluation: Mapping[str, Any], dataset: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """What a stored task vector depends on beyond base, data and fine-tuning settings."""
         ...
 
     def trainable(self, network: nn.Module, head: Head) -> nn.Module:
