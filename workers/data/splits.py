@@ -12,8 +12,10 @@ from storage.errors import DataError
 
 @dataclass(frozen=True)
 class Splits:
-    """One task's labelled data: float32 feature rows, or raw texts (an object array of strings)
-    until the base model tokenizes them; labels int64 in [0, num_classes)."""
+    """One task's data: float32 feature rows, or raw texts (an object array of strings) until
+    the base model tokenizes them, with int64 labels in [0, num_classes); or prompt /
+    completion pairs (an object array of shape (rows, 2): the prompt's messages as JSON, the
+    completion text) for a causal language model, with zero labels and ``num_classes`` 0."""
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -32,12 +34,20 @@ class Splits:
     @property
     def is_text(self) -> bool:
         """Raw texts (one string per row), to be tokenized by the base model's tokenizer."""
-        return self.x_train.dtype.kind in "OUS"
+        return self.x_train.dtype.kind in "OUS" and not self.is_prompts
+
+    @property
+    def is_prompts(self) -> bool:
+        """Prompt / completion pairs, to be rendered and tokenized by a causal LM's tokenizer."""
+        return holds_prompts(self.x_train)
 
     @property
     def input_dim(self) -> int:
-        """Features per row; 0 for raw texts (their width is the tokenizer's max_length)."""
-        return 0 if self.is_text else int(np.prod(self.x_train.shape[1:]))
+        """Features per row; 0 for raw texts and prompts (their width is the tokenizer's
+        max_length)."""
+        if self.x_train.dtype.kind in "OUS":
+            return 0
+        return int(np.prod(self.x_train.shape[1:]))
 
     def with_inputs(self, encode) -> Splits:
         """The same splits with every input array passed through ``encode`` (e.g. tokenize)."""
@@ -60,6 +70,11 @@ class Splits:
 
 
 _ARRAYS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
+
+
+def holds_prompts(x: np.ndarray) -> bool:
+    """Whether ``x`` is prompt / completion pairs: strings in two columns, not one."""
+    return x.dtype.kind in "OUS" and x.ndim == 2 and x.shape[1] == 2
 
 
 def split_validation(
