@@ -343,3 +343,29 @@ def test_the_spec_accepts_prompt_and_messages_datasets() -> None:
     document["base_model"] = TINY_SPEC["base_model"]  # the MLP has no tokenizer
     with pytest.raises(SpecError, match=r"dataset\.prompt_column needs a base model with a"):
         validate_document(document)
+
+
+def test_the_cache_keys_digest_the_rendered_tokens(tmp_path: Path) -> None:
+    from pipelines.plan import make_plan
+    from pipelines.run import fingerprint_datasets, key_digests
+
+    data = write_jsonl(tmp_path / "t.jsonl", prompt_rows())
+
+    def digests(template: str, max_length: int = 32) -> tuple[dict[str, str], dict[str, str]]:
+        model = tmp_path / f"model-{len(list(tmp_path.glob('model-*')))}"
+        tokenizer(template).save_pretrained(str(model))
+        (model / "config.json").write_text("{}")  # a model directory; the weights never load
+        document = copy.deepcopy(TINY_SPEC)
+        document["base_model"] = {"source": "hf", "model": str(model), "max_length": max_length}
+        for task in document["tasks"]:
+            task["dataset"] = files(data, **PROMPTS)
+        plan = make_plan(validate_document(document))
+        datasets = fingerprint_datasets(plan)
+        return key_digests(plan, datasets), {n: d.digest() for n, d in datasets.items()}
+
+    chatml, raw = digests(CHATML)
+    assert digests(CHATML) == (chatml, raw)  # stable across runs
+    other, same_raw = digests(BRACKETS)
+    assert same_raw == raw and other["perm1"] != chatml["perm1"]  # same rows, same weights
+    assert digests(CHATML, max_length=8)[0]["perm1"] != chatml["perm1"]
+    assert chatml["perm1"] != raw["perm1"]
