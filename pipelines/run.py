@@ -31,7 +31,7 @@ from pipelines.stages.finetune import run_finetune_job
 from pipelines.stages.search import CandidateScorer
 from pipelines.stages.tangent_search import TangentScorer
 from pipelines.strategies import TangentSearch, task_scores
-from storage.errors import DataError, MergelineError, SystemFailure
+from storage.errors import DataError, MergelineError, ModelError, SystemFailure
 from storage.objectstore import open_store, open_store_from
 from storage.runs import write_candidates
 from storage.runstate import begin_run, finish_run
@@ -231,10 +231,11 @@ def key_digests(plan: Plan, datasets: dict[str, Splits]) -> dict[str, str]:
     from workers.models import huggingface as hf
 
     config = plan.base_model
+    gguf = config.get("gguf_file")
     directory = hf.resolve_model_dir(
-        config["model"], config.get("revision"), config.get("endpoint_url")
+        config["model"], config.get("revision"), config.get("endpoint_url"), gguf
     )
-    tokenizer = hf.load_tokenizer(directory)
+    tokenizer = hf.load_tokenizer(directory) if gguf is None else _gguf_tokenizer(directory, gguf)
     digests = {}
     for index, task in enumerate(plan.tasks):
         data = datasets[task.name]
@@ -244,6 +245,21 @@ def key_digests(plan: Plan, datasets: dict[str, Splits]) -> dict[str, str]:
             data, _ = encode_splits(data, tokenizer, int(config["max_length"]), overflow, what)
         digests[task.name] = data.digest()
     return digests
+
+
+def _gguf_tokenizer(directory: Path, gguf_file: str) -> Any:
+    """The tokenizer inside a GGUF file (a path, or a name inside ``directory``)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(
+            str(directory), gguf_file=gguf_file, local_files_only=True
+        )
+    except Exception as error:  # a corrupt or unsupported file: one line, not a traceback
+        first = (str(error).strip().splitlines() or [""])[0][:200]
+        raise ModelError(
+            f"base_model.gguf_file: no usable tokenizer in {gguf_file!r} ({first})"
+        ) from None
 
 
 def fingerprint_pretrain(plan: Plan, datasets: dict[str, Splits]) -> str:

@@ -656,8 +656,7 @@ class Spec(_Model):
         classifies = getattr(self.base_model, "kind", "classification") == "classification"
         for index, task in enumerate(self.tasks if classifies else ()):  # else: _kind_fits
             dataset = task.dataset
-            columns = ("text_column", "prompt_column", "messages_column")
-            reads_text = [c for c in columns if getattr(dataset, c, None) is not None]
+            reads_text = getattr(dataset, "text_column", None) is not None
             if text and not reads_text:
                 raise ValueError(
                     f"tasks[{index}].dataset: base_model.source 'hf' reads text: use a files "
@@ -665,8 +664,8 @@ class Spec(_Model):
                 )
             if not text and reads_text:
                 raise ValueError(
-                    f"tasks[{index}].dataset.{reads_text[0]} needs a base model with a "
-                    "tokenizer (base_model.source: hf); the builtin MLP reads numeric features"
+                    f"tasks[{index}].dataset.text_column needs a base model with a tokenizer "
+                    "(base_model.source: hf); the builtin MLP reads numeric features"
                 )
         if text and self.base_model.attn_implementation != "eager":
             needs_jvp = {

@@ -98,6 +98,7 @@ def files(path: str, **columns: str) -> dict:
 
 
 PROMPTS = {"prompt_column": "prompt", "completion_column": "completion"}
+LM_BASE = {"source": "hf", "kind": "causal_lm", "model": "/nonexistent/model"}
 MESSAGES = {"messages_column": "messages"}
 
 
@@ -118,7 +119,7 @@ def test_prompt_completion_files_load_as_pairs_whatever_the_format(tmp_path: Pat
     csv = tmp_path / "t.csv"
     csv.write_text("prompt,completion\n" + "".join(f'"{p}",{c}\n' for p, c in ROWS))
     data = load_dataset(files(jsonl, **PROMPTS), EVAL, "tasks[0].dataset")
-    assert data.is_prompts and not data.is_text and data.input_dim == 0
+    assert data.is_prompts and data.is_text and data.input_dim == 0
     assert data.num_classes == 0 and data.x_test.shape == (len(ROWS), 2)
     assert data.y_train.dtype == np.int64 and not data.y_train.any()
     assert json.loads(data.x_test[0, 0]) == [{"role": "user", "content": ROWS[0][0]}]
@@ -197,8 +198,8 @@ def test_the_completion_mask_covers_exactly_the_answer_and_the_end_of_turn() -> 
         (user("what is two plus two"), "four"),
         ([{"role": "system", "content": "answer briefly"}, *user("hello")], "hello a b"),
     )
-    packed, dropped = encode_prompts(data, tok, 24, "refuse", "t")
-    assert packed.shape == (2, 3, 24) and packed.dtype == np.int64 and dropped == 0
+    packed, kept = encode_prompts(data, tok, 24, "refuse", "t")
+    assert packed.shape == (2, 3, 24) and packed.dtype == np.int64 and kept.tolist() == [0, 1]
     end = tok.convert_tokens_to_ids("<|im_end|>")
     assert completion_ids(packed) == [ids_of(tok, "four") + [end], ids_of(tok, "hello a b") + [end]]
     prompt_text, completion_text = render(data[0], tok, "t", 0)
@@ -229,8 +230,8 @@ def test_without_a_chat_template_the_contents_join_and_eos_ends_the_answer() -> 
 def test_a_long_prompt_loses_its_start_and_the_completion_stays_whole() -> None:
     tok = tokenizer()
     data = pairs((user("a b c d e f g h"), "paris"))
-    packed, dropped = encode_prompts(data, tok, 5, "refuse", "t")
-    assert dropped == 0 and packed[0, MASK].all()
+    packed, kept = encode_prompts(data, tok, 5, "refuse", "t")
+    assert kept.tolist() == [0] and packed[0, MASK].all()
     assert prompt_ids(packed) == [ids_of(tok, "f g h")]  # "\n" is not a word: 8 + 2 tokens
     assert completion_ids(packed) == [[*ids_of(tok, "paris"), tok.eos_token_id]]
     with_bos, _ = encode_prompts(data, tokenizer(bos=True), 5, "refuse", "t")
@@ -250,11 +251,11 @@ def test_a_completion_that_cannot_fit_is_refused_or_dropped_and_counted() -> Non
         "tasks[0].dataset: row 1's completion is 6 tokens, more than max_length 6 allows: "
         "raise base_model.max_length or set dataset.overflow: drop"
     )
-    packed, dropped = encode_prompts(data, tok, 6, "drop", "t")
-    assert dropped == 1 and len(packed) == 2
+    packed, kept = encode_prompts(data, tok, 6, "drop", "t")
+    assert kept.dtype == np.int64 and kept.tolist() == [0, 2] and len(packed) == 2
     assert completion_ids(packed)[1] == [*ids_of(tok, "paris"), tok.eos_token_id]
     assert prompt_ids(packed)[1] == ids_of(tok, "the capital of france")
-    assert encode_prompts(data, tok, 7, "refuse", "t")[1] == 0  # one prompt token is enough
+    assert len(encode_prompts(data, tok, 7, "refuse", "t")[1]) == 3  # one prompt token is enough
 
 
 def test_a_template_that_does_not_extend_its_prompt_is_refused() -> None:
@@ -320,7 +321,7 @@ def test_the_spec_refuses_bad_column_sets_in_one_line(
     source: str, fields: dict, fragment: str
 ) -> None:
     document = copy.deepcopy(TINY_SPEC)
-    document["base_model"] = {"source": "hf", "model": "/nonexistent/model"}
+    document["base_model"] = LM_BASE
     where = {"train": "/d/a.jsonl", "test": "/d/b.jsonl"} if source == "files" else {"path": "json"}
     for task in document["tasks"]:
         task["dataset"] = {"source": source, **where, **fields}
@@ -332,7 +333,7 @@ def test_the_spec_refuses_bad_column_sets_in_one_line(
 
 def test_the_spec_accepts_prompt_and_messages_datasets() -> None:
     document = copy.deepcopy(TINY_SPEC)
-    document["base_model"] = {"source": "hf", "model": "/nonexistent/model"}
+    document["base_model"] = LM_BASE
     where = {"source": "files", "train": "/d/a.jsonl", "test": "/d/b.jsonl"}
     document["tasks"][0]["dataset"] = where | PROMPTS | {"overflow": "drop"}
     document["tasks"][1]["dataset"] = {"source": "huggingface", "path": "json"} | MESSAGES
@@ -340,8 +341,8 @@ def test_the_spec_accepts_prompt_and_messages_datasets() -> None:
     assert spec.tasks[0].dataset.overflow == "drop"
     assert spec.tasks[1].dataset.messages_column == "messages"
     assert spec.tasks[1].dataset.overflow == "refuse"
-    document["base_model"] = TINY_SPEC["base_model"]  # the MLP has no tokenizer
-    with pytest.raises(SpecError, match=r"dataset\.prompt_column needs a base model with a"):
+    document["base_model"] = TINY_SPEC["base_model"]  # the MLP classifies
+    with pytest.raises(SpecError, match=r"dataset\.prompt_column needs base_model\.kind: causal"):
         validate_document(document)
 
 
@@ -356,7 +357,7 @@ def test_the_cache_keys_digest_the_rendered_tokens(tmp_path: Path) -> None:
         tokenizer(template).save_pretrained(str(model))
         (model / "config.json").write_text("{}")  # a model directory; the weights never load
         document = copy.deepcopy(TINY_SPEC)
-        document["base_model"] = {"source": "hf", "model": str(model), "max_length": max_length}
+        document["base_model"] = LM_BASE | {"model": str(model), "max_length": max_length}
         for task in document["tasks"]:
             task["dataset"] = files(data, **PROMPTS)
         plan = make_plan(validate_document(document))
@@ -369,3 +370,20 @@ def test_the_cache_keys_digest_the_rendered_tokens(tmp_path: Path) -> None:
     assert same_raw == raw and other["perm1"] != chatml["perm1"]  # same rows, same weights
     assert digests(CHATML, max_length=8)[0]["perm1"] != chatml["perm1"]
     assert chatml["perm1"] != raw["perm1"]
+
+
+def test_the_causal_lm_base_encodes_the_splits_and_drops_the_rows_labels_too(
+    tmp_path: Path,
+) -> None:
+    from pipelines.stages.base import Base
+    from workers.kinds import get_kind
+
+    rows = [*ROWS, ("hello", "a b c d e f g h")]  # this completion cannot fit in 8 tokens
+    path = write_jsonl(tmp_path / "t.jsonl", prompt_rows(rows))
+    raw = load_dataset(files(path, **PROMPTS), EVAL, "tasks[0].dataset")
+    base = Base(None, {}, get_kind("causal_lm"), tokenizer(CHATML), 8)
+    with pytest.raises(DataError, match="completion is 9 tokens, more than max_length 8"):
+        base.inputs(raw, "tasks[0].dataset", {"overflow": "refuse"})
+    encoded = base.inputs(raw, "tasks[0].dataset", {"overflow": "drop"})
+    assert encoded.x_test.shape == (len(ROWS), 3, 8) and len(encoded.y_test) == len(ROWS)
+    assert encoded.digest() == encode_splits(raw, tokenizer(CHATML), 8, "drop", "t")[0].digest()

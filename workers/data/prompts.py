@@ -27,9 +27,10 @@ IDS, MASK, COMPLETION = 0, 1, 2  # the channels of a packed row
 
 def encode_prompts(
     pairs: np.ndarray, tokenizer: Any, max_length: int, overflow: str, what: str
-) -> tuple[np.ndarray, int]:
+) -> tuple[np.ndarray, np.ndarray]:
     """Pairs ``(rows, 2)`` -> int64 ``(rows_kept, 3, max_length)`` (ids, attention mask,
-    completion mask), and how many rows ``overflow: drop`` left out."""
+    completion mask), and the kept rows' indices (int64): ``overflow: drop`` leaves out
+    ``rows - len(kept)`` rows, whose labels the caller drops with ``y[kept]``."""
     if overflow not in OVERFLOW:
         raise DataError(f"{what}.overflow: unknown {overflow!r}; known: {list(OVERFLOW)}")
     pad = _pad_id(tokenizer, what)
@@ -43,7 +44,7 @@ def encode_prompts(
         completions = [[*ids, eos] for ids in completions]
     packed = np.zeros((len(texts), 3, max_length), dtype=np.int64)
     packed[:, IDS] = pad
-    kept = 0
+    kept: list[int] = []
     for row, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
         room = max_length - len(completion)
         if room < 1 or not prompt:
@@ -51,12 +52,12 @@ def encode_prompts(
                 continue
             _refuse(what, row, prompt, completion, max_length)
         prompt = _cut_left(prompt, room, tokenizer.bos_token_id)
-        length = len(prompt) + len(completion)
-        packed[kept, IDS, :length] = prompt + completion
-        packed[kept, MASK, :length] = 1
-        packed[kept, COMPLETION, len(prompt) : length] = 1
-        kept += 1
-    return np.ascontiguousarray(packed[:kept]), len(texts) - kept
+        length, at = len(prompt) + len(completion), len(kept)
+        packed[at, IDS, :length] = prompt + completion
+        packed[at, MASK, :length] = 1
+        packed[at, COMPLETION, len(prompt) : length] = 1
+        kept.append(row)
+    return np.ascontiguousarray(packed[: len(kept)]), np.array(kept, dtype=np.int64)
 
 
 def encode_splits(
@@ -73,16 +74,17 @@ def encode_splits(
     arrays: dict[str, np.ndarray] = {}
     dropped = 0
     for name in ("train", "val", "test"):
-        x, _ = splits.split(name)
-        packed, lost = encode_prompts(x, tokenizer, max_length, overflow, f"{what} ({name})")
-        if len(packed) == 0:
+        x, y = splits.split(name)
+        where = f"{what} ({name} split)"
+        packed, kept = encode_prompts(x, tokenizer, max_length, overflow, where)
+        if len(kept) == 0:
             raise DataError(
-                f"{what} ({name}): every row's completion is longer than max_length "
-                f"{max_length} allows: raise base_model.max_length"
+                f"{where}: every row's completion is longer than max_length {max_length} "
+                "allows: raise base_model.max_length"
             )
-        arrays[f"x_{name}"], arrays[f"y_{name}"] = packed, np.zeros(len(packed), np.int64)
-        dropped += lost
-    return Splits(**arrays, num_classes=0), dropped
+        arrays[f"x_{name}"], arrays[f"y_{name}"] = packed, y[kept]
+        dropped += len(x) - len(kept)
+    return Splits(**arrays, num_classes=splits.num_classes), dropped
 
 
 def render(pair: np.ndarray, tokenizer: Any, what: str, row: int) -> tuple[str, str]:

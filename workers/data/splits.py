@@ -33,8 +33,9 @@ class Splits:
 
     @property
     def is_text(self) -> bool:
-        """Raw texts (one string per row), to be tokenized by the base model's tokenizer."""
-        return self.x_train.dtype.kind in "OUS" and not self.is_prompts
+        """Raw texts (one string per row, or a prompt / completion pair), to be tokenized by the
+        base model's tokenizer."""
+        return self.x_train.dtype.kind in "OUS"
 
     @property
     def is_prompts(self) -> bool:
@@ -43,11 +44,8 @@ class Splits:
 
     @property
     def input_dim(self) -> int:
-        """Features per row; 0 for raw texts and prompts (their width is the tokenizer's
-        max_length)."""
-        if self.x_train.dtype.kind in "OUS":
-            return 0
-        return int(np.prod(self.x_train.shape[1:]))
+        """Features per row; 0 for raw texts (their width is the tokenizer's max_length)."""
+        return 0 if self.is_text else int(np.prod(self.x_train.shape[1:]))
 
     def with_inputs(self, encode) -> Splits:
         """The same splits with every input array passed through ``encode`` (e.g. tokenize)."""
