@@ -31,7 +31,7 @@ from pipelines.stages.finetune import run_finetune_job
 from pipelines.stages.search import CandidateScorer
 from pipelines.stages.tangent_search import TangentScorer
 from pipelines.strategies import TangentSearch, task_scores
-from storage.errors import DataError, MergelineError, SystemFailure
+from storage.errors import DataError, MergelineError, ModelError, SystemFailure
 from storage.objectstore import open_store, open_store_from
 from storage.runs import write_candidates
 from storage.runstate import begin_run, finish_run
@@ -78,7 +78,7 @@ def run_pipeline(spec: Spec, console: Console, summary_path: Path | None = None)
     base_key = fingerprint_pretrain(plan, datasets)
     input_dim = next(iter(datasets.values())).input_dim
     # The same command after a crash continues the same run (same id, one registry version).
-    digests = {name: data.digest() for name, data in datasets.items()}
+    digests = key_digests(plan, datasets)
     resume_key = run_key(plan, digests, base_key)
     run_id, starts = begin_run(store, resume_key, new_run_id())
     if starts > 1:
@@ -110,7 +110,9 @@ def run_pipeline(spec: Spec, console: Console, summary_path: Path | None = None)
         await_placement(requests, compute.ray_address, compute.placement_timeout_s)
         base_key, base_meta = prepare_base(plan, store_cfg, base_key, input_dim, console)
         t0 = time.perf_counter()
-        tasks = finetune_all(plan, store, store_cfg, base_key, base_meta, datasets, console)
+        tasks = finetune_all(
+            plan, store, store_cfg, base_key, base_meta, datasets, console, digests
+        )
         skipped = {name: info["skipped"] for name, info in tasks.items() if "skipped" in info}
         tasks = {name: info for name, info in tasks.items() if name not in skipped}
         plan = without_tasks(plan, skipped)  # finetune.on_task_failure: skip
@@ -219,6 +221,47 @@ def fingerprint_datasets(plan: Plan) -> dict[str, Splits]:
     return datasets
 
 
+def key_digests(plan: Plan, datasets: dict[str, Splits]) -> dict[str, str]:
+    """Each task's data digest for the cache keys: its content, or for prompt / completion
+    data the rendered token ids, so another chat template, max_length or overflow (the base's
+    weights unchanged) gives another task vector instead of a stale one."""
+    if not any(data.is_prompts for data in datasets.values()):
+        return {name: data.digest() for name, data in datasets.items()}
+    from workers.data.prompts import encode_splits
+    from workers.models import huggingface as hf
+
+    config = plan.base_model
+    gguf = config.get("gguf_file")
+    directory = hf.resolve_model_dir(
+        config["model"], config.get("revision"), config.get("endpoint_url"), gguf
+    )
+    tokenizer = hf.load_tokenizer(directory) if gguf is None else _gguf_tokenizer(directory, gguf)
+    digests = {}
+    for index, task in enumerate(plan.tasks):
+        data = datasets[task.name]
+        if data.is_prompts:
+            overflow = task.dataset.get("overflow", "refuse")
+            what = f"tasks[{index}].dataset"
+            data, _ = encode_splits(data, tokenizer, int(config["max_length"]), overflow, what)
+        digests[task.name] = data.digest()
+    return digests
+
+
+def _gguf_tokenizer(directory: Path, gguf_file: str) -> Any:
+    """The tokenizer inside a GGUF file (a path, or a name inside ``directory``)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(
+            str(directory), gguf_file=gguf_file, local_files_only=True
+        )
+    except Exception as error:  # a corrupt or unsupported file: one line, not a traceback
+        first = (str(error).strip().splitlines() or [""])[0][:200]
+        raise ModelError(
+            f"base_model.gguf_file: no usable tokenizer in {gguf_file!r} ({first})"
+        ) from None
+
+
 def fingerprint_pretrain(plan: Plan, datasets: dict[str, Splits]) -> str:
     """Stage 1: the base model's cache key: its config and the digest of what it is made of
     (the pretraining data of a builtin base, the files of a Hugging Face one)."""
@@ -272,16 +315,19 @@ def finetune_all(
     base_meta: dict[str, Any],
     datasets: dict[str, Splits],
     console: Console,
+    digests: dict[str, str] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Stages 2-4: one Ray task per task whose vector is not in the store yet."""
+    """Stages 2-4: one Ray task per task whose vector is not in the store yet. ``digests``:
+    :func:`key_digests` of ``datasets``, if the caller has them already."""
     job = ray.remote(run_finetune_job).options(**finetune_options(plan))
     results: dict[str, dict[str, Any]] = {}
     pending: dict[Any, str] = {}
     kind = kind_of(plan.base_model)
+    digests = digests or key_digests(plan, datasets)
     keys = {
         t.name: task_vector_key(
             base_meta["digest"],
-            datasets[t.name].digest(),
+            digests[t.name],
             plan.finetune,
             kind.key_settings(plan.evaluation, t.dataset),
         )

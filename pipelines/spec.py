@@ -70,6 +70,22 @@ class FilesDataset(_Model):
     )
     label_column: str = "label"
     num_classes: int | None = Field(default=None, ge=2, description="Default: max label + 1.")
+    prompt_column: str | None = Field(
+        default=None, description="Instruction data for a causal LM: the prompt (one user turn)."
+    )
+    completion_column: str | None = Field(
+        default=None, description="The answer to prompt_column's prompt: the training target."
+    )
+    messages_column: str | None = Field(
+        default=None,
+        description="Instruction data for a causal LM: a list of {role, content} messages "
+        "whose last is the assistant's answer (in CSV, a JSON string).",
+    )
+    overflow: Literal["refuse", "drop"] = Field(
+        default="refuse",
+        description="A row whose completion does not fit base_model.max_length: refuse the "
+        "dataset, or drop the row (counted). Prompts too long lose their start.",
+    )
     encoding: str = Field(
         default="utf-8",
         description="Text encoding of CSV and JSONL files and of binary Parquet text columns "
@@ -107,14 +123,15 @@ class FilesDataset(_Model):
 
         if self.features_column is not None and self.text_column is not None:
             raise ValueError("set features_column or text_column, not both")
+        _check_prompt_columns(self)
         try:
             formats = {infer_format(u, self.format) for u in (self.train, self.val, self.test) if u}
         except DataError as error:
             raise ValueError(str(error)) from None
-        if "npz" in formats and (self.features_column or self.text_column):
+        if "npz" in formats and (self.features_column or self.text_column or _prompts(self)):
             raise ValueError(
-                "NPZ files hold the arrays x (features) and y (labels): drop features_column "
-                "and text_column"
+                "NPZ files hold the arrays x (features) and y (labels): drop features_column, "
+                "text_column, prompt_column, completion_column and messages_column"
             )
         return self
 
@@ -143,6 +160,22 @@ class HubDataset(_Model):
     text_column: str | None = None
     label_column: str = "label"
     num_classes: int | None = Field(default=None, ge=2, description="Default: max label + 1.")
+    prompt_column: str | None = Field(
+        default=None, description="Instruction data for a causal LM: the prompt (one user turn)."
+    )
+    completion_column: str | None = Field(
+        default=None, description="The answer to prompt_column's prompt: the training target."
+    )
+    messages_column: str | None = Field(
+        default=None,
+        description="Instruction data for a causal LM: a list of {role, content} messages "
+        "whose last is the assistant's answer.",
+    )
+    overflow: Literal["refuse", "drop"] = Field(
+        default="refuse",
+        description="A row whose completion does not fit base_model.max_length: refuse the "
+        "dataset, or drop the row (counted). Prompts too long lose their start.",
+    )
 
     @field_validator("data_files")
     @classmethod
@@ -162,7 +195,37 @@ class HubDataset(_Model):
     def _inputs(self) -> HubDataset:
         if self.features_column is not None and self.text_column is not None:
             raise ValueError("set features_column or text_column, not both")
+        _check_prompt_columns(self)
         return self
+
+
+def _prompts(dataset: FilesDataset | HubDataset) -> bool:
+    """Instruction data for a causal LM (prompt / completion or messages columns)."""
+    return dataset.prompt_column is not None or dataset.messages_column is not None
+
+
+def _check_prompt_columns(dataset: FilesDataset | HubDataset) -> None:
+    """Prompt and completion come together, or messages alone, and never with labels."""
+    if dataset.prompt_column is not None and dataset.completion_column is None:
+        raise ValueError("prompt_column needs completion_column (the answer to each prompt)")
+    if dataset.completion_column is not None and dataset.prompt_column is None:
+        raise ValueError(
+            "completion_column needs prompt_column (or use messages_column for conversations)"
+        )
+    if dataset.messages_column is not None and dataset.prompt_column is not None:
+        raise ValueError("set messages_column or prompt_column/completion_column, not both")
+    given = dataset.model_fields_set
+    if not _prompts(dataset):
+        if "overflow" in given:
+            raise ValueError("overflow applies to prompt_column/messages_column data only")
+        return
+    if dataset.text_column is not None:
+        raise ValueError("set text_column or prompt_column/messages_column, not both")
+    if dataset.features_column is not None:
+        raise ValueError("set features_column or prompt_column/messages_column, not both")
+    for field in ("label_column", "num_classes"):
+        if field in given:
+            raise ValueError(f"{field} has no meaning for prompt_column/messages_column data")
 
 
 DatasetSpec = Annotated[SklearnDataset | FilesDataset | HubDataset, Field(discriminator="source")]

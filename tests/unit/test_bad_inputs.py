@@ -135,6 +135,17 @@ CASES = [
     ("label-typo-huge", lambda t: ["run", _files_spec(t, "csv", _typo_csv(10**12))], "row 17"),
     ("label-negative", lambda t: ["run", _files_spec(t, "csv", _typo_csv(-3))], "row 17"),
     ("num-classes-huge", lambda t: ["run", _files_spec(t, "csv", _typo_csv(1), num_classes=10**12)], "num_classes"),
+    # --- issue 13: instruction data for a causal LM (prompt / completion or messages columns)
+    ("prompt-without-completion", lambda t: ["validate", _files_spec(t, "jsonl", _PROMPTS_JSONL, _LM_BASE, prompt_column="prompt")], "prompt_column needs completion_column"),
+    ("prompt-and-text-columns", lambda t: ["validate", _files_spec(t, "jsonl", _PROMPTS_JSONL, _LM_BASE, text_column="prompt", **_PROMPT_COLUMNS)], "set text_column or prompt_column/messages_column"),
+    ("messages-and-prompt-columns", lambda t: ["validate", _files_spec(t, "jsonl", _PROMPTS_JSONL, _LM_BASE, messages_column="m", **_PROMPT_COLUMNS)], "set messages_column or prompt_column/completion_column"),
+    ("prompt-with-label-column", lambda t: ["validate", _files_spec(t, "jsonl", _PROMPTS_JSONL, _LM_BASE, label_column="y", **_PROMPT_COLUMNS)], "label_column has no meaning"),
+    ("overflow-unknown", lambda t: ["validate", _files_spec(t, "jsonl", _PROMPTS_JSONL, _LM_BASE, overflow="truncate", **_PROMPT_COLUMNS)], "overflow"),
+    ("prompt-column-absent", lambda t: ["run", _files_spec(t, "jsonl", _PROMPTS_JSONL, _LM_BASE, prompt_column="question", completion_column="completion")], "no column 'question'"),
+    ("completion-cell-missing", lambda t: ["run", _files_spec(t, "jsonl", _PROMPTS_JSONL + b'{"prompt": "why", "completion": null}\n', _LM_BASE, **_PROMPT_COLUMNS)], "column 'completion', row 4 (counting from 0) is missing"),
+    ("prompt-cell-empty", lambda t: ["run", _files_spec(t, "csv", b"prompt,completion\nwhy,because\n,nothing\n", _LM_BASE, **_PROMPT_COLUMNS)], "column 'prompt', row 1 (counting from 0) is empty"),
+    ("messages-end-with-user", lambda t: ["run", _files_spec(t, "jsonl", b'{"m": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}\n', _LM_BASE, messages_column="m")], "the last message must be the assistant's answer"),
+    ("messages-csv-not-json", lambda t: ["run", _files_spec(t, "csv", b"m\n[{oops\n", _LM_BASE, messages_column="m")], "column 'm', row 0 (counting from 0) is not a JSON list"),
     # --- issue 19 (C): resource requests a local Ray can never grant (refused, never a hang)
     ("cpus-beyond-local-ray", lambda t: ["run", _tiny(t), S, "compute.num_cpus=2", S, "finetune.resources.num_cpus=4"], "finetune.resources.num_cpus"),
     ("gpus-on-a-cpu-ray", lambda t: ["run", _tiny(t), S, "compute.num_cpus=2", S, "finetune.resources.num_gpus=64"], "finetune.resources.num_gpus"),
@@ -144,6 +155,9 @@ CASES = [
 
 _HF_BASE = {"source": "hf", "model": "/nonexistent/minilm"}  # the data fails before the model loads
 _LATIN1_CSV = "text,label\nfine,0\ncaf\u00e9,1\nrain,0\nsun,1\n".encode("latin-1")
+_LM_BASE = _HF_BASE | {"kind": "causal_lm"}
+_PROMPT_COLUMNS = {"prompt_column": "prompt", "completion_column": "completion"}
+_PROMPTS_JSONL = b"".join(b'{"prompt": "q%d", "completion": "a%d"}\n' % (i, i) for i in range(4))
 _LATIN1_JSONL = '{"text": "fine", "label": 0}\n{"text": "caf\u00e9", "label": 1}\n'.encode("latin-1")
 
 

@@ -5,8 +5,10 @@ so a file may live on a local disk or on S3. Tabular files name their label colu
 inputs: ``features_column`` is one column (list-valued, or a single number per row) or a list
 of columns, concatenated in order; without it every column but the label is a feature. NPZ
 files hold the arrays ``x`` (rows of features) and ``y`` (labels). Labels are integers in
-``[0, num_classes)``. The dataset digest hashes the parsed arrays, so the same content gives
-the same digest wherever it lives.
+``[0, num_classes)``. Instruction data for a causal language model names a prompt and a
+completion column, or a messages column, instead (:mod:`workers.data.conversations`), and has
+no labels. The dataset digest hashes the parsed arrays, so the same content gives the same
+digest wherever it lives.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ import numpy as np
 
 from storage.errors import DataError
 from storage.files import read_bytes
+from workers.data.conversations import pairs_from_table
 from workers.data.labels import count_classes
 from workers.data.sources import register_source
-from workers.data.splits import Splits, check_labels, split_validation
+from workers.data.splits import Splits, check_labels, holds_prompts, split_validation
 from workers.data.text_encoding import DEFAULT_ENCODING, decode_rows, to_utf8
 
 FORMATS = ("jsonl", "csv", "parquet", "npz")
@@ -44,6 +47,21 @@ class Columns:
     features: tuple[str, ...] | None = None  # None: every column but the label
     text: str | None = None
     encoding: str = DEFAULT_ENCODING
+    prompt: str | None = None
+    completion: str | None = None
+    messages: str | None = None
+
+    @property
+    def prompts(self) -> bool:
+        """Prompt / completion pairs for a causal LM, not labelled examples."""
+        return self.messages is not None or self.prompt is not None
+
+    @property
+    def wanted(self) -> list[str]:
+        """The columns the file must have."""
+        if self.prompts:
+            return [c for c in (self.prompt, self.completion, self.messages) if c is not None]
+        return [self.label, *(self.features or ()), *([self.text] if self.text else [])]
 
 
 def infer_format(uri: str, declared: str = "auto") -> str:
@@ -69,7 +87,8 @@ def parse_examples(
         return _parse_npz(data, where)
     if fmt in ("csv", "jsonl"):
         data = to_utf8(data, columns.encoding, where)
-    return examples_from_table(_read_table(data, fmt, where), columns, where)
+    strings = columns.wanted if columns.prompts else []  # CSV: an answer "42" stays text
+    return examples_from_table(_read_table(data, fmt, where, strings), columns, where)
 
 
 def examples_from_table(table, columns: Columns, where: str) -> tuple[np.ndarray, np.ndarray]:
@@ -77,14 +96,23 @@ def examples_from_table(table, columns: Columns, where: str) -> tuple[np.ndarray
     if table.num_rows == 0:
         raise DataError(f"{where}: the file has no rows: every split needs examples")
     names = list(table.column_names)
-    wanted = [columns.label, *(columns.features or ()), *([columns.text] if columns.text else [])]
-    missing = [name for name in wanted if name not in names]
+    missing = [name for name in columns.wanted if name not in names]
     if missing:
         shown = ", ".join(names[:12]) + (f", ... ({len(names)} columns)" if len(names) > 12 else "")
+        fields = (
+            "prompt_column / completion_column / messages_column"
+            if columns.prompts
+            else "label_column / features_column / text_column"
+        )
         raise DataError(
             f"{where}: no column {', '.join(repr(m) for m in missing)} (the file has {shown}): "
-            "fix dataset.label_column / features_column / text_column"
+            f"fix dataset.{fields}"
         )
+    if columns.prompts:
+        pairs = pairs_from_table(
+            table, columns.prompt, columns.completion, columns.messages, columns.encoding, where
+        )
+        return pairs, np.zeros(len(pairs), dtype=np.int64)
     labels = _labels(table.column(columns.label), columns.label, where)
     if columns.text:
         return _text(table.column(columns.text), columns, where), labels
@@ -95,13 +123,17 @@ def examples_from_table(table, columns: Columns, where: str) -> tuple[np.ndarray
     return np.ascontiguousarray(np.concatenate(blocks, axis=1), dtype=np.float32), labels
 
 
-def _read_table(data: bytes, fmt: str, where: str):
+def _read_table(data: bytes, fmt: str, where: str, strings: list[str] | None = None):
+    """The file as a pyarrow table; in CSV, the ``strings`` columns are read as text."""
     import pyarrow as pa
 
     try:
         if fmt == "csv":
             import pyarrow.csv as csv
 
+            if strings:
+                types = csv.ConvertOptions(column_types={name: pa.string() for name in strings})
+                return csv.read_csv(pa.BufferReader(data), convert_options=types)
             return csv.read_csv(pa.BufferReader(data))
         if fmt == "jsonl":
             import pyarrow.json as json
@@ -244,6 +276,9 @@ def columns_of(config: dict[str, Any]) -> Columns:
         features=tuple(features) if features else None,
         text=config.get("text_column"),
         encoding=config.get("encoding") or DEFAULT_ENCODING,
+        prompt=config.get("prompt_column"),
+        completion=config.get("completion_column"),
+        messages=config.get("messages_column"),
     )
 
 
@@ -279,7 +314,8 @@ def assemble_splits(
             f"{what}: the files have different numbers of features {widths} ({files}): "
             "every split needs the same inputs"
         )
-    num_classes = count_classes(parts, config, what)
+    prompts = holds_prompts(parts["train"][0])
+    num_classes = 0 if prompts else count_classes(parts, config, what)
     seed = int(evaluation.get("split_seed", 0))
     x_train, y_train = parts["train"]
     if "val" in parts:
@@ -297,5 +333,6 @@ def assemble_splits(
     splits = Splits(x_train, y_train, x_val, y_val, x_test, y_test, int(num_classes))
     for split in ("train", "val", "test"):
         origin = config.get(split) or f"{config['train']} (held out)"
-        check_labels(splits.split(split)[1], int(num_classes), f"{what}.{split} {origin}")
+        if not prompts:
+            check_labels(splits.split(split)[1], int(num_classes), f"{what}.{split} {origin}")
     return splits

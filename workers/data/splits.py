@@ -12,8 +12,10 @@ from storage.errors import DataError
 
 @dataclass(frozen=True)
 class Splits:
-    """One task's labelled data: float32 feature rows, or raw texts (an object array of strings)
-    until the base model tokenizes them; labels int64 in [0, num_classes)."""
+    """One task's data: float32 feature rows, or raw texts (an object array of strings) until
+    the base model tokenizes them, with int64 labels in [0, num_classes); or prompt /
+    completion pairs (an object array of shape (rows, 2): the prompt's messages as JSON, the
+    completion text) for a causal language model, with zero labels and ``num_classes`` 0."""
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -31,8 +33,14 @@ class Splits:
 
     @property
     def is_text(self) -> bool:
-        """Raw texts (one string per row), to be tokenized by the base model's tokenizer."""
+        """Raw texts (one string per row, or a prompt / completion pair), to be tokenized by the
+        base model's tokenizer."""
         return self.x_train.dtype.kind in "OUS"
+
+    @property
+    def is_prompts(self) -> bool:
+        """Prompt / completion pairs, to be rendered and tokenized by a causal LM's tokenizer."""
+        return holds_prompts(self.x_train)
 
     @property
     def input_dim(self) -> int:
@@ -60,6 +68,11 @@ class Splits:
 
 
 _ARRAYS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
+
+
+def holds_prompts(x: np.ndarray) -> bool:
+    """Whether ``x`` is prompt / completion pairs: strings in two columns, not one."""
+    return x.dtype.kind in "OUS" and x.ndim == 2 and x.shape[1] == 2
 
 
 def split_validation(

@@ -1,0 +1,149 @@
+"""Prompt / completion pairs for a causal language model, read from a table's columns.
+
+Either a prompt column and a completion column (one user turn and its answer), or a messages
+column: a chat conversation, a list of ``{role, content}`` whose last message is the
+assistant's answer (in CSV, the list as a JSON string). Each row becomes a pair: the prompt's
+messages as a JSON string and the completion text, so the rows hash and split like any other
+text; the base model's tokenizer renders them later (:mod:`workers.data.prompts`).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, NoReturn
+
+import numpy as np
+
+from storage.errors import DataError
+from workers.data.text_encoding import decode_rows
+
+ANSWER_ROLE = "assistant"
+
+
+def pairs_from_table(
+    table,
+    prompt: str | None,
+    completion: str | None,
+    messages: str | None,
+    encoding: str,
+    where: str,
+) -> np.ndarray:
+    """An object array ``(rows, 2)``: the prompt's messages as JSON, then the completion."""
+    if messages is not None:
+        conversations = _messages(table.column(messages), messages, encoding, where)
+        return _pairs([(c[:-1], c[-1]["content"]) for c in conversations])
+    assert prompt is not None and completion is not None
+    prompts = _strings(table.column(prompt), prompt, encoding, where)
+    answers = _strings(table.column(completion), completion, encoding, where)
+    return _pairs([([_message("user", p)], a) for p, a in zip(prompts, answers, strict=True)])
+
+
+def prompt_messages(pair: np.ndarray) -> list[dict[str, str]]:
+    """The prompt's messages of one pair (a row of :func:`pairs_from_table`'s array)."""
+    return json.loads(pair[0])
+
+
+def _pairs(rows: list[tuple[list[dict[str, str]], str]]) -> np.ndarray:
+    pairs = np.empty((len(rows), 2), dtype=object)
+    for index, (prompt, answer) in enumerate(rows):
+        pairs[index, 0] = json.dumps(prompt, ensure_ascii=False)
+        pairs[index, 1] = answer
+    return pairs
+
+
+def _message(role: str, content: str) -> dict[str, str]:
+    return {"role": role, "content": content}
+
+
+def _cells(column, name: str, encoding: str, where: str) -> list[Any] | None:
+    """The column's cells as Python values; strings decoded; None if it holds no text."""
+    import pyarrow as pa
+
+    column = column.combine_chunks()
+    kind = column.type
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        try:
+            return column.to_pylist()
+        except UnicodeDecodeError:  # a writer stored invalid UTF-8 as strings: find the row
+            column = column.cast(pa.large_binary())
+            kind = column.type
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+        return decode_rows(column.to_pylist(), encoding, f"{where}: column {name!r}")
+    return None
+
+
+def _strings(column, name: str, encoding: str, where: str) -> list[str]:
+    cells = _cells(column, name, encoding, where)
+    if cells is None:
+        raise DataError(
+            f"{where}: column {name!r} holds {column.type}, not strings: store the prompts "
+            "and completions as text (quote them in JSONL)"
+        )
+    for row, value in enumerate(cells):
+        if value is None:
+            _refuse(where, name, row, "is missing: every row needs a prompt and a completion")
+        if not value.strip():
+            _refuse(where, name, row, "is empty: every row needs a prompt and a completion")
+    return cells
+
+
+def _messages(column, name: str, encoding: str, where: str) -> list[list[dict[str, str]]]:
+    import pyarrow as pa
+
+    cells = _cells(column, name, encoding, where)
+    if cells is not None:  # CSV: each cell is the conversation as a JSON string
+        parsed = []
+        for row, text in enumerate(cells):
+            try:
+                parsed.append(None if text is None else json.loads(text))
+            except json.JSONDecodeError as error:
+                _refuse(where, name, row, f"is not a JSON list of messages ({error.msg})")
+        cells = parsed
+    elif pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        cells = column.to_pylist()
+    else:
+        raise DataError(
+            f"{where}: column {name!r} holds {column.type}, not a list of {{role, content}} "
+            "messages"
+        )
+    return [_conversation(value, name, row, where) for row, value in enumerate(cells)]
+
+
+def _conversation(value: Any, name: str, row: int, where: str) -> list[dict[str, str]]:
+    if value is None:
+        _refuse(where, name, row, "is missing: every row needs a conversation")
+    if not isinstance(value, list) or len(value) < 2:
+        _refuse(
+            where,
+            name,
+            row,
+            "needs a list of at least two {role, content} messages: the prompt, then the "
+            "assistant's answer",
+        )
+    messages = []
+    for index, message in enumerate(value):
+        role = message.get("role") if isinstance(message, dict) else None
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(role, str) or not role or not isinstance(content, str):
+            _refuse(
+                where,
+                name,
+                row,
+                f"message {index} is not a {{role, content}} pair of strings",
+            )
+        messages.append(_message(role, content))
+    if messages[-1]["role"] != ANSWER_ROLE:
+        _refuse(
+            where,
+            name,
+            row,
+            f"ends with a {messages[-1]['role']!r} message: the last message must be the "
+            f"{ANSWER_ROLE}'s answer",
+        )
+    if not messages[-1]["content"].strip():
+        _refuse(where, name, row, "has an empty answer (its last message)")
+    return messages
+
+
+def _refuse(where: str, name: str, row: int, problem: str) -> NoReturn:
+    raise DataError(f"{where}: column {name!r}, row {row} (counting from 0) {problem}")
