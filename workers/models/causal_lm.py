@@ -2,8 +2,9 @@
 
 Inputs travel through the pipeline as one int64 array per split, shape ``(rows, 3, length)``:
 token ids, attention mask and completion mask (which tokens the loss and the metrics score;
-the model itself ignores it). The model trims each batch to the columns any row uses, so short
-prompts cost what they are.
+the model itself ignores it). The model drops the padding columns at the end of a batch (its
+longest row sets the length), so short prompts cost what they are; column ``j`` of the logits is
+column ``j`` of the input, the next-token distribution after token ``j``.
 
 Tied embeddings (``tie_word_embeddings``: the input embedding *is* the output head) are one
 tensor under two names in torch's ``state_dict``. A task vector, a merge or a digest would count
@@ -51,10 +52,10 @@ class CausalLM(nn.Module):
         if attention_mask is None:  # packed: one array through the whole pipeline
             input_ids, attention_mask = input_ids[:, IDS], input_ids[:, MASK]
         used = attention_mask.any(dim=0).nonzero()
-        first, last = (int(used[0]), int(used[-1]) + 1) if len(used) else (0, 1)
+        length = int(used[-1]) + 1 if len(used) else 1
         output = self.lm(
-            input_ids=input_ids[:, first:last],
-            attention_mask=attention_mask[:, first:last],
+            input_ids=input_ids[:, :length],
+            attention_mask=attention_mask[:, :length],
             use_cache=False,
         )
         return output.logits.float()
