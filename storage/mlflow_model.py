@@ -222,16 +222,32 @@ def log_and_register_transformers(
     registered_model: str,
     tags: dict[str, str],
     task: str = "text-generation",
+    model_config: dict[str, Any] | None = None,
 ) -> ModelVersion:
     """Log a Hugging Face directory (config, safetensors, tokenizer) with MLflow's own
-    ``transformers`` flavor under run ``run_id``, straight from its files (never loaded into
-    memory here); register it. ``mlflow.pyfunc.load_model`` then serves it as a ``task``
-    pipeline, and ``mlflow.transformers.load_model`` gives the pipeline itself."""
-    import mlflow.transformers
+    ``transformers`` flavor under run ``run_id`` as a ``task`` pipeline; register it.
+    ``mlflow.pyfunc.load_model`` serves it (``model_config``: generation settings such as
+    ``max_new_tokens``), ``mlflow.transformers.load_model`` gives the pipeline itself.
 
+    The pipeline is built in memory: MLflow's log-from-checkpoint-path route reads a pipeline
+    class name that transformers 5 no longer exposes.
+    """
+    import mlflow.transformers
+    import transformers
+
+    pipeline = transformers.pipeline(task, model=model_dir, tokenizer=model_dir)
+    requirements = [
+        f"{name}=={metadata.version(name).split('+')[0]}"
+        for name in ("mlflow", "transformers", "torch", "tokenizers", "safetensors")
+    ]
     with _global_tracking_uri(tracking_uri):
         with mlflow.start_run(run_id=run_id, nested=True):
             info = mlflow.transformers.log_model(
-                transformers_model=model_dir, task=task, name="model", tags=tags
+                transformers_model=pipeline,
+                task=task,
+                name="model",
+                tags=tags,
+                pip_requirements=requirements,
+                model_config=model_config,
             )
         return mlflow.register_model(info.model_uri, registered_model, tags=tags)

@@ -233,6 +233,7 @@ class MlflowTracker:
         pip_requirements: list[str] | None = None,
         serving: tuple[int, dict[str, str]] | None = None,
         transformers_dir: str | None = None,
+        generation: dict[str, Any] | None = None,
     ) -> PublishedModel:
         """Child run ``publish``: log a pyfunc model from code, register it, tag and alias it.
 
@@ -250,7 +251,12 @@ class MlflowTracker:
             with quiet_run_links(self._has_password):
                 if transformers_dir is not None:
                     version = log_and_register_transformers(
-                        self.uri, run_id, transformers_dir, registered_model, tags
+                        self.uri,
+                        run_id,
+                        transformers_dir,
+                        registered_model,
+                        tags,
+                        model_config=generation,
                     )
                 else:
                     version = log_and_register(
