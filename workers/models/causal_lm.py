@@ -152,10 +152,19 @@ def gguf_digest(path: str | Path) -> str:
 
 
 def causal_lm_files(model: CausalLM, tokenizer: Any) -> dict[str, bytes]:
-    """The config, generation config and tokenizer files of a loaded model (not its weights)."""
+    """The config, generation config and tokenizer files of a loaded model (not its weights).
+
+    A GGUF base is dequantized to float32 on load: its config keeps no ``quantization_config``
+    (transformers would take a model built from it for a GGUF-quantized one that it cannot
+    save, and it would name a local file path)."""
+    import copy
+
     with tempfile.TemporaryDirectory(prefix="mergeline-lm-") as temporary:
         folder = Path(temporary)
-        model.lm.config.save_pretrained(folder)
+        config = copy.deepcopy(model.lm.config)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.save_pretrained(folder)
         if getattr(model.lm, "generation_config", None) is not None:
             model.lm.generation_config.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
