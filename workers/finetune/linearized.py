@@ -8,25 +8,30 @@ interfering and merged logits are affine in the merge coefficients (see `workers
 Everything here is pure torch over ``dict[str, Tensor]``: one `torch.func.jvp` over
 `torch.func.functional_call` gives f(x; θ0) and J f(x; θ0) · δ in one pass. Only floating-point
 *parameters* are linearized; buffers (and integer tensors) stay at their θ0 values and their
-task-vector entries are zero.
+task-vector entries are zero, as are those of the *frozen* parameters a caller names (e.g. a
+causal LM's output head, which the LM fast path needs fixed).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp
 
-from storage.errors import ArtifactError
+from storage.errors import ArtifactError, ModelError
 
 StateDict = dict[str, Tensor]
 
 
-def tangent_names(module: nn.Module) -> list[str]:
-    """The names jvp differentiates through: the module's floating-point parameters."""
-    return [name for name, p in module.named_parameters() if p.is_floating_point()]
+def tangent_names(module: nn.Module, frozen: Collection[str] = ()) -> list[str]:
+    """The names jvp differentiates through: the floating-point parameters not in ``frozen``."""
+    return [
+        name
+        for name, p in module.named_parameters()
+        if p.is_floating_point() and name not in frozen
+    ]
 
 
 def jvp_outputs(
@@ -34,14 +39,16 @@ def jvp_outputs(
     theta0: Mapping[str, Tensor],
     delta: Mapping[str, Tensor],
     inputs: Tensor | tuple[Tensor, ...],
+    frozen: Collection[str] = (),
 ) -> tuple[Tensor, Tensor]:
     """(f(x; θ0), J f(x; θ0) · δ) in one forward-mode pass.
 
     ``theta0`` holds the module's full state (parameters and buffers) under the original names;
-    ``delta`` holds a direction for each parameter (missing names count as zero). The module's
-    own weights are never read or modified.
+    ``delta`` holds a direction for each parameter (missing names count as zero). ``frozen``
+    parameters are constants: their direction is zero (any in ``delta`` is ignored) and costs
+    nothing. The module's own weights are never read or modified.
     """
-    names = tangent_names(module)
+    names = tangent_names(module, frozen)
     primals = {name: theta0[name] for name in names}
     tangents = {
         name: delta[name].to(primals[name].dtype)
@@ -63,9 +70,13 @@ def jvp_many(
     theta0: Mapping[str, Tensor],
     deltas: list[Mapping[str, Tensor]],
     inputs: Tensor | tuple[Tensor, ...],
+    frozen: Collection[str] = (),
 ) -> tuple[Tensor, Tensor]:
-    """(f(x; θ0), stacked J f(x; θ0) · δ_s for every s): one vmapped jvp shares the primal."""
-    names = tangent_names(module)
+    """(f(x; θ0), stacked J f(x; θ0) · δ_s for every s): one vmapped jvp shares the primal.
+
+    ``frozen`` as in :func:`jvp_outputs`.
+    """
+    names = tangent_names(module, frozen)
     primals = {name: theta0[name] for name in names}
     stacked = {
         name: torch.stack(
@@ -93,9 +104,10 @@ def linearized_forward(
     theta0: Mapping[str, Tensor],
     delta: Mapping[str, Tensor],
     inputs: Tensor | tuple[Tensor, ...],
+    frozen: Collection[str] = (),
 ) -> Tensor:
-    """f_lin(x; θ0 + δ) = f(x; θ0) + J f(x; θ0) · δ."""
-    output, tangent = jvp_outputs(module, theta0, delta, inputs)
+    """f_lin(x; θ0 + δ) = f(x; θ0) + J f(x; θ0) · δ (``frozen`` as in :func:`jvp_outputs`)."""
+    output, tangent = jvp_outputs(module, theta0, delta, inputs, frozen)
     return output + tangent
 
 
@@ -108,14 +120,24 @@ class LinearizedModel(nn.Module):
     """f_lin(x; θ0 + δ) as a trainable module: only δ (zero at start) has parameters.
 
     θ0 is frozen (non-persistent buffers) and the wrapped network always runs in eval mode, so
-    the expansion point never moves. ``task_vector()`` returns δ under the original names,
-    with zeros for buffers, i.e. exactly θ − θ0 of the linearized model.
+    the expansion point never moves. ``frozen`` names parameters that keep δ = 0 (they get no
+    δ parameter at all). ``task_vector()`` returns δ under the original names, with zeros for
+    buffers and frozen parameters, i.e. exactly θ − θ0 of the linearized model.
     """
 
-    def __init__(self, module: nn.Module, theta0: Mapping[str, Tensor]) -> None:
+    def __init__(
+        self, module: nn.Module, theta0: Mapping[str, Tensor], frozen: Collection[str] = ()
+    ) -> None:
         super().__init__()
+        unknown = sorted(set(frozen) - set(tangent_names(module)))
+        if unknown:
+            raise ModelError(
+                f"cannot freeze {unknown[0]!r}: not a floating-point parameter of the model "
+                "(name parameters as named_parameters() does)"
+            )
         self.module = module.requires_grad_(False).eval()
-        self.names = tangent_names(module)
+        self.frozen = frozenset(frozen)
+        self.names = tangent_names(module, self.frozen)
         self.state_names = list(theta0)
         for index, name in enumerate(self.state_names):
             self.register_buffer(f"theta0_{index}", theta0[name].detach().clone(), False)
@@ -130,7 +152,7 @@ class LinearizedModel(nn.Module):
 
     def forward(self, *inputs: Tensor) -> Tensor:
         delta = dict(zip(self.names, self.delta, strict=True))
-        return linearized_forward(self.module, self.base_state(), delta, tuple(inputs))
+        return linearized_forward(self.module, self.base_state(), delta, tuple(inputs), self.frozen)
 
     def train(self, mode: bool = True) -> LinearizedModel:
         super().train(mode)
@@ -138,7 +160,7 @@ class LinearizedModel(nn.Module):
         return self
 
     def task_vector(self) -> StateDict:
-        """δ = θ − θ0 under the original parameter names (zeros for buffers)."""
+        """δ = θ − θ0 under the original parameter names (zeros for buffers and frozen names)."""
         trained = {name: p.detach().clone() for name, p in zip(self.names, self.delta, strict=True)}
         return {
             name: trained[name] if name in trained else torch.zeros_like(value)

@@ -49,16 +49,62 @@ class CausalLM(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        if attention_mask is None:  # packed: one array through the whole pipeline
-            input_ids, attention_mask = input_ids[:, IDS], input_ids[:, MASK]
-        used = attention_mask.any(dim=0).nonzero()
-        length = int(used[-1]) + 1 if len(used) else 1
-        output = self.lm(
-            input_ids=input_ids[:, :length],
-            attention_mask=attention_mask[:, :length],
-            use_cache=False,
-        )
+        input_ids, attention_mask = _trimmed(input_ids, attention_mask)
+        output = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return output.logits.float()
+
+
+class CausalLMBody(nn.Module):
+    """A :class:`CausalLM` without its output head: packed rows -> final hidden states.
+
+    ``(rows, 3, length)`` (or ids, mask) -> ``(rows, trimmed length, hidden)``, the base
+    model's ``last_hidden_state`` (after the final norm), which the head maps to the logits.
+    It shares the wrapped model's modules and its state names (``lm.<name>``), so the
+    CausalLM's θ0 and task vectors drive it unchanged through ``functional_call``.
+    """
+
+    def __init__(self, model: CausalLM) -> None:
+        super().__init__()
+        self.lm = model.lm
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        input_ids, attention_mask = _trimmed(input_ids, attention_mask)
+        output = self.lm.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        )
+        return output.last_hidden_state
+
+
+def _trimmed(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids and mask without the padding columns after the batch's longest row."""
+    if attention_mask is None:  # packed: one array through the whole pipeline
+        input_ids, attention_mask = input_ids[:, IDS], input_ids[:, MASK]
+    used = attention_mask.any(dim=0).nonzero()
+    length = int(used[-1]) + 1 if len(used) else 1
+    return input_ids[:, :length], attention_mask[:, :length]
+
+
+def head_parameters(model: CausalLM) -> dict[str, str]:
+    """``{"weight": name}`` (and ``"bias"`` if the head has one): the output head's state names.
+
+    Names are canonical (as ``named_parameters`` reports them): with tied embeddings the weight
+    is the shared input embedding's name, e.g. ``lm.model.embed_tokens.weight``.
+    """
+    head = model.lm.get_output_embeddings()
+    owned = {id(p): name for name, p in model.named_parameters()}
+    names = {"weight": owned[id(head.weight)]}
+    if getattr(head, "bias", None) is not None:
+        names["bias"] = owned[id(head.bias)]
+    return names
+
+
+def head_names(model: CausalLM) -> set[str]:
+    """The canonical state names of the output head (tied: the shared embedding's name)."""
+    return set(head_parameters(model).values())
 
 
 def tied_aliases(module: nn.Module) -> dict[str, str]:
