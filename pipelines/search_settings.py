@@ -30,9 +30,9 @@ class SearchSettings:
 
 def resolve_search(spec: Spec) -> SearchSettings:
     linear = spec.finetune.mode == "linear"
-    # The causal-LM fast path (cached last hidden states through the frozen LM head) is not
-    # built yet: a causal LM's candidates are scored by real linearized forward passes.
-    exact = getattr(spec.base_model, "kind", "classification") == "classification"
+    # A causal LM's fast path scores token accuracy (cached last hidden states through the
+    # frozen LM head); searching on another metric takes real linearized forward passes.
+    exact = spec.evaluation.metric in (None, "accuracy", "token_accuracy")
     fast = linear and spec.merge.fast_path == "auto" and exact
     per_task = spec.merge.search.per_task
     if per_task is None:

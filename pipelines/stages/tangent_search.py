@@ -21,7 +21,7 @@ from workers.merge import merge
 from workers.models import apply_head
 from workers.search.disentanglement import disentanglement_errors
 from workers.search.evaluate import features_at, linearized_at
-from workers.search.fastpath import FastPath, build_fast_path, linear_weights
+from workers.search.fastpath import FastPath, linear_weights
 from workers.search.strategies import STRATEGIES, Point
 
 
@@ -47,10 +47,9 @@ class TangentScorer(CandidateScorer):
 
     def fast_path(self, split: str = "val") -> FastPath:
         if split not in self._fast_paths:
-            inputs = {t: torch.as_tensor(s.split(split)[0]) for t, s in self.splits.items()}
-            labels = {t: torch.as_tensor(s.split(split)[1]) for t, s in self.splits.items()}
-            self._fast_paths[split] = build_fast_path(
-                self.backbone, self.base, self.task_vectors, self.heads, inputs, labels
+            splits = {t: s.split(split) for t, s in self.splits.items()}
+            self._fast_paths[split] = self.kind.fast_path(
+                self.backbone, self.base, self.task_vectors, self.heads, splits, self.settings
             )
         return self._fast_paths[split]
 

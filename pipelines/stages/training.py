@@ -66,10 +66,11 @@ def build_model(
 ) -> torch.nn.Module:
     """backbone (or its linearization around θ0) as the task's kind trains it (e.g. through
     the frozen head)."""
-    trainable = (
-        LinearizedModel(backbone, theta0) if request.finetune["mode"] == "linear" else backbone
-    )
-    return kind_of(request.base_meta["config"]).trainable(trainable, request.head)
+    kind = kind_of(request.base_meta["config"])
+    trainable = backbone
+    if request.finetune["mode"] == "linear":
+        trainable = LinearizedModel(backbone, theta0, kind.frozen_in_linear_mode(backbone))
+    return kind.trainable(trainable, request.head)
 
 
 def make_engine(model: torch.nn.Module, request: TrainRequest) -> Engine:

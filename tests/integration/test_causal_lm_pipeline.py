@@ -134,7 +134,7 @@ def test_linear_mode_trains_in_the_tangent_space_and_exports_the_nonlinear_merge
 ) -> None:
     summary = _run(_spec(tmp_path, tiny_llama_dir, "linear"), tmp_path)
     assert summary["status"] == "succeeded" and summary["mode"] == "linear"
-    assert summary["search"]["fast_path"] is False  # forward passes: no causal-LM fast path yet
+    assert summary["search"]["fast_path"] is True  # token accuracy through the frozen LM head
     for task in summary["tasks"].values():
         assert task["finetuned"]["test"] > task["zero_shot"]["test"]
     model_dir = Path(summary["model"]["uri"].removeprefix("file://"))

@@ -83,7 +83,11 @@ def test_fast_path_logits_equal_a_real_linearized_forward(linear_tasks: dict) ->
 
 def test_only_methods_linear_in_the_task_vectors_have_weights() -> None:
     assert linear_weights("task_arithmetic", {}, 0.5, TASKS) == [0.5, 0.5, 0.5]
-    assert linear_weights("task_arithmetic", {}, {"a": 1.0, "c": -2.0}, TASKS) == [1.0, 0.0, -2.0]
+    assert linear_weights("task_arithmetic", {}, {"a": 1.0, "b": 0, "c": -2.0}, TASKS) == [
+        1.0,
+        0.0,
+        -2.0,
+    ]
     assert linear_weights("weight_average", {}, 0.9, TASKS) == pytest.approx([0.3] * 3)
     assert linear_weights("ties", {}, 0.5, TASKS) is None
     assert linear_weights("dare", {"p": 0.1}, 0.5, TASKS) is None
@@ -173,3 +177,12 @@ def test_a_full_per_task_grid_over_the_budget_is_refused() -> None:
     with pytest.raises(SpecError, match=r"21\^3 = 9261.*coordinate_ascent"):
         full_grid(_bowl, 3, [0.05 * i for i in range(21)], budget=1000)
     assert len(full_grid(_bowl, 3, [0.0, 0.5, 1.0])) == 27
+
+
+def test_a_coefficient_dict_without_a_task_is_refused_not_read_as_zero() -> None:
+    from storage.errors import MergeInputError
+    from workers.search.fastpath import linear_weights
+
+    assert linear_weights("task_arithmetic", {}, {"a": 0.5, "b": 0.25}, ["a", "b"]) == [0.5, 0.25]
+    with pytest.raises(MergeInputError, match=r"no coefficient for task vector\(s\) \['b'\]"):
+        linear_weights("task_arithmetic", {}, {"a": 0.5}, ["a", "b"])

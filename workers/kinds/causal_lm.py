@@ -47,6 +47,31 @@ class CausalLanguageModel:
             "overflow": dataset.get("overflow", "refuse"),
         }
 
+    def frozen_in_linear_mode(self, network: nn.Module) -> set[str]:
+        """The LM head (with tied embeddings, the shared embedding too) stays at θ0 in linear
+        mode: the linearized logits are then W0·(h0 + J_h·δ), affine in the merge
+        coefficients, which is what makes the exact fast path possible."""
+        from workers.models.causal_lm import head_names
+
+        return head_names(network)
+
+    def fast_path(
+        self,
+        network: nn.Module,
+        theta0: Mapping[str, Tensor],
+        task_vectors: Mapping[str, Mapping[str, Tensor]],
+        heads: Mapping[str, Head],
+        splits: Mapping[str, tuple[np.ndarray, np.ndarray]],
+        settings: Mapping[str, Any],
+    ):
+        """Cached last hidden states h0 and J_h·τ_s at completion positions, scored through
+        the frozen head (token accuracy; the search's metric must be token_accuracy)."""
+        from workers.search.lm_fastpath import build_lm_fast_path
+
+        batch = int(settings.get("batch_size") or DEFAULT_BATCH_SIZE)
+        inputs = {t: x for t, (x, _) in splits.items()}
+        return build_lm_fast_path(network, dict(theta0), dict(task_vectors), inputs, batch)
+
     def trainable(self, network: nn.Module, head: Head) -> nn.Module:
         return network
 

@@ -45,6 +45,27 @@ class Classification:
     ) -> dict[str, Any]:
         return {}  # one metric, and the inputs are what the dataset digest covers
 
+    def frozen_in_linear_mode(self, network: nn.Module) -> set[str]:
+        return set()  # the head is a frozen probe outside the network already
+
+    def fast_path(
+        self,
+        network: nn.Module,
+        theta0: Mapping[str, Tensor],
+        task_vectors: Mapping[str, Mapping[str, Tensor]],
+        heads: Mapping[str, Head],
+        splits: Mapping[str, tuple[np.ndarray, np.ndarray]],
+        settings: Mapping[str, Any],
+    ):
+        """The exact fast path: head-projected f(X; θ0) and J f(X; θ0)·τ_s per task."""
+        from workers.search.fastpath import build_fast_path
+
+        inputs = {t: torch.as_tensor(x) for t, (x, _) in splits.items()}
+        labels = {t: torch.as_tensor(y) for t, (_, y) in splits.items()}
+        return build_fast_path(
+            network, dict(theta0), dict(task_vectors), dict(heads), inputs, labels
+        )
+
     def trainable(self, network: nn.Module, head: Head) -> nn.Module:
         return Classifier(network, head)
 

@@ -41,6 +41,23 @@ class TaskKind(Protocol):
         """What a stored task vector depends on beyond base, data and fine-tuning settings."""
         ...
 
+    def frozen_in_linear_mode(self, network: nn.Module) -> set[str]:
+        """Parameters linear-mode fine-tuning keeps at θ0 (their δ is exactly zero)."""
+        ...
+
+    def fast_path(
+        self,
+        network: nn.Module,
+        theta0: Mapping[str, Tensor],
+        task_vectors: Mapping[str, Mapping[str, Tensor]],
+        heads: Mapping[str, Head],
+        splits: Mapping[str, tuple[np.ndarray, np.ndarray]],
+        settings: Mapping[str, Any],
+    ) -> Any:
+        """The exact linear-mode fast path over one split per task: ``sources``, ``tasks``,
+        ``accuracies((B, S) α) -> {task: (B,)}`` and ``accuracy_matrix((B, S) α) -> (B, T)``."""
+        ...
+
     def trainable(self, network: nn.Module, head: Head) -> nn.Module:
         """The module an engine trains: ``network`` (θ or its linearization) and the head."""
         ...

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from storage.errors import MergeInputError
 from workers.finetune.linearized import jvp_many
 
 LINEAR_METHODS = frozenset({"task_arithmetic", "weight_average"})
@@ -43,7 +44,13 @@ def linear_weights(
             return None
         return [float(coefficient) / len(sources)] * len(sources)
     if isinstance(coefficient, Mapping):
-        return [float(coefficient.get(source, 0.0)) for source in sources]
+        missing = [source for source in sources if source not in coefficient]
+        if missing:  # as merge() refuses it: a task without a coefficient is not a zero
+            raise MergeInputError(
+                f"no coefficient for task vector(s) {missing}: give every task a coefficient "
+                f"({', '.join(sources)})"
+            )
+        return [float(coefficient[source]) for source in sources]
     return [float(coefficient)] * len(sources)
 
 

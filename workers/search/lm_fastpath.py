@@ -122,6 +122,17 @@ class LMFastPath:
         matrix = self.token_accuracy_matrix(coefficients)
         return {task: matrix[:, index] for index, task in enumerate(self.tasks)}
 
+    # The names the search reads on any fast path (see workers.search.fastpath.FastPath).
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return self.vectors
+
+    def accuracies(self, coefficients: Tensor) -> dict[str, Tensor]:
+        return self.token_accuracies(coefficients)
+
+    def accuracy_matrix(self, coefficients: Tensor) -> Tensor:
+        return self.token_accuracy_matrix(coefficients)
+
 
 def _refuse_head_changes(
     task_vectors: Mapping[str, Mapping[str, Tensor]], heads: Sequence[str]
