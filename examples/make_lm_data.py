@@ -76,7 +76,7 @@ def _first_translation(lines: list[str]) -> str | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", nargs="?", default="examples/lm-data", type=Path)
-    parser.add_argument("--per-task", type=int, default=400, help="rows per task (train+test)")
+    parser.add_argument("--per-task", type=int, default=240, help="rows per task (train+test)")
     parser.add_argument("--test-fraction", type=float, default=0.25)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
