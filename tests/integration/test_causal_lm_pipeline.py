@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 from rich.console import Console
+from typer.testing import CliRunner
 
+from pipelines.cli import app
 from pipelines.run import run_pipeline
 from pipelines.specfile import validate_document
 from tests.lm_fixtures import write_tiny_llama
@@ -123,10 +125,24 @@ def test_a_causal_lm_fine_tunes_merges_and_publishes_a_model_transformers_genera
 
     import mlflow
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    tracking = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.set_tracking_uri(tracking)
     served = mlflow.pyfunc.load_model("models:/lm-standard@champion")
     answer = served.predict(["what is the capital of france ?"])
     assert isinstance(answer[0], str)
+
+    lineage = CliRunner().invoke(
+        app, ["lineage", "models:/lm-standard@champion", "--tracking-uri", tracking, "--json"]
+    )
+    assert lineage.exit_code == 0, lineage.output
+    chain = json.loads(lineage.stdout)
+    statuses = [v["status"] for v in chain["task_vectors"]]
+    statuses += [chain["merged_model"]["status"], chain["base_model"]["status"]]
+    assert statuses == ["verified"] * 4
+
+    again = _run(_spec(tmp_path, tiny_llama_dir, "standard"), tmp_path)  # the same spec
+    assert all(task["cache_hit"] for task in again["tasks"].values())
+    assert again["best"]["coefficients"] == summary["best"]["coefficients"]
 
 
 def test_linear_mode_trains_in_the_tangent_space_and_exports_the_nonlinear_merge(
