@@ -6,6 +6,7 @@ import copy
 import hashlib
 import importlib.util
 import json
+import pickle
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from torch import nn
 from torch.func import functional_call
 
 from storage.errors import ModelError
-from tests.lm_fixtures import tiny_llama, tiny_tokenizer, write_tiny_llama
+from tests.lm_fixtures import tiny_llama, tiny_tokenizer, write_tiny_llama, write_tiny_llama_gguf
 from workers.finetune.linearized import LinearizedModel
 from workers.models.causal_lm import (
     CausalLM,
@@ -61,6 +62,9 @@ def test_forward_trims_to_longest_row_and_returns_float32_logits(model: CausalLM
     assert torch.equal(logits, model(torch.stack([batch[:, 0], batch[:, 1], batch[:, 1]], 1)))
     alone = model.lm(input_ids=batch[1:2, 0, :7]).logits
     torch.testing.assert_close(logits[1:2], alone, rtol=1e-5, atol=1e-5)
+    # Left padding: nothing to drop at the end, and column j stays column j.
+    left = batch.flip(-1)
+    assert model(left).shape == (3, 10, 64)
 
 
 def test_state_dict_holds_a_tied_tensor_once_under_its_canonical_name(model: CausalLM) -> None:
@@ -70,6 +74,9 @@ def test_state_dict_holds_a_tied_tensor_once_under_its_canonical_name(model: Cau
     state = model.state_dict()
     assert EMBED in state and HEAD not in state
     assert list(state) == [name for name, _ in model.named_parameters()]
+    # Sent to a Ray worker, the hooks travel with the model (our own bytes, not untrusted data).
+    copied = pickle.loads(pickle.dumps(model))  # noqa: S301
+    assert list(copied.state_dict()) == list(state)
     untied = CausalLM(tiny_llama(seed=0, tie=False))
     assert tied_aliases(untied) == {} and HEAD in untied.state_dict()
 
@@ -206,6 +213,29 @@ def test_export_directory_loads_with_from_pretrained_and_generates(
     )
     generated = served.generate(**prompt, max_new_tokens=4, do_sample=False)
     assert generated.shape[1] > prompt["input_ids"].shape[1]
+
+
+def test_a_gguf_base_loads_tied_and_is_stored_as_plain_files(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    reference = CausalLM(write_tiny_llama_gguf(tmp_path / "tiny.gguf"))
+    model, tokenizer = load_causal_lm(tmp_path, gguf_file="tiny.gguf")
+    assert model.lm.lm_head.weight is model.lm.model.embed_tokens.weight
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    batch = packed_batch(vocab=reference.vocab_size)
+    torch.testing.assert_close(model(batch), reference(batch), rtol=1e-5, atol=1e-5)
+
+    stored = tmp_path / "stored"
+    stored.mkdir()
+    for name, data in causal_lm_files(model, tokenizer).items():
+        (stored / name).write_bytes(data)
+    assert not any(name.endswith(".gguf") for name in causal_lm_files(model, tokenizer))
+    rebuilt = causal_lm_from_files(stored, model.state_dict())
+    assert torch.equal(rebuilt(batch), model(batch))
+    again = AutoTokenizer.from_pretrained(str(stored), local_files_only=True)
+    chat = [{"role": "user", "content": "the theme"}]
+    assert again.apply_chat_template(chat) == tokenizer.apply_chat_template(chat)
+    assert again.eos_token == tokenizer.eos_token == "<|im_end|>"
 
 
 @pytest.mark.parametrize(
