@@ -225,11 +225,14 @@ def test_a_gguf_base_loads_tied_and_is_stored_as_plain_files(tmp_path: Path) -> 
     batch = packed_batch(vocab=reference.vocab_size)
     torch.testing.assert_close(model(batch), reference(batch), rtol=1e-5, atol=1e-5)
 
+    files = causal_lm_files(model, tokenizer)
+    assert "quantization_config" in model.lm.config.to_dict()  # names the GGUF file...
+    assert "quantization_config" not in json.loads(files["config.json"])  # ...the files do not
+    assert not any(b"tiny.gguf" in data for data in files.values())
     stored = tmp_path / "stored"
     stored.mkdir()
-    for name, data in causal_lm_files(model, tokenizer).items():
+    for name, data in files.items():
         (stored / name).write_bytes(data)
-    assert not any(name.endswith(".gguf") for name in causal_lm_files(model, tokenizer))
     rebuilt = causal_lm_from_files(stored, model.state_dict())
     assert torch.equal(rebuilt(batch), model(batch))
     again = AutoTokenizer.from_pretrained(str(stored), local_files_only=True)
@@ -286,7 +289,9 @@ def smollm2_gguf() -> Path:
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_smollm2_gguf_loads_as_a_tied_llama_that_answers() -> None:
+def test_smollm2_gguf_loads_as_a_tied_llama_that_answers(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     path = smollm2_gguf()
     model, tokenizer = load_causal_lm(path.parent, gguf_file=path.name)
     assert model.lm.config.model_type == "llama"
@@ -305,3 +310,17 @@ def test_smollm2_gguf_loads_as_a_tied_llama_that_answers() -> None:
         output = model.lm.generate(**prompt, max_new_tokens=24, do_sample=False)
     answer = tokenizer.decode(output[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer, answer
+
+    # Stored as plain files and exported, it loads without the GGUF and answers the same.
+    stored = tmp_path / "stored"
+    stored.mkdir()
+    for name, data in causal_lm_files(model, tokenizer).items():
+        (stored / name).write_bytes(data)
+    export_directory(stored, model.state_dict(), tmp_path / "export")
+    served = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export"), local_files_only=True)
+    assert not getattr(served, "is_quantized", False)
+    again = AutoTokenizer.from_pretrained(str(tmp_path / "export"), local_files_only=True)
+    with torch.no_grad():
+        output = served.generate(**prompt, max_new_tokens=24, do_sample=False)
+    start = prompt["input_ids"].shape[1]
+    assert again.decode(output[0, start:], skip_special_tokens=True) == answer

@@ -20,6 +20,7 @@ stages never read the GGUF again.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import tempfile
 from collections.abc import Mapping
@@ -152,14 +153,30 @@ def gguf_digest(path: str | Path) -> str:
 
 
 def causal_lm_files(model: CausalLM, tokenizer: Any) -> dict[str, bytes]:
-    """The config, generation config and tokenizer files of a loaded model (not its weights)."""
+    """The config, generation config and tokenizer files of a loaded model (not its weights).
+
+    A model loaded from a GGUF file holds float32 weights but its config still names the file
+    (``quantization_config``, an absolute path): that entry is left out, so the files describe
+    the plain model and read the same on every machine.
+    """
+    config = copy.deepcopy(model.lm.config)
+    if _from_gguf(config):
+        del config.quantization_config
     with tempfile.TemporaryDirectory(prefix="mergeline-lm-") as temporary:
         folder = Path(temporary)
-        model.lm.config.save_pretrained(folder)
+        config.save_pretrained(folder)
         if getattr(model.lm, "generation_config", None) is not None:
             model.lm.generation_config.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _from_gguf(config: Any) -> bool:
+    """Whether a config says its weights came from a GGUF file (a str enum, or a dict's value)."""
+    quantization = getattr(config, "quantization_config", None)
+    if isinstance(quantization, dict):
+        return quantization.get("quant_method") == "gguf"
+    return getattr(quantization, "quant_method", None) == "gguf"
 
 
 def causal_lm_from_files(
