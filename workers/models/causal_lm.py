@@ -205,10 +205,10 @@ def causal_lm_from_files(
     model = CausalLM(lm)
     try:
         model.load_state_dict(dict(state))
-    except RuntimeError as error:
-        first = (str(error).strip().splitlines() or [""])[0]
+    except RuntimeError as error:  # torch lists every mismatch on its own line: join them
+        detail = " ".join(str(error).split()).removeprefix("Error(s) in loading state_dict for ")
         raise ModelError(
-            f"base_model: the weights do not fit the config in {str(folder)!r} ({first[:200]})"
+            f"base_model: the weights do not fit the config in {str(folder)!r} ({detail[:240]})"
         ) from None
     return model.eval()
 
