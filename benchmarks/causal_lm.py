@@ -7,7 +7,7 @@ Two measurements, written to ``benchmarks/results/causal_lm.json``:
    through the CLI, cold, in standard then linear mode with everything else equal. Recorded per
    task on the test split: zero-shot, fine-tuned and merged token accuracy and exact match; the
    wall time of each stage (base dequantization, fine-tuning, search, publishing).
-2. **Training throughput** (completion tokens per second) of mergeline's torch engine (the
+2. **Training throughput** (tokens per second: every unpadded token of the batches) of mergeline's torch engine (the
    causal_lm kind's loss through ``TorchEngine`` on the packed batches) against a bare Hugging
    Face loop (``model(input_ids, attention_mask, labels)`` with -100 on prompt and padding,
    ``torch.optim.Adam``) on the same model, the same batches and the same thread count, measured
@@ -134,7 +134,7 @@ def throughput(rounds: int, steps: int, batch_size: int) -> dict[str, Any]:
     batches = [
         torch.from_numpy(packed[i * batch_size : (i + 1) * batch_size]) for i in range(steps)
     ]
-    tokens = sum(int(b[:, 2].sum()) for b in batches)  # the completion tokens trained on
+    tokens = sum(int(b[:, 1].sum()) for b in batches)  # every real (unpadded) token processed
     kind = get_kind("causal_lm")
     engine = TorchEngine(model, lr=5e-5, loss_fn=kind.loss)
     labels = torch.zeros(batch_size, dtype=torch.int64)
@@ -171,7 +171,8 @@ def throughput(rounds: int, steps: int, batch_size: int) -> dict[str, Any]:
         "steps_per_round": steps,
         "rounds": rounds,
         "threads": torch.get_num_threads(),
-        "completion_tokens_per_round": tokens,
+        "tokens_per_round": tokens,
+        "completion_tokens_per_round": sum(int(b[:, 2].sum()) for b in batches),
         "tokens_per_second": measured,
         "median_tokens_per_second": medians,
         "ratio_mergeline_to_bare": medians["mergeline"] / medians["bare_hf"],
@@ -181,7 +182,7 @@ def throughput(rounds: int, steps: int, batch_size: int) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=("example", "throughput"), default=None)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=4)
     args = parser.parse_args()
     previous = json.loads(RESULT.read_text()) if RESULT.is_file() else {}
