@@ -170,9 +170,8 @@ def test_the_right_choice_packs_first_then_the_wrong_ones_after_the_same_prompt(
                 packed[row, 3 * block : 3 * block + 3],
                 encode_prompts(alone, tok, 16, "refuse", "t")[0][0],
             )
-        assert not packed[
-            row, 3 * len(options) :, 1:
-        ].any()  # fewer choices: no mask, no completion
+        empty = packed[row, 3 * len(options) :].reshape(-1, 3, 16)  # fewer choices than C
+        assert (empty[:, 0] == tok.pad_token_id).all() and not empty[:, 1:].any()
 
 
 def test_plain_pairs_still_pack_three_channels() -> None:

@@ -14,8 +14,8 @@ Multiple-choice pairs (:func:`workers.data.conversations.pair_choices`) pack eac
 three more channels after the same prompt: ``(rows, 3 * C, max_length)`` where channels 0..2
 are the right choice (exactly what every other consumer reads: training, token_accuracy,
 exact_match, the fast path) and each further block of three a wrong choice, in the row's order;
-C is the split's largest number of choices, and a row with fewer has all-zero blocks (no
-attention, no completion) after its own. The prompt is cut once so that the longest choice
+C is the split's largest number of choices, and a row with fewer has empty blocks after its
+own (pad ids, no attention, no completion). The prompt is cut once so that the longest choice
 fits, so every choice follows the same prompt tokens.
 """
 

@@ -6,7 +6,7 @@ before them). A model is any ``logits_fn(packed) -> (rows, L', vocab)`` with ``L
 (trimmed to the longest row); position ``t`` predicts token ``t + 1``. Multiple-choice splits
 are ``(rows, 3 * C, length)``: channels 0..2 are the right choice, so every metric here but
 :func:`choice_accuracy` reads them as a plain split; each further block of three is a wrong
-choice (all zeros where a row has fewer choices; ``workers.data.prompts``).
+choice (empty: no attention, no completion, where a row has fewer; ``workers.data.prompts``).
 
 Greedy generation keeps rows right-padded and runs the whole prefix at every step, without a
 KV cache (a ``logits_fn`` is a plain function): each row's next token is read at its own last
