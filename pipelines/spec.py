@@ -81,6 +81,16 @@ class FilesDataset(_Model):
         description="Instruction data for a causal LM: a list of {role, content} messages "
         "whose last is the assistant's answer (in CSV, a JSON string).",
     )
+    choices_column: str | None = Field(
+        default=None,
+        description="Multiple-choice data for a causal LM: each row's candidate answers, a "
+        "list of strings (in CSV, a JSON list); needs prompt_column and answer_column.",
+    )
+    answer_column: str | None = Field(
+        default=None,
+        description="The right choice of choices_column: its index (from 0) or its text. "
+        "Fine-tuning learns to answer it; choice_accuracy scores every choice.",
+    )
     overflow: Literal["refuse", "drop"] = Field(
         default="refuse",
         description="A row whose completion does not fit base_model.max_length: refuse the "
@@ -171,6 +181,16 @@ class HubDataset(_Model):
         description="Instruction data for a causal LM: a list of {role, content} messages "
         "whose last is the assistant's answer.",
     )
+    choices_column: str | None = Field(
+        default=None,
+        description="Multiple-choice data for a causal LM: each row's candidate answers, a "
+        "list of strings; needs prompt_column and answer_column.",
+    )
+    answer_column: str | None = Field(
+        default=None,
+        description="The right choice of choices_column: its index (from 0) or its text. "
+        "Fine-tuning learns to answer it; choice_accuracy scores every choice.",
+    )
     overflow: Literal["refuse", "drop"] = Field(
         default="refuse",
         description="A row whose completion does not fit base_model.max_length: refuse the "
@@ -205,8 +225,11 @@ def _prompts(dataset: FilesDataset | HubDataset) -> bool:
 
 
 def _check_prompt_columns(dataset: FilesDataset | HubDataset) -> None:
-    """Prompt and completion come together, or messages alone, and never with labels."""
-    if dataset.prompt_column is not None and dataset.completion_column is None:
+    """Prompt and completion come together, or prompt with choices and answer, or messages
+    alone, and never with labels."""
+    _check_choice_columns(dataset)
+    choices = dataset.choices_column is not None
+    if dataset.prompt_column is not None and dataset.completion_column is None and not choices:
         raise ValueError("prompt_column needs completion_column (the answer to each prompt)")
     if dataset.completion_column is not None and dataset.prompt_column is None:
         raise ValueError(
@@ -226,6 +249,25 @@ def _check_prompt_columns(dataset: FilesDataset | HubDataset) -> None:
     for field in ("label_column", "num_classes"):
         if field in given:
             raise ValueError(f"{field} has no meaning for prompt_column/messages_column data")
+
+
+def _check_choice_columns(dataset: FilesDataset | HubDataset) -> None:
+    """Choices and answer come together, after a prompt, instead of a completion."""
+    if dataset.choices_column is None and dataset.answer_column is None:
+        return
+    if dataset.choices_column is None:
+        raise ValueError("answer_column needs choices_column (the choices it picks from)")
+    if dataset.answer_column is None:
+        raise ValueError("choices_column needs answer_column (the right choice of each row)")
+    if dataset.messages_column is not None:
+        raise ValueError("choices_column takes prompt_column, not messages_column")
+    if dataset.prompt_column is None:
+        raise ValueError("choices_column needs prompt_column (the question of each row)")
+    if dataset.completion_column is not None:
+        raise ValueError(
+            "set completion_column or choices_column/answer_column, not both (the answer is "
+            "the right choice)"
+        )
 
 
 DatasetSpec = Annotated[SklearnDataset | FilesDataset | HubDataset, Field(discriminator="source")]
@@ -476,10 +518,13 @@ class EvaluationSpec(_Model):
     val_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
     val_max: int = Field(default=5000, gt=0)
     split_seed: int = 0
-    metric: Literal["accuracy", "token_accuracy", "exact_match", "nll"] | None = Field(
+    metric: (
+        Literal["accuracy", "token_accuracy", "exact_match", "nll", "choice_accuracy"] | None
+    ) = Field(
         default=None,
         description="What the search scores (and normalizes by the fine-tuned model's score): "
-        "default accuracy for classification, token_accuracy (one forward pass) for causal_lm.",
+        "default accuracy for classification, token_accuracy (one forward pass) for causal_lm; "
+        "choice_accuracy needs multiple-choice data (choices_column and answer_column).",
     )
     batch_size: int = Field(
         default=16, gt=0, description="Rows per evaluation forward pass (causal_lm)."
@@ -609,7 +654,7 @@ class Spec(_Model):
         kind = getattr(self.base_model, "kind", "classification")
         metrics = {
             "classification": ("accuracy",),
-            "causal_lm": ("token_accuracy", "exact_match", "nll"),
+            "causal_lm": ("token_accuracy", "exact_match", "nll", "choice_accuracy"),
         }[kind]
         metric = self.evaluation.metric
         if metric is not None and metric not in metrics:
@@ -637,6 +682,11 @@ class Spec(_Model):
                     f"tasks[{index}].dataset: base_model.kind 'causal_lm' trains on prompt -> "
                     "completion: set prompt_column and completion_column, or messages_column "
                     "(text_column/label_column are for classification)"
+                )
+            if metric == "choice_accuracy" and getattr(dataset, "choices_column", None) is None:
+                raise ValueError(
+                    f"tasks[{index}].dataset: evaluation.metric 'choice_accuracy' needs "
+                    "choices_column and answer_column"
                 )
             if kind != "causal_lm" and prompts:
                 column = (

@@ -146,6 +146,19 @@ CASES = [
     ("prompt-cell-empty", lambda t: ["run", _files_spec(t, "csv", b"prompt,completion\nwhy,because\n,nothing\n", _LM_BASE, **_PROMPT_COLUMNS)], "column 'prompt', row 1 (counting from 0) is empty"),
     ("messages-end-with-user", lambda t: ["run", _files_spec(t, "jsonl", b'{"m": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}\n', _LM_BASE, messages_column="m")], "the last message must be the assistant's answer"),
     ("messages-csv-not-json", lambda t: ["run", _files_spec(t, "csv", b"m\n[{oops\n", _LM_BASE, messages_column="m")], "column 'm', row 0 (counting from 0) is not a JSON list"),
+    # --- issue 13: multiple-choice data (choices_column + answer_column) and choice_accuracy
+    ("answer-without-choices", lambda t: ["validate", _files_spec(t, "jsonl", _CHOICES_JSONL, _LM_BASE, prompt_column="q", answer_column="a")], "answer_column needs choices_column"),
+    ("choices-without-answer", lambda t: ["validate", _files_spec(t, "jsonl", _CHOICES_JSONL, _LM_BASE, prompt_column="q", choices_column="c")], "choices_column needs answer_column"),
+    ("choices-without-prompt", lambda t: ["validate", _files_spec(t, "jsonl", _CHOICES_JSONL, _LM_BASE, choices_column="c", answer_column="a")], "choices_column needs prompt_column"),
+    ("choices-with-messages", lambda t: ["validate", _files_spec(t, "jsonl", _CHOICES_JSONL, _LM_BASE, messages_column="m", **_CHOICE_COLUMNS)], "choices_column takes prompt_column, not messages_column"),
+    ("choices-with-completion", lambda t: ["validate", _files_spec(t, "jsonl", _CHOICES_JSONL, _LM_BASE, completion_column="x", **_CHOICE_COLUMNS)], "set completion_column or choices_column/answer_column"),
+    ("choice-accuracy-without-choices", lambda t: ["validate", _files_spec(t, "jsonl", _PROMPTS_JSONL, _LM_BASE, **_PROMPT_COLUMNS), S, "evaluation.metric=choice_accuracy"], "'choice_accuracy' needs choices_column and answer_column"),
+    ("choice-accuracy-classifier", lambda t: ["validate", QUICKSTART, S, "evaluation.metric=choice_accuracy"], "does not score a classification task"),
+    ("answer-index-out-of-range", lambda t: ["run", _files_spec(t, "jsonl", _CHOICES_JSONL + b'{"q": "why", "c": ["x", "y"], "a": 2}\n', _LM_BASE, **_CHOICE_COLUMNS)], "column 'a', row 4 (counting from 0) has 2, not a choice index"),
+    ("answer-text-not-a-choice", lambda t: ["run", _files_spec(t, "jsonl", b'{"q": "why", "c": ["x", "y"], "a": "y"}\n{"q": "why", "c": ["x", "y"], "a": "z"}\n', _LM_BASE, **_CHOICE_COLUMNS)], "column 'a', row 1 (counting from 0) has 'z', not one of the row's choices"),
+    ("one-choice", lambda t: ["run", _files_spec(t, "jsonl", _CHOICES_JSONL + b'{"q": "why", "c": ["x"], "a": 0}\n', _LM_BASE, **_CHOICE_COLUMNS)], "column 'c', row 4 (counting from 0) needs a list of at least two choices"),
+    ("empty-choice", lambda t: ["run", _files_spec(t, "csv", b'q,c,a\nwhy,"[""x"", "" ""]",0\n', _LM_BASE, **_CHOICE_COLUMNS)], "column 'c', row 0 (counting from 0) choice 1 is empty"),
+    ("choices-csv-not-json", lambda t: ["run", _files_spec(t, "csv", b"q,c,a\nwhy,[oops,0\n", _LM_BASE, **_CHOICE_COLUMNS)], "column 'c', row 0 (counting from 0) is not a JSON list of choices"),
     # --- issue 19 (C): resource requests a local Ray can never grant (refused, never a hang)
     ("cpus-beyond-local-ray", lambda t: ["run", _tiny(t), S, "compute.num_cpus=2", S, "finetune.resources.num_cpus=4"], "finetune.resources.num_cpus"),
     ("gpus-on-a-cpu-ray", lambda t: ["run", _tiny(t), S, "compute.num_cpus=2", S, "finetune.resources.num_gpus=64"], "finetune.resources.num_gpus"),
@@ -157,6 +170,8 @@ _HF_BASE = {"source": "hf", "model": "/nonexistent/minilm"}  # the data fails be
 _LATIN1_CSV = "text,label\nfine,0\ncaf\u00e9,1\nrain,0\nsun,1\n".encode("latin-1")
 _LM_BASE = _HF_BASE | {"kind": "causal_lm"}
 _PROMPT_COLUMNS = {"prompt_column": "prompt", "completion_column": "completion"}
+_CHOICE_COLUMNS = {"prompt_column": "q", "choices_column": "c", "answer_column": "a"}
+_CHOICES_JSONL = b"".join(b'{"q": "q%d", "c": ["a%d", "b%d"], "a": %d}\n' % (i, i, i, i % 2) for i in range(4))
 _PROMPTS_JSONL = b"".join(b'{"prompt": "q%d", "completion": "a%d"}\n' % (i, i) for i in range(4))
 _LATIN1_JSONL = '{"text": "fine", "label": 0}\n{"text": "caf\u00e9", "label": 1}\n'.encode("latin-1")
 

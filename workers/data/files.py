@@ -50,6 +50,8 @@ class Columns:
     prompt: str | None = None
     completion: str | None = None
     messages: str | None = None
+    choices: str | None = None
+    answer: str | None = None
 
     @property
     def prompts(self) -> bool:
@@ -60,7 +62,8 @@ class Columns:
     def wanted(self) -> list[str]:
         """The columns the file must have."""
         if self.prompts:
-            return [c for c in (self.prompt, self.completion, self.messages) if c is not None]
+            given = (self.prompt, self.completion, self.messages, self.choices, self.answer)
+            return [c for c in given if c is not None]
         return [self.label, *(self.features or ()), *([self.text] if self.text else [])]
 
 
@@ -100,7 +103,7 @@ def examples_from_table(table, columns: Columns, where: str) -> tuple[np.ndarray
     if missing:
         shown = ", ".join(names[:12]) + (f", ... ({len(names)} columns)" if len(names) > 12 else "")
         fields = (
-            "prompt_column / completion_column / messages_column"
+            "prompt_column / completion_column / messages_column / choices_column / answer_column"
             if columns.prompts
             else "label_column / features_column / text_column"
         )
@@ -109,9 +112,7 @@ def examples_from_table(table, columns: Columns, where: str) -> tuple[np.ndarray
             f"fix dataset.{fields}"
         )
     if columns.prompts:
-        pairs = pairs_from_table(
-            table, columns.prompt, columns.completion, columns.messages, columns.encoding, where
-        )
+        pairs = pairs_from_table(table, columns, where)
         return pairs, np.zeros(len(pairs), dtype=np.int64)
     labels = _labels(table.column(columns.label), columns.label, where)
     if columns.text:
@@ -279,6 +280,8 @@ def columns_of(config: dict[str, Any]) -> Columns:
         prompt=config.get("prompt_column"),
         completion=config.get("completion_column"),
         messages=config.get("messages_column"),
+        choices=config.get("choices_column"),
+        answer=config.get("answer_column"),
     )
 
 

@@ -9,6 +9,14 @@ without one the prompt is the contents joined by newlines, after the tokenizer's
 has its own (``bos != eos``), and the completion is the answer then EOS. A prompt too long for
 ``max_length`` loses its start (a leading BOS is kept); a completion that cannot fit with at
 least one prompt token is refused, or dropped and counted with ``overflow: drop``, never cut.
+
+Multiple-choice pairs (:func:`workers.data.conversations.pair_choices`) pack each choice as
+three more channels after the same prompt: ``(rows, 3 * C, max_length)`` where channels 0..2
+are the right choice (exactly what every other consumer reads: training, token_accuracy,
+exact_match, the fast path) and each further block of three a wrong choice, in the row's order;
+C is the split's largest number of choices, and a row with fewer has empty blocks after its
+own (pad ids, no attention, no completion). The prompt is cut once so that the longest choice
+fits, so every choice follows the same prompt tokens.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from typing import Any, NoReturn
 import numpy as np
 
 from storage.errors import DataError
-from workers.data.conversations import ANSWER_ROLE, prompt_messages
+from workers.data.conversations import ANSWER_ROLE, pair_choices, prompt_messages
 from workers.data.splits import Splits
 
 OVERFLOW = ("refuse", "drop")
@@ -29,35 +37,73 @@ def encode_prompts(
     pairs: np.ndarray, tokenizer: Any, max_length: int, overflow: str, what: str
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pairs ``(rows, 2)`` -> int64 ``(rows_kept, 3, max_length)`` (ids, attention mask,
-    completion mask), and the kept rows' indices (int64): ``overflow: drop`` leaves out
+    completion mask), or ``(rows_kept, 3 * C, max_length)`` for multiple-choice pairs (see the
+    module docstring), and the kept rows' indices (int64): ``overflow: drop`` leaves out
     ``rows - len(kept)`` rows, whose labels the caller drops with ``y[kept]``."""
     if overflow not in OVERFLOW:
         raise DataError(f"{what}.overflow: unknown {overflow!r}; known: {list(OVERFLOW)}")
     pad = _pad_id(tokenizer, what)
     texts = [render(pair, tokenizer, what, row) for row, pair in enumerate(pairs)]
     prompts = _token_ids(tokenizer, [prompt for prompt, _ in texts])
-    completions = _token_ids(tokenizer, [completion for _, completion in texts])
+    answers = _answer_texts(pairs, texts, tokenizer, what)
+    completions = _regroup(_token_ids(tokenizer, [a for row in answers for a in row]), answers)
     if not _chat_template(tokenizer):
         bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
         if bos is not None and bos != eos:
             prompts = [[bos, *ids] for ids in prompts]
-        completions = [[*ids, eos] for ids in completions]
-    packed = np.zeros((len(texts), 3, max_length), dtype=np.int64)
-    packed[:, IDS] = pad
+        completions = [[[*ids, eos] for ids in row] for row in completions]
+    width = max((len(row) for row in completions), default=1)
+    packed = np.zeros((len(texts), 3 * width, max_length), dtype=np.int64)
+    packed[:, IDS::3] = pad
     kept: list[int] = []
-    for row, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
-        room = max_length - len(completion)
+    for row, (prompt, choices) in enumerate(zip(prompts, completions, strict=True)):
+        longest = max(choices, key=len)
+        room = max_length - len(longest)
         if room < 1 or not prompt:
             if overflow == "drop" and prompt:
                 continue
-            _refuse(what, row, prompt, completion, max_length)
+            _refuse(what, row, prompt, longest, max_length)
         prompt = _cut_left(prompt, room, tokenizer.bos_token_id)
-        length, at = len(prompt) + len(completion), len(kept)
-        packed[at, IDS, :length] = prompt + completion
-        packed[at, MASK, :length] = 1
-        packed[at, COMPLETION, len(prompt) : length] = 1
+        at = len(kept)
+        for block, completion in enumerate(choices):
+            length, first = len(prompt) + len(completion), 3 * block
+            packed[at, first + IDS, :length] = prompt + completion
+            packed[at, first + MASK, :length] = 1
+            packed[at, first + COMPLETION, len(prompt) : length] = 1
         kept.append(row)
     return np.ascontiguousarray(packed[: len(kept)]), np.array(kept, dtype=np.int64)
+
+
+def _answer_texts(
+    pairs: np.ndarray, texts: list[tuple[str, str]], tokenizer: Any, what: str
+) -> list[list[str]]:
+    """Each row's completion texts to pack: its answer, then (multiple choice) its wrong
+    choices rendered the same way. Every row of a split has choices, or none has."""
+    answers = [[completion] for _, completion in texts]
+    found = [pair_choices(pair) for pair in pairs]
+    if all(choices is None for choices in found):
+        return answers
+    for row, (pair, choices) in enumerate(zip(pairs, found, strict=True)):
+        if choices is None:
+            raise DataError(
+                f"{what}: row {row} (counting from 0) has no choices while others have: a "
+                "split holds multiple-choice rows or prompt / completion rows, not both"
+            )
+        options, right = choices
+        for index, option in enumerate(options):
+            if index != right:
+                wrong = np.array([pair[0], option], dtype=object)
+                answers[row].append(render(wrong, tokenizer, what, row)[1])
+    return answers
+
+
+def _regroup(flat: list[list[int]], like: list[list[str]]) -> list[list[list[int]]]:
+    """``flat`` cut back into the row lengths of ``like``."""
+    out, start = [], 0
+    for row in like:
+        out.append(flat[start : start + len(row)])
+        start += len(row)
+    return out
 
 
 def encode_splits(

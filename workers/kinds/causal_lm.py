@@ -3,7 +3,9 @@
 Inputs are int64 ``(rows, 3, length)``: token ids, attention mask and the completion mask
 (``workers.data.prompts.encode_prompts``). There is no extra head; the loss is next-token cross
 entropy on completion tokens only. Metrics: ``token_accuracy`` (teacher-forced, one forward
-pass: the search's default), ``exact_match`` (greedy generation, the final report's), ``nll``.
+pass: the search's default), ``exact_match`` (greedy generation, the final report's), ``nll``,
+and ``choice_accuracy`` for multiple-choice data, whose inputs are ``(rows, 3 * C, length)``:
+channels 0..2 the right choice, which is all the other metrics and the loss read.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ DEFAULT_MAX_NEW_TOKENS = 16
 
 class CausalLanguageModel:
     name = "causal_lm"
-    metrics = ("token_accuracy", "exact_match", "nll")
+    metrics = ("token_accuracy", "exact_match", "nll", "choice_accuracy")
     #: a linear-mode merge is also exported as plain weights θ0 + Σ α τ (labelled non-linear)
     export_nonlinear = True
     #: the task of MLflow's transformers flavor it is logged with (None: mergeline's pyfunc)
@@ -96,6 +98,8 @@ class CausalLanguageModel:
             return lm_metrics.token_accuracy(forward, x, batch)
         if metric == "nll":
             return lm_metrics.nll(forward, x, batch)
+        if metric == "choice_accuracy":
+            return lm_metrics.choice_accuracy(forward, x, batch)
         if metric == "exact_match":
             tokenizer = settings["tokenizer"]
             return lm_metrics.exact_match(

@@ -38,7 +38,10 @@ IDS, MASK, COMPLETION = 0, 1, 2
 
 
 class CausalLM(nn.Module):
-    """Packed ``(rows, 3, length)`` (or ids, mask) -> ``(rows, trimmed length, vocab)`` logits."""
+    """Packed ``(rows, 3, length)`` (or ids, mask) -> ``(rows, trimmed length, vocab)`` logits.
+
+    Only channels 0 and 1 are read, so a multiple-choice array ``(rows, 3 * C, length)`` runs
+    its right choice (``workers.data.prompts``)."""
 
     def __init__(self, lm: nn.Module) -> None:
         super().__init__()

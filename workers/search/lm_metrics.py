@@ -3,7 +3,10 @@
 A batch is ``packed``, int64 of shape ``(rows, 3, length)``: token ids, attention mask (right
 padded) and completion mask (1 exactly on the completion's tokens; the prompt is the real tokens
 before them). A model is any ``logits_fn(packed) -> (rows, L', vocab)`` with ``L' <= length``
-(trimmed to the longest row); position ``t`` predicts token ``t + 1``.
+(trimmed to the longest row); position ``t`` predicts token ``t + 1``. Multiple-choice splits
+are ``(rows, 3 * C, length)``: channels 0..2 are the right choice, so every metric here but
+:func:`choice_accuracy` reads them as a plain split; each further block of three is a wrong
+choice (empty: no attention, no completion, where a row has fewer; ``workers.data.prompts``).
 
 Greedy generation keeps rows right-padded and runs the whole prefix at every step, without a
 KV cache (a ``logits_fn`` is a plain function): each row's next token is read at its own last
@@ -88,6 +91,55 @@ def nll(logits_fn: LogitsFn, packed: Packed, batch_size: int) -> float:
         total += float(functional.cross_entropy(predicting.float(), tokens, reduction="sum"))
         count += len(tokens)
     return _split_mean(total, count, "nll")
+
+
+def completion_log_probs(logits: Tensor, packed: Packed) -> Tensor:
+    """Each row's summed log-probability of its completion tokens given what precedes them,
+    ``(rows,)`` float32."""
+    packed = torch.as_tensor(packed).to(logits.device)
+    if logits.shape[0] != packed.shape[0] or logits.shape[1] > packed.shape[2]:
+        raise ValueError(f"logits {tuple(logits.shape)} do not fit packed {tuple(packed.shape)}")
+    length = logits.shape[1]
+    if bool(packed[:, COMPLETION, length:].any()):
+        raise ValueError(f"completion tokens beyond the logits' {length} positions")
+    log_probs = functional.log_softmax(logits[:, :-1].float(), dim=-1)
+    tokens = packed[:, IDS, 1:length].long()
+    picked = log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    completion = packed[:, COMPLETION, 1:length].bool()
+    return torch.where(completion, picked, torch.zeros_like(picked)).sum(dim=1)
+
+
+@torch.no_grad()
+def choice_scores(logits_fn: LogitsFn, packed: Packed, batch_size: int) -> Tensor:
+    """``(rows, C)`` summed log-probabilities of each row's choices (column 0: the right one;
+    ``-inf`` where a row has fewer choices). ``batch_size`` counts choices per forward pass."""
+    packed = torch.as_tensor(packed)
+    if packed.ndim != 3 or packed.shape[1] < 6 or packed.shape[1] % 3:
+        raise DataError(
+            "choice_accuracy needs choices_column and answer_column: this split has no choices"
+        )
+    rows, blocks = packed.shape[0], packed.shape[1] // 3
+    choices = packed.reshape(rows * blocks, 3, packed.shape[2])
+    real = choices[:, COMPLETION].any(dim=1)  # padding blocks are never run
+    scores = torch.full((rows * blocks,), float("-inf"))
+    sums = [
+        completion_log_probs(logits_fn(batch), batch).cpu()
+        for batch in _batches(choices[real], batch_size)
+    ]
+    if sums:
+        scores[real] = torch.cat(sums)
+    return scores.reshape(rows, blocks)
+
+
+def choice_accuracy(logits_fn: LogitsFn, packed: Packed, batch_size: int) -> float:
+    """Fraction of rows whose right choice has a higher summed completion log-probability than
+    every wrong choice (a tie counts as wrong). Unnormalised by length, as in lm-eval's
+    ``acc``."""
+    scores = choice_scores(logits_fn, packed, batch_size)
+    if len(scores) == 0:
+        raise DataError("no rows to score choice accuracy on")
+    right = scores[:, 0] > scores[:, 1:].max(dim=1).values
+    return float(right.double().mean())
 
 
 def prompts_of(packed: Packed) -> list[Tensor]:
