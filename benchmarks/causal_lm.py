@@ -7,8 +7,9 @@ Two measurements, written to ``benchmarks/results/causal_lm.json``:
    through the CLI, cold, in standard then linear mode with everything else equal. Recorded per
    task on the test split: zero-shot, fine-tuned and merged token accuracy and exact match; the
    wall time of each stage (base dequantization, fine-tuning, search, publishing).
-2. **Training throughput** (tokens per second: every unpadded token of the batches) of mergeline's torch engine (the
-   causal_lm kind's loss through ``TorchEngine`` on the packed batches) against a bare Hugging
+2. **Training throughput** (tokens per second: every unpadded token of the batches) of
+   mergeline's torch engine (the causal_lm kind's loss through ``TorchEngine`` on the packed
+   batches) against a bare Hugging
    Face loop (``model(input_ids, attention_mask, labels)`` with -100 on prompt and padding,
    ``torch.optim.Adam``) on the same model, the same batches and the same thread count, measured
    alternately in one run.
