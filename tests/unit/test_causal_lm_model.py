@@ -325,3 +325,41 @@ def test_smollm2_gguf_loads_as_a_tied_llama_that_answers(tmp_path: Path) -> None
         output = served.generate(**prompt, max_new_tokens=24, do_sample=False)
     start = prompt["input_ids"].shape[1]
     assert again.decode(output[0, start:], skip_special_tokens=True) == answer
+
+
+def test_merge_digest_export_and_serving_agree_on_the_tied_tensor(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """Task vectors of a tied model hold the shared tensor once; a merge moves it once, the
+    digest counts it once, and the exported model (what MLflow serves) keeps it tied."""
+    from storage.digest import digest_state
+    from workers.merge import merge
+
+    base = causal_lm_from_files(model_dir, CausalLM(tiny_llama()).state_dict())
+    theta0 = base.state_dict()
+    generator = torch.Generator().manual_seed(1)
+    vectors = {
+        task: {name: 0.01 * torch.randn(v.shape, generator=generator) for name, v in theta0.items()}
+        for task in ("a", "b")
+    }
+    assert EMBED in vectors["a"] and HEAD not in vectors["a"]
+    merged = merge("task_arithmetic", theta0, vectors, {"a": 0.5, "b": 1.0})
+    assert set(merged) == set(theta0)
+    expected = theta0[EMBED] + 0.5 * vectors["a"][EMBED] + vectors["b"][EMBED]
+    torch.testing.assert_close(merged[EMBED], expected)
+    with_alias = merged | {HEAD: merged[EMBED]}
+    assert digest_state(merged) != digest_state(with_alias)  # the digest sees each name once
+
+    export_directory(model_dir, merged, tmp_path / "export")
+    from transformers import AutoModelForCausalLM
+
+    served = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export")).eval()
+    assert served.lm_head.weight.data_ptr() == served.model.embed_tokens.weight.data_ptr()
+    torch.testing.assert_close(served.model.embed_tokens.weight, merged[EMBED])
+    rebuilt = causal_lm_from_files(model_dir, merged)
+    batch = packed_batch()
+    with torch.no_grad():
+        logits = rebuilt(batch)
+        width = logits.shape[1]  # CausalLM drops the empty padding columns at the end
+        ids, mask = batch[:, 0, :width], batch[:, 1, :width]
+        torch.testing.assert_close(served(input_ids=ids, attention_mask=mask).logits, logits)
