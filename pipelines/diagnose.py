@@ -46,6 +46,12 @@ def disentanglement_command(
         raise SpecError(f"--tasks {tasks!r}: name two different tasks of the spec, from {names}")
     if split not in ("val", "test"):
         raise SpecError(f"--split {split!r}: use val or test")
+    kind = getattr(loaded.base_model, "kind", "classification")
+    if kind != "classification":
+        raise SpecError(
+            f"diagnose disentanglement compares predicted labels: base_model.kind {kind!r} has "
+            "none (it is defined for classification tasks)"
+        )
     alphas = [round(start + i * (stop - start) / (num - 1), 10) for i in range(num)]
     console = output_console()
     errors = compute_disentanglement(loaded, pair, alphas, split, console)
