@@ -45,31 +45,10 @@ class SklearnDataset(_Model):
     transform: Transform = Transform()
 
 
-class FilesDataset(_Model):
-    """Labelled examples in files (JSONL, CSV, Parquet, NPZ): local paths or s3:// URIs.
+class InstructionColumns(_Model):
+    """The columns of instruction data for a causal LM (``base_model.kind: causal_lm``), shared
+    by the files and huggingface sources."""
 
-    Relative paths are resolved against the directory the spec is validated in.
-    """
-
-    source: Literal["files"] = "files"
-    train: str
-    test: str
-    val: str | None = Field(
-        default=None, description="Default: evaluation.val_fraction of train is held out."
-    )
-    format: Literal["auto", "jsonl", "csv", "parquet", "npz"] = Field(
-        default="auto", description="auto: from each file's extension."
-    )
-    features_column: str | list[str] | None = Field(
-        default=None,
-        description="One column (a list or a number per row) or a list of columns; "
-        "default: every column but the label. NPZ files use their arrays x and y.",
-    )
-    text_column: str | None = Field(
-        default=None, description="Text inputs; needs a base model with a tokenizer."
-    )
-    label_column: str = "label"
-    num_classes: int | None = Field(default=None, ge=2, description="Default: max label + 1.")
     prompt_column: str | None = Field(
         default=None, description="Instruction data for a causal LM: the prompt (one user turn)."
     )
@@ -96,6 +75,33 @@ class FilesDataset(_Model):
         description="A row whose completion does not fit base_model.max_length: refuse the "
         "dataset, or drop the row (counted). Prompts too long lose their start.",
     )
+
+
+class FilesDataset(InstructionColumns):
+    """Labelled examples in files (JSONL, CSV, Parquet, NPZ): local paths or s3:// URIs.
+
+    Relative paths are resolved against the directory the spec is validated in.
+    """
+
+    source: Literal["files"] = "files"
+    train: str
+    test: str
+    val: str | None = Field(
+        default=None, description="Default: evaluation.val_fraction of train is held out."
+    )
+    format: Literal["auto", "jsonl", "csv", "parquet", "npz"] = Field(
+        default="auto", description="auto: from each file's extension."
+    )
+    features_column: str | list[str] | None = Field(
+        default=None,
+        description="One column (a list or a number per row) or a list of columns; "
+        "default: every column but the label. NPZ files use their arrays x and y.",
+    )
+    text_column: str | None = Field(
+        default=None, description="Text inputs; needs a base model with a tokenizer."
+    )
+    label_column: str = "label"
+    num_classes: int | None = Field(default=None, ge=2, description="Default: max label + 1.")
     encoding: str = Field(
         default="utf-8",
         description="Text encoding of CSV and JSONL files and of binary Parquet text columns "
@@ -146,7 +152,7 @@ class FilesDataset(_Model):
         return self
 
 
-class HubDataset(_Model):
+class HubDataset(InstructionColumns):
     """A dataset through Hugging Face ``datasets`` (``pip install datasets``): a Hub name,
     fetched once and cached by ``datasets`` (needs network access), or a packaged builder
     (json, csv, parquet) over ``data_files``, which needs none."""
@@ -170,32 +176,6 @@ class HubDataset(_Model):
     text_column: str | None = None
     label_column: str = "label"
     num_classes: int | None = Field(default=None, ge=2, description="Default: max label + 1.")
-    prompt_column: str | None = Field(
-        default=None, description="Instruction data for a causal LM: the prompt (one user turn)."
-    )
-    completion_column: str | None = Field(
-        default=None, description="The answer to prompt_column's prompt: the training target."
-    )
-    messages_column: str | None = Field(
-        default=None,
-        description="Instruction data for a causal LM: a list of {role, content} messages "
-        "whose last is the assistant's answer.",
-    )
-    choices_column: str | None = Field(
-        default=None,
-        description="Multiple-choice data for a causal LM: each row's candidate answers, a "
-        "list of strings; needs prompt_column and answer_column.",
-    )
-    answer_column: str | None = Field(
-        default=None,
-        description="The right choice of choices_column: its index (from 0) or its text. "
-        "Fine-tuning learns to answer it; choice_accuracy scores every choice.",
-    )
-    overflow: Literal["refuse", "drop"] = Field(
-        default="refuse",
-        description="A row whose completion does not fit base_model.max_length: refuse the "
-        "dataset, or drop the row (counted). Prompts too long lose their start.",
-    )
 
     @field_validator("data_files")
     @classmethod

@@ -67,8 +67,8 @@ def _choice_pairs(prompts: list[str], choices: list[list[str]], answers: list[in
     return pairs
 
 
-def _choice_lists(column, name: str, encoding: str, where: str) -> list[list[str]]:
-    """Each row's choices: a list of at least two non-empty strings."""
+def _list_cells(column, name: str, encoding: str, where: str, what: str) -> list[Any]:
+    """A column of lists, one per row: JSON strings in CSV, list-typed elsewhere."""
     import pyarrow as pa
 
     cells = _cells(column, name, encoding, where)
@@ -78,12 +78,16 @@ def _choice_lists(column, name: str, encoding: str, where: str) -> list[list[str
             try:
                 parsed.append(None if text is None else json.loads(text))
             except json.JSONDecodeError as error:
-                _refuse(where, name, row, f"is not a JSON list of choices ({error.msg})")
-        cells = parsed
-    elif pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
-        cells = column.to_pylist()
-    else:
-        raise DataError(f"{where}: column {name!r} holds {column.type}, not a list of choices")
+                _refuse(where, name, row, f"is not a JSON list of {what} ({error.msg})")
+        return parsed
+    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        return column.to_pylist()
+    raise DataError(f"{where}: column {name!r} holds {column.type}, not a list of {what}")
+
+
+def _choice_lists(column, name: str, encoding: str, where: str) -> list[list[str]]:
+    """Each row's choices: a list of at least two non-empty strings."""
+    cells = _list_cells(column, name, encoding, where, "choices")
     for row, value in enumerate(cells):
         if not isinstance(value, list) or len(value) < 2:
             _refuse(where, name, row, "needs a list of at least two choices (strings)")
@@ -176,24 +180,8 @@ def _strings(column, name: str, encoding: str, where: str) -> list[str]:
 
 
 def _messages(column, name: str, encoding: str, where: str) -> list[list[dict[str, str]]]:
-    import pyarrow as pa
 
-    cells = _cells(column, name, encoding, where)
-    if cells is not None:  # CSV: each cell is the conversation as a JSON string
-        parsed = []
-        for row, text in enumerate(cells):
-            try:
-                parsed.append(None if text is None else json.loads(text))
-            except json.JSONDecodeError as error:
-                _refuse(where, name, row, f"is not a JSON list of messages ({error.msg})")
-        cells = parsed
-    elif pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
-        cells = column.to_pylist()
-    else:
-        raise DataError(
-            f"{where}: column {name!r} holds {column.type}, not a list of {{role, content}} "
-            "messages"
-        )
+    cells = _list_cells(column, name, encoding, where, "{role, content} messages")
     return [_conversation(value, name, row, where) for row, value in enumerate(cells)]
 
 
