@@ -33,18 +33,24 @@ Packed = np.ndarray | Tensor
 IDS, ATTENTION, COMPLETION = 0, 1, 2
 
 
-def completion_logits(logits: Tensor, packed: Packed) -> tuple[Tensor, Tensor]:
-    """The logits that predict completion tokens, ``(n, vocab)``, and those tokens, ``(n,)``.
-
-    Only completion tokens are targets; a completion's first token is predicted at the prompt's
-    last position. ``logits`` may be shorter than ``length`` (trimmed to the longest row).
-    """
+def _fitted(logits: Tensor, packed: Packed) -> tuple[Tensor, int]:
+    """``packed`` on the logits' device, and the logits' length, checked to fit each other."""
     packed = torch.as_tensor(packed).to(logits.device)
     if logits.shape[0] != packed.shape[0] or logits.shape[1] > packed.shape[2]:
         raise ValueError(f"logits {tuple(logits.shape)} do not fit packed {tuple(packed.shape)}")
     length = logits.shape[1]
     if bool(packed[:, COMPLETION, length:].any()):
         raise ValueError(f"completion tokens beyond the logits' {length} positions")
+    return packed, length
+
+
+def completion_logits(logits: Tensor, packed: Packed) -> tuple[Tensor, Tensor]:
+    """The logits that predict completion tokens, ``(n, vocab)``, and those tokens, ``(n,)``.
+
+    Only completion tokens are targets; a completion's first token is predicted at the prompt's
+    last position. ``logits`` may be shorter than ``length`` (trimmed to the longest row).
+    """
+    packed, length = _fitted(logits, packed)
     targets = packed[:, COMPLETION, 1:length].bool()
     return logits[:, :-1][targets], packed[:, IDS, 1:length][targets].long()
 
@@ -96,12 +102,7 @@ def nll(logits_fn: LogitsFn, packed: Packed, batch_size: int) -> float:
 def completion_log_probs(logits: Tensor, packed: Packed) -> Tensor:
     """Each row's summed log-probability of its completion tokens given what precedes them,
     ``(rows,)`` float32."""
-    packed = torch.as_tensor(packed).to(logits.device)
-    if logits.shape[0] != packed.shape[0] or logits.shape[1] > packed.shape[2]:
-        raise ValueError(f"logits {tuple(logits.shape)} do not fit packed {tuple(packed.shape)}")
-    length = logits.shape[1]
-    if bool(packed[:, COMPLETION, length:].any()):
-        raise ValueError(f"completion tokens beyond the logits' {length} positions")
+    packed, length = _fitted(logits, packed)
     log_probs = functional.log_softmax(logits[:, :-1].float(), dim=-1)
     tokens = packed[:, IDS, 1:length].long()
     picked = log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
