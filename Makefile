@@ -56,9 +56,10 @@ lm-example: install
 	$(BIN)/python examples/make_lm_data.py
 	$(BIN)/mergeline run examples/causal-lm.yaml --summary .mergeline/lm-summary.json
 
-# Three pytest workers: the integration and e2e tiers spend much of their time waiting on Ray,
-# MLflow and subprocesses; two workers left a fifth of 2 cores idle. TEST_WORKERS=0 runs serially.
-TEST_WORKERS ?= 3
+# Two pytest workers: the integration and e2e tiers spend much of their time waiting on Ray,
+# MLflow and subprocesses. Three were slower on 2 cores (tests 722 s against 616-630 s on a clean
+# clone: three local Rays contend). TEST_WORKERS=0 runs serially.
+TEST_WORKERS ?= 2
 
 test: install
 	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist worksteal
