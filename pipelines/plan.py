@@ -95,8 +95,13 @@ EXECUTION_ONLY = ("resources", "checkpoint_every", "on_task_failure")
 
 
 def finetune_config_for_key(finetune: dict[str, Any]) -> dict[str, Any]:
-    """The parts of the fine-tune config that change the task vector (not resources)."""
-    return {k: v for k, v in finetune.items() if k not in EXECUTION_ONLY}
+    """The parts of the fine-tune config that change the task vector (not resources). No
+    adapter leaves the key as it was before adapters existed (stored vectors stay valid)."""
+    return {
+        k: v
+        for k, v in finetune.items()
+        if k not in EXECUTION_ONLY and not (k == "adapter" and v is None)
+    }
 
 
 def task_vector_key(

@@ -346,6 +346,22 @@ class ResourcesSpec(_Model):
     num_workers: int = Field(default=1, ge=1)
 
 
+class AdapterSpec(_Model):
+    """A LoRA adapter (PEFT): the task vector is its factors, ΔW = (alpha / r)·B·A per module."""
+
+    kind: Literal["lora"] = "lora"
+    r: int = Field(default=16, gt=0, description="LoRA rank of every adapted module.")
+    alpha: float = Field(default=32.0, gt=0.0, description="LoRA alpha: the scale is alpha / r.")
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="LoRA dropout in training.")
+    target_modules: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        description="Module names (or name suffixes) to adapt. Default: PEFT's default for the "
+        "architecture (q_proj and v_proj for Llama, query and value for BERT); every linear "
+        "layer of a builtin MLP.",
+    )
+
+
 class FinetuneSpec(_Model):
     mode: Literal["standard", "linear"] = "standard"
     steps: int = Field(default=300, gt=0)
@@ -355,6 +371,11 @@ class FinetuneSpec(_Model):
     head: Literal["frozen"] = "frozen"
     seed: int = 0
     deepspeed: DeepSpeedSpec | None = None
+    adapter: AdapterSpec | None = Field(
+        default=None,
+        description="Fine-tune a LoRA adapter instead of every weight (PEFT). In linear mode "
+        "the model is linearized in the adapter's parameters only.",
+    )
     resources: ResourcesSpec = ResourcesSpec()
     checkpoint_every: int | None = Field(
         default=None,
@@ -374,6 +395,15 @@ class FinetuneSpec(_Model):
             raise ValueError(
                 "finetune.mode 'linear' needs forward-mode AD, which ZeRO stage 3 does not "
                 "support: use deepspeed.zero_stage 0, 1 or 2"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _adapter_stage(self) -> FinetuneSpec:
+        if self.adapter and self.deepspeed and self.deepspeed.zero_stage == 3:
+            raise ValueError(
+                "finetune.adapter trains with DeepSpeed ZeRO stage 0, 1 or 2 (stage 3 would "
+                "partition the frozen base too): set deepspeed.zero_stage to 0, 1 or 2"
             )
         return self
 

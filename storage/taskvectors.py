@@ -1,6 +1,7 @@
 """Typed readers and writers for the store's artifacts: base models, task vectors, models.
 
-Layout (DESIGN.md): ``task-vectors/<key>/{delta,head}.safetensors`` + ``manifest.json``;
+Layout (DESIGN.md): ``task-vectors/<key>/{delta,head}.safetensors`` + ``manifest.json`` (an
+adapter task vector holds ``adapter.safetensors``, its LoRA factors, instead of ``delta``);
 ``base-models/<key>/model.safetensors``; ``models/<name>/<run-id>/model.safetensors`` +
 ``config.json``; ``runs/<run-id>/summary.json``. Manifests are always written last.
 """
@@ -48,13 +49,51 @@ def write_task_vector(
     return write_artifact(store, task_vector_prefix(key), files, meta)
 
 
+DENSE, ADAPTER = "delta.safetensors", "adapter.safetensors"
+
+
+def write_adapter_task_vector(
+    store: ObjectStore,
+    key: str,
+    factors: dict[str, torch.Tensor],
+    head: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+) -> ArtifactRef:
+    """An adapter task vector: its factor tensors (``workers.adapters.factors`` layout) and the
+    head; ``meta`` says ``format: lora`` and the adapter's and the dense vector's sizes."""
+    files = {ADAPTER: tensors_to_bytes(factors), "head.safetensors": tensors_to_bytes(head)}
+    return write_artifact(store, task_vector_prefix(key), files, meta)
+
+
+def is_adapter(meta: dict[str, Any]) -> bool:
+    """Whether a task vector's manifest meta describes LoRA factors rather than a dense delta."""
+    return meta.get("format") == "lora"
+
+
 def read_task_vector(
     store: ObjectStore, key: str
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A dense task vector and its head (an adapter's: :func:`read_adapter_task_vector`)."""
     prefix = task_vector_prefix(key)
-    delta = bytes_to_tensors(read_file(store, prefix, "delta.safetensors"), store.url(prefix))
+    found = find_artifact(store, prefix)
+    if found is not None and is_adapter(found.meta):
+        raise ArtifactError(
+            f"{store.url(prefix)} holds LoRA factors, not a dense delta: read it with "
+            "read_adapter_task_vector"
+        )
+    delta = bytes_to_tensors(read_file(store, prefix, DENSE), store.url(prefix))
     head = bytes_to_tensors(read_file(store, prefix, "head.safetensors"), store.url(prefix))
     return delta, head
+
+
+def read_adapter_task_vector(
+    store: ObjectStore, key: str
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """An adapter task vector's factor tensors and its head."""
+    prefix = task_vector_prefix(key)
+    factors = bytes_to_tensors(read_file(store, prefix, ADAPTER), store.url(prefix))
+    head = bytes_to_tensors(read_file(store, prefix, "head.safetensors"), store.url(prefix))
+    return factors, head
 
 
 def find_task_vector(store: ObjectStore, key: str) -> ArtifactRef | None:

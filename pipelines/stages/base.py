@@ -23,7 +23,16 @@ from storage.digest import digest_state
 from storage.errors import DataError
 from storage.localfiles import copy_artifact
 from storage.objectstore import open_store_from
-from storage.taskvectors import base_model_prefix, read_base_model, write_base_model
+from storage.taskvectors import (
+    base_model_prefix,
+    find_task_vector,
+    is_adapter,
+    read_adapter_task_vector,
+    read_base_model,
+    read_task_vector,
+    write_base_model,
+)
+from workers.adapters import LoraDelta, factors_from_tensors
 from workers.data import Splits, load_dataset
 from workers.finetune import TrainConfig, train
 from workers.kinds import TaskKind, get_kind
@@ -162,6 +171,20 @@ def open_base(store_cfg: dict[str, Any], key: str, base_meta: dict[str, Any]) ->
     return Base(
         backbone, theta0, kind_of(config), hf.load_tokenizer(directory), int(config["max_length"])
     )
+
+
+def open_task_vector(
+    store_cfg: dict[str, Any], key: str, theta0: dict[str, torch.Tensor]
+) -> tuple[Any, dict[str, torch.Tensor]]:
+    """A stored task vector as a dense mapping over θ0's tensors, and its head. An adapter's
+    is a :class:`LoraDelta`: each ΔW = s·B·A is computed only when a merge reads it."""
+    store = open_store_from(store_cfg)
+    found = find_task_vector(store, key)
+    if found is not None and is_adapter(found.meta):
+        tensors, head = read_adapter_task_vector(store, key)
+        where = store.url(f"task-vectors/{key}")
+        return LoraDelta(factors_from_tensors(tensors, where), theta0), head
+    return read_task_vector(store, key)
 
 
 def load_task_data(base: Base, dataset: dict[str, Any], evaluation: dict[str, Any], what: str):

@@ -12,8 +12,9 @@ from pipelines.stages.base import load_task_data, open_base
 from pipelines.stages.training import TrainRequest, build_model, train_task
 from storage.checkpoints import count_attempts, delete_checkpoints
 from storage.objectstore import open_store_from
-from storage.taskvectors import find_task_vector, write_task_vector
-from workers.finetune.engine import load_trained
+from storage.taskvectors import find_task_vector, write_adapter_task_vector, write_task_vector
+from workers.adapters import Factor, LoraDelta, factors_to_tensors, trained_factors
+from workers.finetune.engine import Classifier, load_trained
 from workers.finetune.linearized import LinearizedModel
 from workers.search.evaluate import at_state, linearized_at
 
@@ -70,7 +71,15 @@ def run_finetune_job(
     model = build_model(backbone, theta0, request)
     load_trained(model, outcome.model)
     history = outcome.history
-    if finetune["mode"] == "linear":  # train f(x; θ0) + J f(x; θ0)·δ; score that model too
+    factors = None
+    if finetune.get("adapter") is not None:  # LoRA: τ is s·B·A (linear mode: its tangent)
+        factors = adapter_factors(model, finetune["mode"])
+        delta = dict(LoraDelta(factors, theta0))  # one dense model, to score the fine-tune
+        if finetune["mode"] == "linear":
+            tuned = linearized_at(backbone, theta0, delta)
+        else:
+            tuned = at_state(backbone, {n: theta0[n] + delta[n] for n in theta0})
+    elif finetune["mode"] == "linear":  # train f(x; θ0) + J f(x; θ0)·δ; score that model too
         delta = linearized_of(model).task_vector()
         tuned = linearized_at(backbone, theta0, delta)
     else:
@@ -106,7 +115,18 @@ def run_finetune_job(
         "seconds": time.perf_counter() - started,
         "loss_history": [round(h["loss"], 5) for h in history[:: max(1, len(history) // 50)]],
     }
-    ref = write_task_vector(store, key, delta, head, meta)
+    if factors is not None:
+        tensors = factors_to_tensors(factors)
+        view = LoraDelta(factors, theta0)
+        meta |= {
+            "format": "lora",
+            "adapter": finetune["adapter"],
+            "adapter_bytes": view.adapter_bytes,
+            "dense_bytes": view.dense_bytes,
+        }
+        ref = write_adapter_task_vector(store, key, tensors, head, meta)
+    else:
+        ref = write_task_vector(store, key, delta, head, meta)
     attempts = count_attempts(store, key)
     delete_checkpoints(store, key)
     return execution(ref.meta, attempts, outcome.resumed_from_step)
@@ -114,9 +134,20 @@ def run_finetune_job(
 
 def linearized_of(model: torch.nn.Module) -> LinearizedModel:
     """The linearized network inside what a kind trains (itself, or a classifier's backbone)."""
-    if isinstance(model, LinearizedModel):
-        return model
-    return model.backbone
+    return network_of(model)
+
+
+def network_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The network a kind trains: the model itself, or a classifier's backbone."""
+    return model.backbone if isinstance(model, Classifier) else model
+
+
+def adapter_factors(model: torch.nn.Module, mode: str) -> dict[str, Factor]:
+    """The trained adapter's task vector as LoRA factors under the base weights' names."""
+    network = network_of(model)
+    if mode != "linear":
+        return trained_factors(network, {})
+    return trained_factors(network.module, network.base_state(), network.task_vector())
 
 
 def execution(meta: dict[str, Any], attempts: int, resumed_from_step: int) -> dict[str, Any]:

@@ -17,14 +17,19 @@ from typing import Any
 import torch
 
 from pipelines.plan import Candidate
-from pipelines.stages.base import base_files, kind_of, load_base
+from pipelines.stages.base import base_files, kind_of, load_base, open_task_vector
 from pipelines.stages.publish_tall import write_tall_model
 from storage.objectstore import open_store_from
-from storage.taskvectors import read_task_vector, write_merged_model
+from storage.taskvectors import write_merged_model
+from workers.adapters import LoraDelta, concat_factors
+from workers.adapters.peft_export import peft_adapter_files
 from workers.finetune import pack_linearized
 from workers.merge import merge
+from workers.merge.engine import merge_state
+from workers.search.fastpath import linear_weights
 
 Tensors = dict[str, torch.Tensor]
+PEFT = "peft"  # the folder of a published adapter merge that PeftModel.from_pretrained loads
 
 
 def merge_and_store_job(
@@ -42,7 +47,8 @@ def merge_and_store_job(
     base = load_base(store_cfg, base_key)
     vectors, heads = {}, {}
     for task, key in task_keys.items():
-        vectors[task], heads[task] = read_task_vector(store, key)
+        vectors[task], heads[task] = open_task_vector(store_cfg, key, base)
+    adapters = all(isinstance(v, LoraDelta) for v in vectors.values())
     hf_base = base_meta["config"]["source"] == "hf"
     if candidate.method == "tall_masks":  # a model per task: θ0 + τ_MTL + packed masks
         extra = export_files(store_cfg, base_key, base_meta, None, heads) if hf_base else None
@@ -50,7 +56,8 @@ def merge_and_store_job(
             store, name, run_id, base, vectors, heads, candidate, config, meta, extra
         )
         return {"uri": ref.uri, "prefix": ref.prefix, "sha256": ref.sha256}
-    merged = merge(candidate.method, base, vectors, candidate.coefficient, **candidate.params)
+    merging = merge_state if adapters else merge  # adapters: one ΔW = s·B·A at a time
+    merged = merging(candidate.method, base, vectors, candidate.coefficient, **candidate.params)
     extra = None
     if hf_base:
         linear = config.get("mode") == "linear"
@@ -63,10 +70,38 @@ def merge_and_store_job(
                 None if plain is None else "nonlinear_theta0_plus_tau" if linear else "merged"
             )
         }
+        if adapters:
+            peft, config["peft_adapter"] = adapter_files(base_meta, vectors, candidate, linear)
+            extra |= peft
     if config.get("mode") == "linear":  # served as f(x; θ0) + J f(x; θ0)·τ: keep θ0 and τ
         merged = pack_linearized(base, merged)
     ref = write_merged_model(store, name, run_id, merged, heads, config, meta, extra)
     return {"uri": ref.uri, "prefix": ref.prefix, "sha256": ref.sha256}
+
+
+def adapter_files(
+    base_meta: dict[str, Any], vectors: dict[str, LoraDelta], candidate: Candidate, linear: bool
+) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """A linear merge of adapters as one PEFT adapter of rank Σ r_t under ``peft/`` (exact in
+    factor space); any other method publishes the dense model only. Returns the files and what
+    the manifest says of them."""
+    tasks = sorted(vectors)
+    alphas = linear_weights(candidate.method, candidate.params, candidate.coefficient, tasks)
+    if alphas is None:
+        reason = f"{candidate.method} is not linear in the task vectors: dense model only"
+        return {}, {"published": False, "reason": reason}
+    merged = concat_factors(
+        {t: vectors[t].factors for t in tasks}, dict(zip(tasks, alphas, strict=True))
+    )
+    prefix = kind_of(base_meta["config"]).hf_prefix
+    files = {f"{PEFT}/{n}": data for n, data in peft_adapter_files(merged, prefix).items()}
+    ranks = sorted({f.rank for f in merged.values()})
+    return files, {
+        "published": True,
+        "folder": PEFT,
+        "rank": ranks[-1],
+        "computes": "nonlinear_theta0_plus_tau" if linear else "merged",
+    }
 
 
 def export_files(

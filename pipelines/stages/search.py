@@ -11,10 +11,9 @@ from typing import Any
 import torch
 
 from pipelines.plan import Candidate
-from pipelines.stages.base import load_task_data, open_base
-from storage.objectstore import open_store_from
-from storage.taskvectors import read_task_vector
+from pipelines.stages.base import load_task_data, open_base, open_task_vector
 from workers.merge import merge
+from workers.merge.engine import merge_state
 from workers.search.evaluate import at_state
 
 
@@ -29,7 +28,6 @@ class CandidateScorer:
     ) -> None:
         """``tasks`` maps task name -> {"key": task-vector key, "dataset": dataset spec}."""
         torch.set_num_threads(1)
-        store = open_store_from(store_cfg)
         opened = open_base(store_cfg, base_key, base_meta)
         self.base, self.backbone = opened.theta0, opened.backbone
         self.kind, self.settings = opened.kind, opened.settings(evaluation)
@@ -37,7 +35,9 @@ class CandidateScorer:
         self.heads: dict[str, dict[str, torch.Tensor]] = {}
         self.splits = {}
         for name, task in tasks.items():
-            self.task_vectors[name], self.heads[name] = read_task_vector(store, task["key"])
+            self.task_vectors[name], self.heads[name] = open_task_vector(
+                store_cfg, task["key"], self.base
+            )
             self.splits[name] = load_task_data(
                 opened, task["dataset"], evaluation, f"tasks[{name}].dataset"
             )
@@ -67,6 +67,12 @@ class CandidateScorer:
             )
         return {"id": candidate.id, "accuracy": per_task}
 
+    def _merge(self, method: str, *args: Any, **params: Any) -> dict[str, torch.Tensor]:
+        """In memory; adapter task vectors stream, one ΔW = s·B·A at a time."""
+        if all(isinstance(v, dict) for v in self.task_vectors.values()):
+            return merge(method, *args, **params)
+        return merge_state(method, *args, **params)
+
     def _models(self, candidate: Candidate):
         """(task, merged state) pairs: one shared model, or one per task for retrieval methods."""
         from workers.merge import get_method
@@ -79,7 +85,7 @@ class CandidateScorer:
                     params["lam"] = params["lam"][task]
                 yield (
                     task,
-                    merge(
+                    self._merge(
                         candidate.method,
                         self.base,
                         self.task_vectors,
@@ -88,7 +94,7 @@ class CandidateScorer:
                     ),
                 )
             return
-        state = merge(
+        state = self._merge(
             candidate.method,
             self.base,
             self.task_vectors,

@@ -16,6 +16,7 @@ from pipelines.stages.base import kind_of, load_task_data, open_base
 from pipelines.stages.pause import pause_point
 from storage.checkpoints import latest_checkpoint, record_attempt, write_checkpoint
 from storage.objectstore import open_store_from
+from workers.adapters import frozen_outside_adapter, with_lora
 from workers.finetune import LinearizedModel, TrainConfig
 from workers.finetune.checkpoint import decode_state, encode_state
 from workers.finetune.engine import Engine, StateDict, TorchEngine, TrainState
@@ -65,11 +66,19 @@ def build_model(
     backbone: torch.nn.Module, theta0: StateDict, request: TrainRequest
 ) -> torch.nn.Module:
     """backbone (or its linearization around θ0) as the task's kind trains it (e.g. through
-    the frozen head)."""
+    the frozen head). With ``finetune.adapter``: a LoRA copy of it, trained (or linearized) in
+    the adapter's parameters only."""
     kind = kind_of(request.base_meta["config"])
-    trainable = backbone
+    network, frozen, start = backbone, None, theta0
+    adapter = request.finetune.get("adapter")
+    if adapter is not None:  # LoRA (PEFT) on a copy; linear mode linearizes in φ only
+        network = with_lora(backbone, adapter, int(request.finetune.get("seed", 0)))
+        frozen, start = frozen_outside_adapter(network), network.state_dict()
+    trainable = network
     if request.finetune["mode"] == "linear":
-        trainable = LinearizedModel(backbone, theta0, kind.frozen_in_linear_mode(backbone))
+        if frozen is None:
+            frozen = kind.frozen_in_linear_mode(backbone)
+        trainable = LinearizedModel(network, start, frozen)
     return kind.trainable(trainable, request.head)
 
 

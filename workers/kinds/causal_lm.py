@@ -33,6 +33,8 @@ class CausalLanguageModel:
     #: the task of MLflow's transformers flavor it is logged with (None: mergeline's pyfunc)
     mlflow_task: str | None = "text-generation"
     report_metrics = ("exact_match",)
+    #: what the pipeline's weight names put before the Hugging Face model's own
+    hf_prefix = "lm."
 
     def fit_head(
         self, forward: Forward, x: np.ndarray, y: np.ndarray, num_classes: int, what: str

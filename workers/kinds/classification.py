@@ -27,6 +27,8 @@ class Classification:
     #: the task of MLflow's transformers flavor it is logged with (None: mergeline's pyfunc)
     mlflow_task: str | None = None
     report_metrics: tuple[str, ...] = ()
+    #: what the pipeline's weight names put before the Hugging Face model's own (an encoder)
+    hf_prefix = "encoder."
 
     @torch.no_grad()
     def fit_head(

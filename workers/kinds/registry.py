@@ -28,6 +28,7 @@ class TaskKind(Protocol):
     report_metrics: tuple[str, ...]  # extra metrics of the final test report
     export_nonlinear: bool  # a linear-mode merge is also exported as plain θ0 + Σ α τ
     mlflow_task: str | None  # logged with MLflow's transformers flavor for this task
+    hf_prefix: str  # what the pipeline's weight names put before the Hugging Face model's
 
     def fit_head(
         self, forward: Forward, x: np.ndarray, y: np.ndarray, num_classes: int, what: str

@@ -288,3 +288,34 @@ def _non_finite_source(
         f"base tensor '{name}' holds NaN/Inf values (or the merge overflowed): "
         "check the base model's weights"
     )
+
+
+def _specs(vector: Mapping[str, Tensor]) -> list[TensorSpec]:
+    """A task vector's specs; one that computes its tensors (``specs()``) is not read."""
+    specs = getattr(vector, "specs", None)
+    if specs is not None:
+        return [TensorSpec(name, dtype, tuple(shape)) for name, dtype, shape in specs()]
+    return specs_of(vector)
+
+
+def merge_state(
+    method: str,
+    base: Mapping[str, Tensor],
+    task_vectors: Mapping[str, Mapping[str, Tensor]],
+    coefficient: Coefficient = 1.0,
+    **params: Any,
+) -> dict[str, Tensor]:
+    """``workers.merge.merge``, but reading each task vector one tensor at a time.
+
+    For task vectors that compute their tensors when read (LoRA factors,
+    ``workers.adapters.LoraDelta``): the streaming engine never asks for more than one tensor
+    of each at once, so no task vector is ever dense in full; the merged state is returned.
+    """
+    plan = plan_merge(
+        method, specs_of(base), {t: _specs(v) for t, v in task_vectors.items()}, coefficient, params
+    )
+    sources = {
+        task: vector if hasattr(vector, "read") else StateSource(vector)
+        for task, vector in task_vectors.items()
+    }
+    return dict(merge_stream(plan, StateSource(base), sources))
