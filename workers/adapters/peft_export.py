@@ -55,5 +55,7 @@ def peft_adapter_files(
     with tempfile.TemporaryDirectory(prefix="mergeline-peft-") as out:
         config.save_pretrained(out)
         text = (Path(out) / CONFIG).read_text()
-    return {CONFIG: json.dumps(json.loads(text), indent=1, sort_keys=True).encode(),
-            WEIGHTS: tensors_to_bytes(tensors, {"format": "pt"})}
+    return {
+        CONFIG: json.dumps(json.loads(text), indent=1, sort_keys=True).encode(),
+        WEIGHTS: tensors_to_bytes(tensors, {"format": "pt"}),
+    }
