@@ -40,8 +40,9 @@ GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 sys.path.insert(0, str(REPO))
 
 
-def run_example(workdir: Path, mode: str) -> dict[str, Any]:
-    """The example through the CLI in ``workdir`` (its own store and MLflow database)."""
+def run_example(workdir: Path, mode: str, settings: list[str] | None = None) -> dict[str, Any]:
+    """The example through the CLI in ``workdir`` (its own store and MLflow database);
+    ``settings``: more ``--set`` arguments."""
     subprocess.run(
         [sys.executable, str(REPO / "examples" / "make_lm_data.py")]
         + [str(workdir / "examples" / "lm-data")],
@@ -53,7 +54,7 @@ def run_example(workdir: Path, mode: str) -> dict[str, Any]:
     started = time.perf_counter()
     result = subprocess.run(
         [sys.executable, "-m", "pipelines.cli", "run", str(REPO / "examples" / "causal-lm.yaml")]
-        + ["--set", f"finetune.mode={mode}", "--summary", "summary.json"],
+        + ["--set", f"finetune.mode={mode}", "--summary", "summary.json", *(settings or [])],
         cwd=workdir,
         capture_output=True,
         text=True,

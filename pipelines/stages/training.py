@@ -63,16 +63,17 @@ def train_config(finetune: dict[str, Any]) -> TrainConfig:
 
 
 def build_model(
-    backbone: torch.nn.Module, theta0: StateDict, request: TrainRequest
+    backbone: torch.nn.Module, theta0: StateDict, request: TrainRequest, private: bool = False
 ) -> torch.nn.Module:
     """backbone (or its linearization around θ0) as the task's kind trains it (e.g. through
     the frozen head). With ``finetune.adapter``: a LoRA copy of it, trained (or linearized) in
-    the adapter's parameters only."""
+    the adapter's parameters only (on ``backbone`` itself if it is ``private``: not used after)."""
     kind = kind_of(request.base_meta["config"])
     network, frozen, start = backbone, None, theta0
     adapter = request.finetune.get("adapter")
     if adapter is not None:  # LoRA (PEFT) on a copy; linear mode linearizes in φ only
-        network = with_lora(backbone, adapter, int(request.finetune.get("seed", 0)))
+        seed = int(request.finetune.get("seed", 0))
+        network = with_lora(backbone, adapter, seed, in_place=private)
         frozen, start = frozen_outside_adapter(network), network.state_dict()
     trainable = network
     if request.finetune["mode"] == "linear":
@@ -106,7 +107,7 @@ def train_task(request: TrainRequest, keep_final: bool = False) -> TrainOutcome:
     data = load_task_data(
         base, request.dataset, request.evaluation, f"tasks[{request.task}].dataset"
     )
-    model = build_model(backbone, theta0, request)
+    model = build_model(backbone, theta0, request, private=True)
     config = train_config(request.finetune)
     start = load_latest(request)
     resumed = start.step if start else 0

@@ -49,6 +49,7 @@ NOT_NAMES = {
     "HubDataset.messages_column": "a column of the user's dataset",
     "HubDataset.choices_column": "a column of the user's dataset",
     "HubDataset.answer_column": "a column of the user's dataset",
+    "AdapterSpec.target_modules": "module names of the model (PEFT matches them as suffixes)",
     "HFModel.model": "a model location or Hugging Face id (may hold '/')",
     "HFModel.revision": "a Hugging Face revision",
     "HFModel.endpoint_url": "an S3 server URL",

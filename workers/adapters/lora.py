@@ -72,12 +72,15 @@ def lora_config(settings: Mapping[str, Any], network: nn.Module):
     )
 
 
-def with_lora(network: nn.Module, settings: Mapping[str, Any], seed: int = 0) -> nn.Module:
-    """A copy of ``network`` with LoRA on the target modules; only the adapter trains."""
+def with_lora(
+    network: nn.Module, settings: Mapping[str, Any], seed: int = 0, in_place: bool = False
+) -> nn.Module:
+    """A copy of ``network`` (or ``network`` itself, ``in_place``: no second copy of the base
+    in memory) with LoRA on the target modules; only the adapter trains."""
     from peft import inject_adapter_in_model
 
     config = lora_config(settings, network)
-    model = copy.deepcopy(network)
+    model = network if in_place else copy.deepcopy(network)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
