@@ -28,6 +28,15 @@ def _size(size: int) -> str:
     return f"{size} B"  # pragma: no cover
 
 
+def _vector_size(row: dict[str, Any]) -> str:
+    """An adapter's size and the dense size it stands for; a dense task vector's as before."""
+    size = _size(row["size"])
+    if row.get("format") != "lora":
+        return size
+    dense = row.get("dense_bytes")
+    return f"{size} (adapter of {_size(dense)} dense)" if dense else f"{size} (adapter)"
+
+
 def _short(digest: str | None) -> str:
     return (digest or "-")[:12]
 
@@ -42,7 +51,7 @@ def print_listing(listing: dict[str, Any], console: Console) -> None:
             str(row["mode"]),
             _short(row["base_digest"]),
             _short(row["dataset_digest"]),
-            _size(row["size"]),
+            _vector_size(row),
             str(row["created"]),
             _short(row["sha256"]),
         )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -199,17 +200,17 @@ def run_merge(
 ) -> dict[str, Any]:
     """Resolve, verify and merge; returns the merge's figures (see ``merge_files``)."""
     from pipelines.merge_files import (
+        AdapterReader,
         hf_side_files,
         merge_files,
-        onto_files,
         provenance,
         split_unmerged,
     )
     from pipelines.plan import code_version
     from storage.localfiles import verified_paths
     from storage.objectstore import open_store
-    from storage.shards import DEFAULT_SHARD_BYTES, SafetensorsReader
-    from storage.tensors import bytes_to_tensors
+    from storage.shards import DEFAULT_SHARD_BYTES
+    from storage.taskvectors import ADAPTER, DENSE, is_adapter
 
     if not tasks:
         raise MergeInputError("no --task given: name at least one task vector to merge")
@@ -217,21 +218,15 @@ def run_merge(
     with tempfile.TemporaryDirectory(prefix="mergeline-merge-") as scratch:
         resolved = resolve_base(base, store_uri, Path(scratch), mmap)
         vectors = resolve_tasks(tasks, store_uri, resolved["digest"])
-        names = ["delta.safetensors"] + (["head.safetensors"] if resolved["hf_dir"] is None else [])
+        on_files = resolved["hf_dir"] is not None
+        heads_too = [] if on_files else ["head.safetensors"]
         wanted = [
             (open_store(vector.uri.rpartition(f"/{vector.prefix}")[0]), vector.prefix, name)
             for vector in vectors
-            for name in names
+            for name in [ADAPTER if is_adapter(vector.meta) else DENSE, *heads_too]
         ]
         paths = iter(verified_paths(wanted, Path(scratch)))  # every file checked before reading
-        readers, heads = {}, {}
-        for vector in vectors:
-            readers[vector.task] = SafetensorsReader(next(paths), mmap=mmap)
-            if resolved["hf_dir"] is not None:  # the pipeline's names: encoder.<file's name>
-                readers[vector.task] = onto_files(readers[vector.task])
-            if len(names) == 2:
-                head = bytes_to_tensors(next(paths).read_bytes(), vector.uri)
-                heads |= {f"heads.{vector.task}.{k}": v for k, v in head.items()}
+        readers, factors, heads = open_task_vectors(vectors, paths, on_files, bool(heads_too), mmap)
         info = {
             "kind": "merged_model",
             "method": method,
@@ -243,12 +238,13 @@ def run_merge(
         }
         side: dict[str, Any] = {"merge.json": provenance(info)}
         base_reader = resolved["reader"]
-        if resolved["hf_dir"] is not None:
+        if on_files:
             side |= hf_side_files(resolved["hf_dir"])
             base_reader, kept = split_unmerged(base_reader, readers.values())
             heads |= kept  # written as they are, like the heads
         else:
             side["config.json"] = store_config(resolved["meta"], vectors, info)
+        readers |= {task: AdapterReader(f, base_reader.tensors) for task, f in factors.items()}
         result = merge_files(
             base_reader,
             readers,
@@ -263,6 +259,39 @@ def run_merge(
         for reader in [resolved["reader"], *readers.values()]:
             reader.close()
     return result | {"tasks": [v.task for v in vectors]}
+
+
+def open_task_vectors(
+    vectors: list[StoredTaskVector], paths: Iterator[Path], on_files: bool, heads: bool, mmap: bool
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, Any]]:
+    """(readers of the dense task vectors, factors of the adapters, ``heads.<task>.*``), from
+    the verified ``paths`` in the order of ``vectors`` (its task-vector file, then its head).
+
+    ``on_files``: a Hugging Face base, whose files name tensors without the pipeline's prefix.
+    """
+    from pipelines.merge_files import factors_onto_files, onto_files
+    from storage.shards import SafetensorsReader
+    from storage.taskvectors import is_adapter
+    from storage.tensors import bytes_to_tensors
+    from workers.adapters.factors import factors_from_tensors
+
+    readers: dict[str, Any] = {}
+    factors: dict[str, dict[str, Any]] = {}
+    head_tensors: dict[str, Any] = {}
+    for vector in vectors:
+        path = next(paths)
+        if is_adapter(vector.meta):  # small: read whole; each ΔW is computed when merged
+            found = factors_from_tensors(
+                bytes_to_tensors(path.read_bytes(), vector.uri), vector.uri
+            )
+            factors[vector.task] = factors_onto_files(found) if on_files else found
+        else:
+            reader = SafetensorsReader(path, mmap=mmap)
+            readers[vector.task] = onto_files(reader) if on_files else reader
+        if heads:
+            head = bytes_to_tensors(next(paths).read_bytes(), vector.uri)
+            head_tensors |= {f"heads.{vector.task}.{k}": v for k, v in head.items()}
+    return readers, factors, head_tensors
 
 
 def store_config(base_meta: dict[str, Any], vectors: list[StoredTaskVector], info: dict) -> bytes:

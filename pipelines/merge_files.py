@@ -2,7 +2,8 @@
 
 This joins the pure engine (``workers.merge.engine``) to the file readers and the sharded
 writer (``storage.shards``): θ0 and each task vector are read one tensor at a time and each
-merged tensor is written as soon as it is computed.
+merged tensor is written as soon as it is computed. An adapter task vector (LoRA factors) is
+an :class:`AdapterReader`: each ΔW = s·B·A is computed when the engine reads that tensor.
 """
 
 from __future__ import annotations
@@ -16,7 +17,14 @@ from typing import Any
 
 import torch
 
-from storage.shards import DEFAULT_SHARD_BYTES, SafetensorsReader, ShardedWriter, TensorView
+from storage.shards import (
+    DEFAULT_SHARD_BYTES,
+    SafetensorsReader,
+    ShardedWriter,
+    TensorInfo,
+    TensorView,
+)
+from workers.adapters.factors import Factor, LoraDelta
 from workers.merge.backbone import Coefficient
 from workers.merge.engine import TensorSpec, merge_stream, plan_merge, trim_thresholds
 from workers.models.huggingface import BACKBONE_PREFIX
@@ -36,13 +44,39 @@ HF_SIDE_FILES = (
 )
 
 
-def reader_specs(reader: SafetensorsReader | TensorView) -> list[TensorSpec]:
+class AdapterReader:
+    """An adapter task vector read like a task-vector file: under every name of the base, ΔW =
+    s·B·A where an adapter sits (computed when read, one tensor at a time), zeros elsewhere.
+
+    ``base`` is a reader's ``tensors`` (names, dtypes, shapes); no tensor of it is read.
+    """
+
+    def __init__(self, factors: Mapping[str, Factor], base: Mapping[str, TensorInfo]) -> None:
+        self.delta = LoraDelta(factors, base)
+        self.tensors = {
+            name: TensorSpec(name, dtype, shape) for name, dtype, shape in self.delta.specs()
+        }
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self.delta.read(name, out=out)
+
+    def close(self) -> None:
+        """The factors are in memory: nothing to close."""
+
+
+TaskReader = SafetensorsReader | TensorView | AdapterReader
+
+
+def reader_specs(reader: TaskReader) -> list[TensorSpec]:
     return [TensorSpec(i.name, i.dtype, i.shape) for i in reader.tensors.values()]
 
 
 def merge_files(
     base: SafetensorsReader | TensorView,
-    tasks: Mapping[str, SafetensorsReader | TensorView],
+    tasks: Mapping[str, TaskReader],
     out: str | Path,
     method: str,
     coefficient: Coefficient = 1.0,
@@ -87,6 +121,7 @@ def merge_files(
     except BaseException:
         writer.abort()
         raise
+    # the dense task vectors merged (an adapter counts as the ΔW it stands for)
     read_bytes = sum(i.nbytes for reader in tasks.values() for i in reader.tensors.values())
     return {
         "out": str(directory),
@@ -108,15 +143,23 @@ def onto_files(reader: SafetensorsReader) -> TensorView:
     return TensorView(reader, {name.removeprefix(BACKBONE_PREFIX): name for name in reader.names()})
 
 
+def factors_onto_files(factors: Mapping[str, Factor]) -> dict[str, Factor]:
+    """A pipeline adapter of a Hugging Face base under the model files' tensor names."""
+    return {name.removeprefix(BACKBONE_PREFIX): factor for name, factor in factors.items()}
+
+
 def split_unmerged(
     base: SafetensorsReader, task_readers: Iterable[SafetensorsReader | TensorView]
 ) -> tuple[TensorView, dict[str, torch.Tensor]]:
     """(the base's tensors some task vector has, the others read as they are).
 
     A model file may hold tensors that are no trained parameter (``position_ids`` buffers):
-    no task vector has them, and the merged model keeps them unchanged.
+    no task vector has them, and the merged model keeps them unchanged. With no dense task
+    vector to name them (adapters only), every floating-point tensor is merged.
     """
     trained = {name for reader in task_readers for name in reader.names()}
+    if not trained:
+        trained = {name for name, info in base.tensors.items() if info.dtype.is_floating_point}
     merged = TensorView(base, {name: name for name in base.names() if name in trained})
     kept = {name: base.read(name) for name in base.names() if name not in trained}
     return merged, kept

@@ -9,11 +9,16 @@ from typing import Any
 
 from storage.artifacts import read_manifest, table_sha256
 from storage.objectstore import ObjectStore
-from storage.taskvectors import model_prefix, task_vector_prefix
+from storage.taskvectors import is_adapter, model_prefix, task_vector_prefix
 
 
 def list_task_vectors(store: ObjectStore) -> list[dict[str, Any]]:
-    """One row per finished task vector, oldest first."""
+    """One row per finished task vector, oldest first.
+
+    ``format`` is ``dense`` or ``lora``; a LoRA row also has the factors' bytes
+    (``adapter_bytes``) and those of the dense task vector it stands for (``dense_bytes``),
+    as its manifest records them (None in a dense row).
+    """
     rows = []
     for key in store.list("task-vectors"):
         prefix = task_vector_prefix(key)
@@ -27,6 +32,9 @@ def list_task_vectors(store: ObjectStore) -> list[dict[str, Any]]:
                 "mode": meta.get("mode"),
                 "base_digest": meta.get("base_digest"),
                 "dataset_digest": meta.get("dataset_digest"),
+                "format": "lora" if is_adapter(meta) else "dense",
+                "adapter_bytes": meta.get("adapter_bytes") if is_adapter(meta) else None,
+                "dense_bytes": meta.get("dense_bytes") if is_adapter(meta) else None,
                 **_common(store, prefix, manifest),
             }
         )

@@ -19,6 +19,7 @@ from storage.objectstore import FsspecStore, open_store
 from storage.taskvectors import (
     find_task_vector,
     read_task_vector,
+    write_adapter_task_vector,
     write_merged_model,
     write_task_vector,
 )
@@ -275,3 +276,34 @@ def test_ls_lists_task_vectors_and_merged_models(s3_server: S3Server, s3_uri: st
     table = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
     assert table.exit_code == 0 and "t1" in table.stdout and "t2" not in table.stdout
     assert "ddddddddddd" in table.stdout and "run-1" in table.stdout
+
+
+def test_ls_shows_an_adapter_s_size_and_the_dense_size_it_stands_for(
+    s3_server: S3Server, s3_uri: str
+) -> None:
+    from workers.adapters.factors import Factor, LoraDelta, factors_to_tensors
+
+    store = _store(s3_server, s3_uri)
+    factors = {"layers.0.weight": Factor(torch.randn(2, 8), torch.randn(16, 2), 2.0)}
+    view = LoraDelta(factors, DELTA)
+    meta = {"task": "dense1", "mode": "standard", "base_digest": "b" * 64}
+    write_task_vector(store, "k10", DELTA, HEAD, meta)
+    sizes = {"adapter_bytes": view.adapter_bytes, "dense_bytes": view.dense_bytes}
+    lora = meta | sizes | {"task": "lora1", "format": "lora"}
+    write_adapter_task_vector(store, "k11", factors_to_tensors(factors), HEAD, lora)
+    args = ["ls", "--store", s3_uri, "--endpoint-url", s3_server.endpoint]
+
+    listed = CliRunner().invoke(app, [*args, "--json"])
+    assert listed.exit_code == 0, listed.output
+    rows = {row["task"]: row for row in json.loads(listed.stdout)["task_vectors"]}
+    adapter, dense = rows["lora1"], rows["dense1"]
+    assert (adapter["format"], adapter["adapter_bytes"]) == ("lora", 4 * (16 + 32 + 1))
+    assert adapter["dense_bytes"] == 4 * (16 * 8 + 16) and adapter["size"] > 0
+    assert (dense["format"], dense["adapter_bytes"], dense["dense_bytes"]) == ("dense", None, None)
+
+    table = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    assert table.exit_code == 0, table.output
+    [adapter_line] = [line for line in table.stdout.splitlines() if "lora1" in line]
+    assert "(adapter of 576 B dense)" in adapter_line
+    [dense_line] = [line for line in table.stdout.splitlines() if "dense1" in line]
+    assert "adapter" not in dense_line
