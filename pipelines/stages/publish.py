@@ -73,6 +73,9 @@ def merge_and_store_job(
         if adapters:
             peft, config["peft_adapter"] = adapter_files(base_meta, vectors, candidate, linear)
             extra |= peft
+    elif adapters:
+        reason = "a builtin model has no Hugging Face form for PEFT to adapt: dense model only"
+        config = config | {"peft_adapter": {"published": False, "reason": reason}}
     if config.get("mode") == "linear":  # served as f(x; θ0) + J f(x; θ0)·τ: keep θ0 and τ
         merged = pack_linearized(base, merged)
     ref = write_merged_model(store, name, run_id, merged, heads, config, meta, extra)

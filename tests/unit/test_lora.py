@@ -28,6 +28,7 @@ from workers.adapters import (
 from workers.adapters.lora import adapter_names
 from workers.finetune.linearized import LinearizedModel, linearized_forward
 from workers.merge import merge
+from workers.merge.compression import compress_tall
 from workers.merge.engine import merge_state
 from workers.models import build_backbone
 from workers.models.causal_lm import CausalLM
@@ -170,6 +171,12 @@ def test_linear_merges_are_exact_in_factor_space_and_every_method_streams_the_fa
         got = merge_state(method, theta0, views, 0.6, **params)
         assert set(got) == set(want)
         assert all(torch.allclose(got[n], want[n], atol=1e-6) for n in want), method
+    dense = {t: dict(v) for t, v in views.items()}  # a retrieval method: one model per task
+    want = merge("tall_masks", theta0, dense, 1.0, task="b", lam=0.4)
+    got = merge_state("tall_masks", theta0, views, 1.0, task="b", lam=0.4)
+    assert all(torch.allclose(got[n], want[n], atol=1e-6) for n in want)
+    packed, plain = compress_tall(theta0, views, 0.4), compress_tall(theta0, dense, 0.4)
+    assert all(torch.equal(packed.masks["b"][n], plain.masks["b"][n]) for n in theta0)
 
 
 def test_the_lm_fast_path_is_exact_for_tangent_space_lora() -> None:
