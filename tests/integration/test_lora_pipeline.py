@@ -185,3 +185,35 @@ def test_two_deepspeed_workers_give_the_adapter_of_one(tmp_path: Path) -> None:
     assert set(factors[1]) == set(factors[2])
     for name, value in factors[1].items():
         torch.testing.assert_close(factors[2][name], value, rtol=1e-4, atol=1e-5)
+
+
+def test_a_hugging_face_encoder_takes_adapters_and_publishes_them_for_peft(tmp_path: Path) -> None:
+    """The classification kind on a Hugging Face encoder: PEFT's BERT default (query, value),
+    the adapter published under the encoder's own names. (That classification learns with an
+    adapter: the MLP store of tests/e2e/test_merge_command.py.)"""
+    from peft import PeftModel
+
+    from tests.hf_fixtures import write_tiny_bert
+    from tests.integration.test_hf_pipeline import _spec as text_spec
+
+    model = write_tiny_bert(tmp_path / "tiny-bert")
+    document = text_spec(tmp_path, str(model))
+    document["finetune"] |= {"adapter": ADAPTER}  # a random BERT: it need not learn here
+    summary = _run(document, tmp_path)
+    assert summary["status"] == "succeeded"
+    for meta in _stored(summary).values():
+        assert meta["format"] == "lora" and meta["adapter_bytes"] < 0.2 * meta["dense_bytes"]
+    model_dir = Path(summary["model"]["uri"].removeprefix("file://"))
+    dense = transformers.AutoModel.from_pretrained(str(model_dir / "transformers")).eval()
+    adapted = PeftModel.from_pretrained(
+        transformers.AutoModel.from_pretrained(str(model)), str(model_dir / "peft")
+    ).eval()
+    config = json.loads((model_dir / "peft" / "adapter_config.json").read_text())
+    assert {m.rsplit(".", 1)[-1] for m in config["target_modules"]} == {"query", "value"}
+    ids = torch.randint(
+        5, dense.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(1)
+    )
+    with torch.no_grad():
+        want = dense(input_ids=ids).last_hidden_state
+        got = adapted(input_ids=ids).last_hidden_state
+    assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
