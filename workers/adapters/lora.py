@@ -105,6 +105,23 @@ def with_lora(
     return model
 
 
+def lora_trainable(
+    network: nn.Module,
+    settings: Mapping[str, Any],
+    mode: str,
+    seed: int = 0,
+    in_place: bool = False,
+) -> nn.Module:
+    """What trains an adapter: the LoRA network (standard mode), or its linearization in the
+    adapter's parameters only, around φ0 (linear mode: tangent-space LoRA)."""
+    from workers.finetune.linearized import LinearizedModel
+
+    adapted = with_lora(network, settings, seed, in_place=in_place)
+    if mode != "linear":
+        return adapted
+    return LinearizedModel(adapted, adapted.state_dict(), frozen_outside_adapter(adapted))
+
+
 def _lora_layers(model: nn.Module) -> dict[str, nn.Module]:
     from peft.tuners.lora import LoraLayer
 
