@@ -273,7 +273,8 @@ def main() -> None:
             result["peak_rss_bytes"] = peak_rss(store, steps=10)
         result["modes"] = modes
     RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps(result, indent=1) + "\n")
+    latest = json.loads(RESULT.read_text()) if RESULT.is_file() else {}  # another part's run
+    RESULT.write_text(json.dumps(latest | result, indent=1) + "\n")
 
 
 if __name__ == "__main__":
