@@ -73,13 +73,19 @@ def ensure_process_group() -> None:
         if dist.get_world_size() == 1:  # ours, from an earlier engine in this process
             os.environ.setdefault("LOCAL_RANK", "0")
         return
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    os.environ.update(
-        RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
-    _deepspeed().init_distributed(dist_backend=_backend(), verbose=False)
+    for attempt in range(5):  # a free port can be taken by another process before we bind it
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        os.environ.update(
+            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+        )
+        try:
+            _deepspeed().init_distributed(dist_backend=_backend(), verbose=False)
+            return
+        except dist.DistNetworkError as error:
+            if "EADDRINUSE" not in str(error) or attempt == 4:
+                raise
 
 
 def _backend() -> str:
