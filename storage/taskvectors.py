@@ -56,7 +56,7 @@ def write_adapter_task_vector(
 ) -> ArtifactRef:
     """An adapter task vector: its factor tensors (``workers.adapters.factors`` layout) and the
     head; ``meta`` says ``format: lora`` and the adapter's and the dense vector's sizes."""
-    return _write_vector(store, key, ADAPTER, factors, head, meta)
+    return _write_vector(store, key, ADAPTER, factors, head, meta | {"format": "lora"})
 
 
 def _write_vector(
@@ -81,12 +81,6 @@ def read_task_vector(
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """A dense task vector and its head (an adapter's: :func:`read_adapter_task_vector`)."""
     prefix = task_vector_prefix(key)
-    found = find_artifact(store, prefix)
-    if found is not None and is_adapter(found.meta):
-        raise ArtifactError(
-            f"{store.url(prefix)} holds LoRA factors, not a dense delta: read it with "
-            "read_adapter_task_vector"
-        )
     delta = bytes_to_tensors(read_file(store, prefix, DENSE), store.url(prefix))
     head = bytes_to_tensors(read_file(store, prefix, "head.safetensors"), store.url(prefix))
     return delta, head

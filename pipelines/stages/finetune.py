@@ -15,7 +15,6 @@ from storage.objectstore import open_store_from
 from storage.taskvectors import find_task_vector, write_adapter_task_vector, write_task_vector
 from workers.adapters import Factor, LoraDelta, factors_to_tensors, trained_factors
 from workers.finetune.engine import Classifier, load_trained
-from workers.finetune.linearized import LinearizedModel
 from workers.search.evaluate import at_state, linearized_at
 
 SPLITS = ("val", "test")
@@ -74,13 +73,14 @@ def run_finetune_job(
     factors = None
     if finetune.get("adapter") is not None:  # LoRA: τ is s·B·A (linear mode: its tangent)
         factors = adapter_factors(model, finetune["mode"])
-        delta = dict(LoraDelta(factors, theta0))  # one dense model, to score the fine-tune
+        view = LoraDelta(factors, theta0)
+        delta = dict(view)  # one dense model, to score the fine-tune
         if finetune["mode"] == "linear":
             tuned = linearized_at(backbone, theta0, delta)
         else:
             tuned = at_state(backbone, {n: theta0[n] + delta[n] for n in theta0})
     elif finetune["mode"] == "linear":  # train f(x; θ0) + J f(x; θ0)·δ; score that model too
-        delta = linearized_of(model).task_vector()
+        delta = network_of(model).task_vector()
         tuned = linearized_at(backbone, theta0, delta)
     else:
         theta = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
@@ -117,9 +117,7 @@ def run_finetune_job(
     }
     if factors is not None:
         tensors = factors_to_tensors(factors)
-        view = LoraDelta(factors, theta0)
         meta |= {
-            "format": "lora",
             "adapter": finetune["adapter"],
             "adapter_bytes": view.adapter_bytes,
             "dense_bytes": view.dense_bytes,
@@ -130,11 +128,6 @@ def run_finetune_job(
     attempts = count_attempts(store, key)
     delete_checkpoints(store, key)
     return execution(ref.meta, attempts, outcome.resumed_from_step)
-
-
-def linearized_of(model: torch.nn.Module) -> LinearizedModel:
-    """The linearized network inside what a kind trains (itself, or a classifier's backbone)."""
-    return network_of(model)
 
 
 def network_of(model: torch.nn.Module) -> torch.nn.Module:

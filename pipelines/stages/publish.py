@@ -24,7 +24,6 @@ from storage.taskvectors import write_merged_model
 from workers.adapters import LoraDelta, concat_factors
 from workers.adapters.peft_export import peft_adapter_files
 from workers.finetune import pack_linearized
-from workers.merge import merge
 from workers.merge.engine import merge_state
 from workers.search.fastpath import linear_weights
 
@@ -56,8 +55,7 @@ def merge_and_store_job(
             store, name, run_id, base, vectors, heads, candidate, config, meta, extra
         )
         return {"uri": ref.uri, "prefix": ref.prefix, "sha256": ref.sha256}
-    merging = merge_state if adapters else merge  # adapters: one ΔW = s·B·A at a time
-    merged = merging(candidate.method, base, vectors, candidate.coefficient, **candidate.params)
+    merged = merge_state(candidate.method, base, vectors, candidate.coefficient, **candidate.params)
     extra = None
     if hf_base:
         linear = config.get("mode") == "linear"

@@ -12,7 +12,6 @@ import torch
 
 from pipelines.plan import Candidate
 from pipelines.stages.base import load_task_data, open_base, open_task_vector
-from workers.merge import merge
 from workers.merge.engine import merge_state
 from workers.search.evaluate import at_state
 
@@ -67,12 +66,6 @@ class CandidateScorer:
             )
         return {"id": candidate.id, "accuracy": per_task}
 
-    def _merge(self, method: str, *args: Any, **params: Any) -> dict[str, torch.Tensor]:
-        """In memory; adapter task vectors stream, one ΔW = s·B·A at a time."""
-        if all(isinstance(v, dict) for v in self.task_vectors.values()):
-            return merge(method, *args, **params)
-        return merge_state(method, *args, **params)
-
     def _models(self, candidate: Candidate):
         """(task, merged state) pairs: one shared model, or one per task for retrieval methods."""
         from workers.merge import get_method
@@ -85,7 +78,7 @@ class CandidateScorer:
                     params["lam"] = params["lam"][task]
                 yield (
                     task,
-                    self._merge(
+                    merge_state(
                         candidate.method,
                         self.base,
                         self.task_vectors,
@@ -94,7 +87,7 @@ class CandidateScorer:
                     ),
                 )
             return
-        state = self._merge(
+        state = merge_state(
             candidate.method,
             self.base,
             self.task_vectors,

@@ -17,6 +17,7 @@ from pipelines.plan import Candidate
 from pipelines.stages.search import CandidateScorer
 from storage.errors import MergeInputError
 from workers.finetune import delta_between
+from workers.merge.engine import merge_state
 from workers.models import apply_head
 from workers.search.disentanglement import disentanglement_errors
 from workers.search.evaluate import features_at, linearized_at
@@ -122,7 +123,7 @@ class TangentScorer(CandidateScorer):
         labels = []
         for point in points:
             coefficients = dict(zip(self.task_vectors, point, strict=True))
-            state = self._merge("task_arithmetic", self.base, self.task_vectors, coefficients)
+            state = merge_state("task_arithmetic", self.base, self.task_vectors, coefficients)
             labels.append(
                 apply_head(self.heads[task], features_at(self.backbone, state, x)).argmax(1)
             )

@@ -305,12 +305,14 @@ def merge_state(
     coefficient: Coefficient = 1.0,
     **params: Any,
 ) -> dict[str, Tensor]:
-    """``workers.merge.merge``, but reading each task vector one tensor at a time.
+    """``workers.merge.merge`` for any task vectors; the merged state is returned.
 
-    For task vectors that compute their tensors when read (LoRA factors,
-    ``workers.adapters.LoraDelta``): the streaming engine never asks for more than one tensor
-    of each at once, so no task vector is ever dense in full; the merged state is returned.
+    Plain dicts are already in memory and merge there. Task vectors that compute their tensors
+    when read (LoRA factors, ``workers.adapters.LoraDelta``) go through the streaming engine,
+    which never asks for more than one tensor of each at once, so none is ever dense in full.
     """
+    if all(isinstance(vector, dict) for vector in task_vectors.values()):
+        return get_method(method).merge(base, task_vectors, coefficient, **params)
     plan = plan_merge(
         method, specs_of(base), {t: _specs(v) for t, v in task_vectors.items()}, coefficient, params
     )
