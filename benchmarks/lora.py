@@ -18,7 +18,7 @@ word-translation tasks, the same steps and data), written to ``benchmarks/result
    fine-tune job does, builds the trainable model and runs training steps: the whole process's
    ``ru_maxrss`` and the peak RSS sampled during training (every 50 ms).
 
-    python benchmarks/lora.py                 # about 50 minutes on 2 CPU cores
+    python benchmarks/lora.py                 # 80 minutes here on 2 CPU cores (shared)
     python benchmarks/lora.py --only steps    # the step times only (a few minutes)
     python benchmarks/lora.py --only load     # the published adapter loads in PEFT (5 min)
 """
