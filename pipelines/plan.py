@@ -90,6 +90,18 @@ def make_plan(spec: Spec) -> Plan:
     )
 
 
+def statistics_needs(candidates: tuple[Candidate, ...]) -> list[tuple[str, int]]:
+    """The (statistic, rows) pairs the candidates' data-aware methods read, sorted."""
+    from workers.merge import get_method
+
+    needs = set()
+    for candidate in candidates:
+        method = get_method(candidate.method)
+        if method.statistics is not None:
+            needs.add((method.statistics, method.validate_params(candidate.params).n))
+    return sorted(needs)
+
+
 #: Fine-tune settings that say how a task vector is computed, not what it is.
 EXECUTION_ONLY = ("resources", "checkpoint_every", "on_task_failure")
 
