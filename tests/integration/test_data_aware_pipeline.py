@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ from safetensors.torch import load_file
 
 from pipelines.run import run_pipeline
 from pipelines.specfile import validate_document
+from storage.shards import SafetensorsReader
 from tests.conftest import TINY_SPEC
 from workers.merge import merge
 
@@ -100,6 +103,30 @@ def test_regmean_and_fisher_compute_store_and_reuse_their_statistics(tmp_path: P
     published = load_file(Path(first["model"]["uri"].removeprefix("file://")) / "model.safetensors")
     for name, tensor in expected.items():
         assert bool((published[name] - tensor).abs().max() < 1e-6), name
+
+    # `mergeline merge` reads the same stored statistics (and refuses when there are none)
+    base_key = base_dir.name
+    command = [sys.executable, "-m", "pipelines.cli", "merge", "--base", f"base-models/{base_key}"]
+    command += ["--task", "perm1", "--task", "perm2", "--store", f"file://{store}"]
+    done = subprocess.run(
+        [*command, "--method", "regmean", "--param", "n=64", "--param", "alpha=0.5",
+         "--coefficient", "0.9", "--out", str(tmp_path / "cli")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    expected = merge(
+        "regmean", theta0, vectors, 0.9, alpha=0.5,
+        statistics={n: stats[n]["gram-n64"] for n in vectors},
+    )  # fmt: skip
+    with SafetensorsReader(tmp_path / "cli") as reader:
+        merged = {name: reader.read(name) for name in reader.names()}
+    for name, tensor in expected.items():
+        assert bool((merged[name] - tensor).abs().max() < 1e-6), name
+    done = subprocess.run(
+        [*command, "--method", "fisher", "--param", "n=999", "--out", str(tmp_path / "none")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode != 0 and "has no fisher statistics over 999 rows" in done.stderr
 
     again, printed = _run(spec, tmp_path, "again.json")
     assert "2 computed" not in printed and "0 computed, 2 cached" in printed
