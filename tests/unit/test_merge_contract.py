@@ -35,6 +35,7 @@ VARIANTS: list[tuple[str, dict]] = [
     ("consensus", {"use_ties": True, "k": 1}),
     ("consensus", {"lam": {"a": 0.2, "b": 0.5, "c": 0.3}}),
     ("tall_masks", {"task": "a", "use_ties": True}),
+    ("della", {"density": 0.3, "epsilon": 0.5, "seed": 3}),
 ]
 CASES = [(name, DEFAULT_PARAMS.get(name, {})) for name in list_methods()] + VARIANTS
 IDS = [

@@ -1,4 +1,4 @@
-"""model_stock and slerp against hand-computed examples (MERGING.md, "Second wave")."""
+"""model_stock, slerp and della against hand-computed examples (MERGING.md, "Second wave")."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from torch import Tensor
 
 from storage.errors import MergeInputError
 from workers.merge import merge
+from workers.merge.della import drop_probabilities, magprune
 from workers.merge.engine import plan_merge, specs_of
 
 
@@ -174,3 +175,109 @@ def test_slerp_of_equal_tiny_models_is_that_model():
     base = t(1e-10, -2e-10)
     result = merged_x("slerp", base, vectors(a=torch.zeros(2), b=torch.zeros(2)), 0.5)
     assert torch.equal(result, base)
+
+
+# ---------------------------------------------------------------------------------- della
+
+
+@pytest.mark.parametrize(
+    ("tau", "density", "epsilon", "expected"),
+    [
+        # p = 0.4, ε = 0.2: ranks by |.| 0.1 < 0.5 < 1 < 2 < 3 -> positions 0, 1/4, .., 1;
+        # p_i = 0.5 − 0.2 · position
+        ((0.5, -3, 2, 1, -0.1), 0.6, 0.2, (0.45, 0.3, 0.35, 0.4, 0.5)),
+        # ties: |±1| share ranks 1 and 2 -> 1.5, position 1/2; 0 is the smallest
+        ((1, -1, 2, 0), 0.6, 0.2, (0.4, 0.4, 0.3, 0.5)),
+        # ε = 0 is a uniform p = 1 − density, as dare
+        ((1, -3, 2), 0.7, 0.0, (0.3, 0.3, 0.3)),
+        # a single entry, or all equal, sits in the middle: p
+        ((5,), 0.5, 0.4, (0.5,)),
+        ((2, -2, 2), 0.5, 0.4, (0.5, 0.5, 0.5)),
+    ],
+)
+def test_della_drop_probabilities_per_rank(tau, density, epsilon, expected):
+    probabilities = drop_probabilities(t(*tau, dtype=torch.float64), density, epsilon)
+    assert_close(probabilities, t(*expected, dtype=torch.float64), atol=1e-12)
+
+
+def test_della_rank_is_taken_over_the_whole_tensor():
+    # a 2-D tensor ranks its 4 entries together (not per row): positions 0, 1/3, 2/3, 1
+    probabilities = drop_probabilities(torch.tensor([[4.0, 1.0], [2.0, 3.0]]), 0.5, 0.3)
+    assert_close(probabilities, torch.tensor([[0.35, 0.65], [0.55, 0.45]]))
+
+
+DELLA_TAU = torch.linspace(-2.0, 3.0, 24)
+
+
+def test_della_rescales_each_kept_entry_by_its_own_probability():
+    # density 0.5, ε 0.4: p_i from 0.7 (smallest |.|) to 0.3 (largest)
+    probabilities = drop_probabilities(DELLA_TAU, 0.5, 0.4)
+    for seed in range(5):
+        pruned = magprune(DELLA_TAU, task="a", name="x", density=0.5, epsilon=0.4, seed=seed)
+        kept = pruned != 0
+        assert 0 < int(kept.sum()) < 24
+        assert_close(pruned[kept], DELLA_TAU[kept] / (1 - probabilities[kept]))
+
+
+def test_della_never_drops_an_entry_of_probability_zero():
+    # density 0.6, ε 0.8: p_i from 0.8 down to 0 at the largest |.| (3.0, the last entry)
+    draws = [
+        magprune(DELLA_TAU, task="a", name="x", density=0.6, epsilon=0.8, seed=seed)
+        for seed in range(200)
+    ]
+    assert all(float(pruned[-1]) == 3.0 for pruned in draws)
+    assert any(float(pruned[0]) == 0.0 for pruned in draws)
+
+
+def test_della_is_unbiased_and_drops_small_magnitudes_more():
+    draws = torch.stack(
+        [
+            magprune(DELLA_TAU, task="a", name="x", density=0.5, epsilon=0.3, seed=seed)
+            for seed in range(1000)
+        ]
+    )
+    # each entry averages 1000 draws of {0, τ/(1 − p_i)}, p_i <= 0.65: standard error at most
+    # |τ| · sqrt(0.65/0.35/1000) ≈ 0.043 |τ|; rescaling all by 1/(1 − p) instead would miss
+    # the smallest entries by (1 − 0.5)/(1 − 0.65) − 1 ≈ 43%
+    assert torch.allclose(draws.mean(dim=0), DELLA_TAU, rtol=0.25, atol=0)
+    assert not torch.allclose(draws[:1].mean(dim=0), DELLA_TAU, rtol=0.25, atol=0)
+    kept = (draws != 0).float().mean(dim=0)
+    expected = 1 - drop_probabilities(DELLA_TAU, 0.5, 0.3)
+    # keep rates 0.35..0.65 over 1000 draws: standard error <= 0.016, tolerance 0.08
+    assert torch.allclose(kept, expected, rtol=0, atol=0.08)
+
+
+def test_della_elects_and_merges_disjointly_without_a_trim():
+    # no drop (density 1, ε 0): sums [3, -3, 4] elect [+, -, +]; agreeing means:
+    # [(3 + 1)/2, (-1 - 4)/2, (2 + 2)/2] = [2, -2.5, 2] (c's 0 does not count);
+    # θ = [1, 1, 1] + 0.5 · [2, -2.5, 2]. A ties trim at density 0.2 would keep only 3, -4, 2s.
+    tasks = vectors(a=t(3, -1, 2), b=t(-1, 2, 2), c=t(1, -4, 0))
+    result = merged_x("della", t(1, 1, 1), tasks, 0.5, density=1.0, epsilon=0.0)
+    assert_close(result, t(2, -0.25, 2))
+
+
+def test_della_applies_lambda_after_pruning_and_alpha_before_the_election():
+    pruned = magprune(DELLA_TAU, task="a", name="x", density=0.5, epsilon=0.3, seed=4)
+    result = merged_x("della", torch.zeros(24), vectors(a=DELLA_TAU), 0.5, epsilon=0.3, seed=4)
+    assert_close(result, 0.5 * pruned)
+    # α_b = -3 flips b's sign, so b's entries now agree with a's wherever both are kept
+    tasks = vectors(a=DELLA_TAU, b=-DELLA_TAU)
+    per_task = merged_x("della", torch.zeros(24), tasks, {"a": 1.0, "b": -3.0}, seed=4)
+    first = magprune(DELLA_TAU, task="a", name="x", density=0.5, epsilon=0.15, seed=4)
+    second = -3 * magprune(-DELLA_TAU, task="b", name="x", density=0.5, epsilon=0.15, seed=4)
+    count = (first != 0).float() + (second != 0).float()
+    assert_close(per_task, (first + second) / count.clamp(min=1), atol=1e-5)
+
+
+def test_della_stream_depends_only_on_seed_task_and_tensor_name():
+    alone = merged_x("della", torch.zeros(24), vectors(a=DELLA_TAU), seed=5)
+    with_zero = merged_x("della", torch.zeros(24), vectors(a=DELLA_TAU, z=torch.zeros(24)), seed=5)
+    assert torch.equal(alone, with_zero)
+    assert not torch.equal(alone, merged_x("della", torch.zeros(24), vectors(b=DELLA_TAU), seed=5))
+    assert not torch.equal(alone, merged_x("della", torch.zeros(24), vectors(a=DELLA_TAU), seed=6))
+
+
+@pytest.mark.parametrize(("density", "epsilon"), [(0.9, 0.3), (0.2, 0.4), (1.0, 0.1)])
+def test_della_refuses_probabilities_outside_zero_one(density, epsilon):
+    with pytest.raises(MergeInputError, match="outside \\[0, 1\\)"):
+        merged_x("della", torch.zeros(2), vectors(a=t(1, 2)), density=density, epsilon=epsilon)
