@@ -25,7 +25,9 @@ Choices where MERGING.md is silent (the reference code decides unless said other
   the default rank tolerance of ``torch.linalg.matrix_rank``) are left out, where the reference
   keeps them: their singular vectors are whatever LAPACK returns and would tilt the other
   tasks' directions in the orthogonalisation. This only matters for rank-deficient τ_t (LoRA
-  deltas, a tensor a task never changed); all-zero task vectors give θ0 exactly.
+  deltas, a tensor a task never changed); all-zero task vectors give θ0 exactly. Directions
+  shared exactly by several tasks make U rank-deficient; its polar factor is then not unique
+  (here as in the reference), which real fine-tunes do not meet.
 - Per-task coefficients: the reference takes one shared λ. Here α_t scales τ_t before the SVD
   (MERGING.md's rule for every method), then λ = 1. The method is homogeneous, so α_t = λ for
   every task gives the shared-λ result.
