@@ -36,6 +36,8 @@ VARIANTS: list[tuple[str, dict]] = [
     ("consensus", {"lam": {"a": 0.2, "b": 0.5, "c": 0.3}}),
     ("tall_masks", {"task": "a", "use_ties": True}),
     ("della", {"density": 0.3, "epsilon": 0.5, "seed": 3}),
+    # the default common 0.8 leaves no task-specific share on 4 × 6 and 3 × 5 with three tasks
+    ("iso_cts", {"common": 0.25}),
 ]
 CASES = [(name, DEFAULT_PARAMS.get(name, {})) for name in list_methods()] + VARIANTS
 IDS = [
