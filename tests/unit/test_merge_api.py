@@ -11,7 +11,7 @@ from torch import Tensor
 
 import workers.merge as merge_package
 from storage.errors import MergeInputError
-from tests.unit.test_merge_contract import DEFAULT_PARAMS, make_base, make_task_vectors
+from tests.unit.test_merge_contract import DEFAULT_PARAMS, make_base, make_task_vectors, tasks_for
 from workers.merge import get_method, list_methods, merge, negate, validate_task_vectors
 from workers.merge.registry import register
 
@@ -56,7 +56,7 @@ def test_params_model_is_frozen_and_forbids_extra(name):
 def test_unknown_param_names_method_and_param(name, base, task_vectors):
     params = {**DEFAULT_PARAMS.get(name, {}), "densty": 0.3}
     with pytest.raises(MergeInputError, match=f"^{name} param 'densty': Extra inputs"):
-        merge(name, base, task_vectors, 1.0, **params)
+        merge(name, base, tasks_for(name, task_vectors), 1.0, **params)
 
 
 @pytest.mark.parametrize(
