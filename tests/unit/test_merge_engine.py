@@ -15,7 +15,7 @@ from pipelines.merge_files import merge_files
 from storage.digest import digest_state
 from storage.errors import ArtifactError, MergeInputError
 from storage.shards import INDEX_NAME, SafetensorsReader, ShardedWriter, digest_model
-from workers.merge import merge
+from workers.merge import get_method, merge
 from workers.merge.engine import StateSource, merge_stream, plan_merge, specs_of, trim_thresholds
 from workers.merge.kernels import Workspace, kth_largest
 from workers.merge.ties import global_trim_thresholds
@@ -41,6 +41,13 @@ CASES = [
     ("della", {"seed": 3}, 0.7),
     ("della", {"density": 0.3, "epsilon": 0.5}, {"a": 0.2, "b": -0.5, "c": 1.0}),
     ("model_stock", {}, 1.0),
+    ("tsv", {}, 0.8),
+    ("tsv", {"fraction": 0.5}, {"a": 0.2, "b": -0.5, "c": 1.0}),
+    ("iso_c", {}, 1.2),
+    ("iso_cts", {"common": 0.5}, 0.9),
+    ("regmean", {"alpha": 0.7}, 1.0),
+    ("regmean", {}, {"a": 0.2, "b": -0.5, "c": 1.0}),
+    ("fisher", {}, 0.8),
 ]
 IDS = [f"{m}-{'-'.join(f'{k}={v}' for k, v in p.items()) or 'default'}" for m, p, _ in CASES]
 
@@ -74,12 +81,35 @@ def make_task_vectors(base: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
     return vectors
 
 
+def make_statistics(method: str, base: dict[str, Tensor]) -> dict[str, dict[str, Tensor]] | None:
+    """Seeded statistics of a data-aware method (Gram of 2-D weights, Fisher of all), else None."""
+    kind = get_method(method).statistics
+    if kind is None:
+        return None
+    generator = torch.Generator().manual_seed(5)
+    stats: dict[str, dict[str, Tensor]] = {task: {} for task in TASKS}
+    for task in TASKS:
+        for name, tensor in base.items():
+            if kind == "fisher":
+                stats[task][name] = torch.rand(tensor.shape, generator=generator)
+            elif tensor.dim() == 2:
+                rows = torch.randn(24, tensor.shape[1], generator=generator)
+                stats[task][name] = rows.T @ rows / 24
+    return stats
+
+
 def stream_all(method, params, coefficient, base, vectors, reuse_buffers) -> dict[str, Tensor]:
     plan = plan_merge(
         method, specs_of(base), {t: specs_of(v) for t, v in vectors.items()}, coefficient, params
     )
     sources = {task: StateSource(v) for task, v in vectors.items()}
-    stream = merge_stream(plan, StateSource(base), sources, reuse_buffers=reuse_buffers)
+    stream = merge_stream(
+        plan,
+        StateSource(base),
+        sources,
+        reuse_buffers=reuse_buffers,
+        statistics=make_statistics(method, base),
+    )
     return {name: tensor.clone() for name, tensor in stream}
 
 
@@ -88,7 +118,9 @@ def stream_all(method, params, coefficient, base, vectors, reuse_buffers) -> dic
 def test_streamed_merge_equals_in_memory_merge(method, params, coefficient, reuse_buffers) -> None:
     base = make_base()
     vectors = make_task_vectors(base)
-    expected = merge(method, base, vectors, coefficient, **params)
+    stats = make_statistics(method, base)
+    extra = {} if stats is None else {"statistics": stats}
+    expected = merge(method, base, vectors, coefficient, **params, **extra)
     streamed = stream_all(method, params, coefficient, base, vectors, reuse_buffers)
     assert list(streamed) == list(base)
     for name in base:
@@ -196,6 +228,11 @@ class CountingSource:
         ("consensus", {}),
         ("della", {}),
         ("model_stock", {}),
+        ("tsv", {}),
+        ("iso_c", {}),
+        ("iso_cts", {}),
+        ("regmean", {}),
+        ("fisher", {}),
     ],
 )
 def test_peak_memory_is_one_tensor_per_input_not_the_model(method, params) -> None:
@@ -205,9 +242,12 @@ def test_peak_memory_is_one_tensor_per_input_not_the_model(method, params) -> No
     counter = {"alive": 0, "peak": 0, "reads": 0}
     plan = plan_merge(method, specs_of(base), {t: specs_of(base) for t in TASKS}, 0.5, params)
     sources = {task: CountingSource(v, counter) for task, v in vectors.items()}
+    stats = make_statistics(method, base)
     for reuse in (False, True):
         merged = 0
-        stream = merge_stream(plan, CountingSource(base, counter), sources, reuse_buffers=reuse)
+        stream = merge_stream(
+            plan, CountingSource(base, counter), sources, reuse_buffers=reuse, statistics=stats
+        )
         for _name, _tensor in stream:
             merged += 1
         assert merged == len(base)
