@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
@@ -122,6 +123,19 @@ def test_regmean_and_fisher_compute_store_and_reuse_their_statistics(tmp_path: P
         merged = {name: reader.read(name) for name in reader.names()}
     for name, tensor in expected.items():
         assert bool((merged[name] - tensor).abs().max() < 1e-6), name
+    for method, params, coefficient in [("tsv", {"fraction": 0.5}, 1.2), ("slerp", {}, 0.3)]:
+        out = tmp_path / method
+        flags = [flag for k, v in params.items() for flag in ("--param", f"{k}={v}")]
+        done = subprocess.run(
+            [*command, "--method", method, *flags, "--coefficient", str(coefficient),
+             "--out", str(out)],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        expected = merge(method, theta0, vectors, coefficient, **params)
+        with SafetensorsReader(out) as reader:
+            for name, tensor in expected.items():
+                assert torch.equal(reader.read(name), tensor), (method, name)
     done = subprocess.run(
         [*command, "--method", "fisher", "--param", "n=999", "--out", str(tmp_path / "none")],
         capture_output=True, text=True, timeout=300,
