@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 from storage.errors import MergeInputError
-from workers.merge import get_method, list_methods, merge
+from workers.merge import get_method, list_methods
+from workers.merge import merge as merge_method
 from workers.merge.dare import drop_and_rescale
 from workers.merge.ties import global_trim_thresholds
 
@@ -57,6 +58,29 @@ def make_task_vectors(base: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
         }
         for task in TASKS
     }
+
+
+def make_statistics(kind: str) -> dict[str, dict[str, Tensor]]:
+    """Seeded statistics of a data-aware method's kind over make_base()'s tensors."""
+    generator = torch.Generator().manual_seed(2)
+    stats: dict[str, dict[str, Tensor]] = {}
+    for task in TASKS:
+        stats[task] = {}
+        for name, tensor in make_base().items():
+            if kind == "fisher":
+                stats[task][name] = torch.rand(tensor.shape, generator=generator)
+            elif tensor.dim() == 2:
+                rows = torch.randn(8, tensor.shape[1], generator=generator)
+                stats[task][name] = rows.T @ rows / 8
+    return stats
+
+
+def merge(name: str, base, task_vectors, coefficient=1.0, **params):
+    """workers.merge.merge, with seeded statistics for the methods that read them."""
+    kind = get_method(name).statistics
+    if kind is not None and "statistics" not in params:
+        params["statistics"] = make_statistics(kind)
+    return merge_method(name, base, task_vectors, coefficient, **params)
 
 
 def _coefficient(per_task: bool = False):

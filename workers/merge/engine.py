@@ -213,11 +213,14 @@ def merge_stream(
     *,
     thresholds: Mapping[str, float] | None = None,
     reuse_buffers: bool = False,
+    statistics: Mapping[str, Mapping[str, Tensor]] | None = None,
 ) -> Iterator[tuple[str, Tensor]]:
     """Yield ``(name, merged tensor)`` in the plan's order, reading one tensor at a time.
 
     With ``reuse_buffers`` a yielded tensor may be overwritten by the next one: write or copy
-    it before asking for the next (the sharded writer does).
+    it before asking for the next (the sharded writer does). ``statistics``: a data-aware
+    method's ``{task: {name: tensor}}`` (``registry.register(statistics=...)``); each tensor's
+    merge gets its own.
     """
     if plan.trim_density is not None and thresholds is None:
         thresholds = trim_thresholds(plan, tasks)
@@ -233,6 +236,11 @@ def merge_stream(
             continue
         base_tensor = base.read(spec.name)
         vectors = {task: {spec.name: tasks[task].read(spec.name)} for task in plan.tasks}
+        if statistics is not None:
+            extra["statistics"] = {
+                task: {spec.name: stats[spec.name]} if spec.name in stats else {}
+                for task, stats in statistics.items()
+            }
         merged = plan.method.merge(
             {spec.name: base_tensor}, vectors, plan.coefficient, **plan.params, **extra
         )
@@ -313,6 +321,7 @@ def merge_state(
     """
     if all(isinstance(vector, dict) for vector in task_vectors.values()):
         return get_method(method).merge(base, task_vectors, coefficient, **params)
+    statistics = params.pop("statistics", None)
     plan = plan_merge(
         method, specs_of(base), {t: _specs(v) for t, v in task_vectors.items()}, coefficient, params
     )
@@ -320,4 +329,4 @@ def merge_state(
         task: vector if hasattr(vector, "read") else StateSource(vector)
         for task, vector in task_vectors.items()
     }
-    return dict(merge_stream(plan, StateSource(base), sources))
+    return dict(merge_stream(plan, StateSource(base), sources, statistics=statistics))

@@ -30,6 +30,7 @@ class MergeMethod(Protocol):
     per_task_coefficients: bool  # accepts {task: α_t} as the coefficient
     uses_coefficient: bool  # False: the coefficient is ignored (tall_masks)
     per_tensor: bool  # with default params, each tensor merges alone (streamable, no pre-pass)
+    statistics: str | None  # the per-task data statistics it reads ("gram", "fisher"), or None
 
     def validate_params(self, params: Mapping[str, Any]) -> BaseModel: ...
 
@@ -60,6 +61,7 @@ class RegisteredMethod:
     per_tensor: bool = True
     trim_density: Callable[[Any], float | None] = _no_global_trim
     internal_params: tuple[str, ...] = ()
+    statistics: str | None = None
 
     def validate_params(self, params: Mapping[str, Any]) -> BaseModel:
         """The user-facing params, validated; errors name the method and the param."""
@@ -118,8 +120,15 @@ def register(
     per_tensor: bool = True,
     global_trim_density: Callable[[Any], float | None] = _no_global_trim,
     internal_params: tuple[str, ...] = (),
+    statistics: str | None = None,
 ) -> Callable[[Implementation], Implementation]:
-    """Register the decorated implementation as merge method `name` (its file name)."""
+    """Register the decorated implementation as merge method `name` (its file name).
+
+    ``statistics``: the per-task data statistics the method reads (``"gram"``: each linear
+    layer's input Gram matrix; ``"fisher"``: the diagonal Fisher), passed to it as the internal
+    param ``statistics={task: {tensor name: tensor}}``; the pipeline computes them before the
+    search (``workers.finetune.statistics``).
+    """
 
     def decorator(implementation: Implementation) -> Implementation:
         if name in _REGISTRY:
@@ -140,6 +149,7 @@ def register(
             per_tensor=per_tensor,
             trim_density=global_trim_density,
             internal_params=internal_params,
+            statistics=statistics,
         )
         return implementation
 
