@@ -70,6 +70,8 @@ class Case:
     peer_params: dict[str, Any] = field(default_factory=dict)
     draws: int = 0  # > 0: seeded random, compare the means over this many seeds
     divergence: str = ""  # why the peer differs, from its source; kept when they differ
+    note: str = ""  # what a difference within rounding comes from, when it is not rounding
+    unbiased: bool = False  # random and E[θ] = θ0 + λ Σ τ_t by definition: test each side
 
 
 MERGEKIT_SLERP = (
@@ -89,20 +91,22 @@ CASES = [
         "mean(cos), so t = k cos / (1 + (k - 1) cos) differs. With 2 tasks they agree (next row)"
     )),
     Case("model_stock (2 tasks)", "model_stock", "fusion_bench", "model_stock", TASKS[:2]),
-    Case("della", "della", "mergekit", "della", params={"density": 0.5, "epsilon": 0.1},
-         peer_params={"weight": 1.0, "density": 0.5, "epsilon": 0.1}, draws=3000, divergence=(
-        "mergekit's della_magprune (sparsify.py) ranks |τ| within each row of a 2-D tensor "
-        "(argsort along dim 1) rather than over the whole tensor, and rescales the kept entries "
-        "to match the tensor's L1 norm (rescale_norm=l1, the della default) instead of by "
-        "1/(1 - p_i) per entry, so its expectation is not τ; mergekit's election takes + where "
-        "the sum is exactly 0"
+    Case("della", "della", "mergekit", "della", params={"density": 0.5, "epsilon": 0.2},
+         peer_params={"weight": 1.0, "density": 0.5, "epsilon": 0.1}, draws=10000, divergence=(
+        "Same keep probabilities on both sides (mergekit keeps with density ± epsilon, a spread "
+        "of 2ε, mergeline's ε is the full spread: 0.1 there is 0.2 here). Left: mergekit's "
+        "della_magprune (sparsify.py) ranks |τ| within each row of a 2-D tensor (argsort along "
+        "dim 1), not over the whole tensor, and rescales the kept entries to match the "
+        "tensor's L1 norm (rescale_norm=l1, della's default) instead of by 1/(1 - p_i) per "
+        "entry, so its expectation is not τ. 1-D tensors are ranked the same on both sides: "
+        "their difference is the rescale alone"
     )),
     Case("ties (per_tensor)", "ties", "mergekit", "ties",
          params={"density": 0.5, "scope": "per_tensor"},
          peer_params={"weight": 1.0, "density": 0.5}),
     Case("dare_linear", "dare", "mergekit", "dare_linear",
          params={"p": 0.5, "then": "task_arithmetic"},
-         peer_params={"weight": 1.0, "density": 0.5}, draws=3000, divergence=(
+         peer_params={"weight": 1.0, "density": 0.5}, draws=10000, unbiased=True, divergence=(
         "mergekit's dare_linear rescales the kept entries to match the tensor's L1 norm "
         "(sparsify.py rescaled_masked_tensor, norm l1) instead of by 1/(1 - p): E[l1-rescaled] "
         "is not τ on small tensors (MERGING.md's known divergence)"
@@ -126,10 +130,10 @@ CASES = [
          peer_params={"reduce_non_diagonal_ratio": 0.9}),
     Case("fisher", "fisher", "fusion_bench", "fisher",
          peer_params={"normalize_fisher_weight": False, "minimal_fisher_weight": 1e-6},
-         divergence=(
+         note=(
         "FusionBench's merging_with_fisher_weights (fisher_merging/fisher_merging.py) adds "
-        "minimal_fisher_weight = 1e-6 to every F_t (numerator and denominator), not only as a "
-        "floor on the denominator"
+        "minimal_fisher_weight = 1e-6 to every F_t where mergeline clamps F_t at floor 1e-6: "
+        "with F_t ≥ 0.01 here that moves the weights by ~1e-4 relative, the ~2e-6 seen"
     )),
     Case("fisher (FusionBench default normalize)", "fisher", "fusion_bench", "fisher",
          peer_params={"normalize_fisher_weight": True, "minimal_fisher_weight": 1e-6},
@@ -387,7 +391,7 @@ def run_ours(case: Case, inputs: dict) -> dict[str, torch.Tensor]:
     }
 
 
-def compare(case: Case, ours: dict, theirs: dict, base: dict) -> dict:
+def compare(case: Case, ours: dict, theirs: dict, base: dict, tvs: dict) -> dict:
     """Max |difference| per tensor kind, relative to the peer's largest update entry."""
     by_kind: dict[str, dict[str, float]] = {}
     for name in SHAPES:
@@ -403,6 +407,12 @@ def compare(case: Case, ours: dict, theirs: dict, base: dict) -> dict:
             ).clamp(min=0)
             error = (variance / case.draws).sqrt().clamp(min=1e-12)
             row["max_z"] = max(row.get("max_z", 0.0), float((difference / error).max()))
+        if case.unbiased:  # each side's mean against the exact expectation θ0 + λ Σ τ_t
+            exact = base[name] + case.coefficient * sum(tvs[t][name] for t in case.tasks)
+            for side, mean, square in (("ours", mine, ours), ("peer", peer, theirs)):
+                variance = (square[f"sq/{name}"] - mean**2).clamp(min=0) / case.draws
+                z = float(((mean - exact).abs() / variance.sqrt().clamp(min=1e-12)).max())
+                row[f"{side}_vs_exact_max_z"] = max(row.get(f"{side}_vs_exact_max_z", 0.0), z)
     for row in by_kind.values():
         row["max_rel_diff"] = row["max_abs_diff"] / max(row["max_update"], 1e-30)
     if case.draws:
@@ -456,9 +466,11 @@ def main() -> None:
                     except Exception as error:  # a method mid-integration: record, go on
                         row["status"] = f"mergeline failed: {type(error).__name__}: {error}"
                     else:
-                        row |= {"status": "compared"} | compare(case, ours, theirs, inputs["base"])
+                        row |= {"status": "compared"} | compare(case, ours, theirs, inputs["base"], inputs["tvs"])
                         if not row["agrees"]:
                             row["explanation"] = case.divergence or "not explained yet"
+                        elif case.note:
+                            row["note"] = case.note
                 rows[key] = row
     result = {
         "comparisons": rows,
@@ -482,15 +494,15 @@ def main() -> None:
 
 
 def print_table(rows: dict[str, dict]) -> None:
-    print(f"{'peer:method':44} {'kind':5} {'max|Δ|':>10} {'rel':>10} {'z':>7}  status")
+    print(f"{'peer:method':52} {'kind':5} {'max|Δ|':>10} {'rel':>10} {'z':>7}  status")
     for key, row in rows.items():
         if row["status"] != "compared":
-            print(f"{key:44} {'':5} {'':>10} {'':>10} {'':>7}  {row['status']}")
+            print(f"{key:52} {'':5} {'':>10} {'':>10} {'':>7}  {row['status']}")
             continue
         for kind, numbers in row["by_kind"].items():
             z = f"{numbers['max_z']:7.1f}" if "max_z" in numbers else f"{'':>7}"
             verdict = "agrees" if row["agrees"] else "DIFFERS"
-            print(f"{key:44} {kind:5} {numbers['max_abs_diff']:10.2e} "
+            print(f"{key:52} {kind:5} {numbers['max_abs_diff']:10.2e} "
                   f"{numbers['max_rel_diff']:10.2e} {z}  {verdict}")  # fmt: skip
     for key, row in rows.items():
         if "explanation" in row:
