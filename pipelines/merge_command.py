@@ -245,6 +245,7 @@ def run_merge(
         else:
             side["config.json"] = store_config(resolved["meta"], vectors, info)
         readers |= {task: AdapterReader(f, base_reader.tensors) for task, f in factors.items()}
+        statistics = stored_statistics(vectors, method, params or {}, on_files)
         result = merge_files(
             base_reader,
             readers,
@@ -255,10 +256,40 @@ def run_merge(
             extra_tensors=heads,
             side_files=side,
             max_shard_bytes=max_shard_bytes or DEFAULT_SHARD_BYTES,
+            statistics=statistics,
         )
         for reader in [resolved["reader"], *readers.values()]:
             reader.close()
     return result | {"tasks": [v.task for v in vectors]}
+
+
+def stored_statistics(
+    vectors: list[StoredTaskVector], method: str, params: dict[str, Any], on_files: bool
+) -> dict[str, Any] | None:
+    """A data-aware method's statistics of each task vector, as `mergeline run` stored them
+    beside it (verified against their manifests); None for the other methods."""
+    from pipelines.merge_files import names_onto_files
+    from storage.objectstore import open_store
+    from storage.taskvectors import find_statistics, read_statistics
+    from workers.merge import get_method
+
+    registered = get_method(method)
+    if registered.statistics is None:
+        return None
+    kind, rows = registered.statistics, registered.validate_params(params).n  # type: ignore[attr-defined]
+    found = {}
+    for vector in vectors:
+        store = open_store(vector.uri.rpartition(f"/{vector.prefix}")[0])
+        key = vector.prefix.rsplit("/", 1)[-1]
+        if find_statistics(store, key, kind, rows, vector.sha256) is None:
+            raise MergeInputError(
+                f"--method {method}: task vector {vector.uri} has no {kind} statistics over "
+                f"{rows} rows: run `mergeline run` with a {method} candidate (params n: {rows}) "
+                "once, which computes and stores them"
+            )
+        tensors = read_statistics(store, key, kind, rows)
+        found[vector.task] = names_onto_files(tensors) if on_files else tensors
+    return found
 
 
 def open_task_vectors(

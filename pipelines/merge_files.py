@@ -85,12 +85,13 @@ def merge_files(
     extra_tensors: Mapping[str, torch.Tensor] | None = None,
     side_files: Mapping[str, bytes | Path] | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    statistics: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
 ) -> dict[str, Any]:
     """Merge into ``out`` (sharded safetensors + index); returns what was done and how fast.
 
     ``extra_tensors`` (e.g. the task heads) are written after the merged backbone, unmerged;
     ``side_files`` (config.json, tokenizer files, provenance) are copied in before the
-    directory becomes visible.
+    directory becomes visible. ``statistics``: what a data-aware method reads, per task.
     """
     started = time.perf_counter()
     plan = plan_merge(
@@ -106,7 +107,9 @@ def merge_files(
     specs += [(name, t.dtype, tuple(t.shape)) for name, t in extra.items()]
     writer = ShardedWriter(out, specs, max_shard_bytes=max_shard_bytes)
     try:
-        stream = merge_stream(plan, base, tasks, thresholds=thresholds, reuse_buffers=True)
+        stream = merge_stream(
+            plan, base, tasks, thresholds=thresholds, reuse_buffers=True, statistics=statistics
+        )
         for name, tensor in stream:
             writer.write(name, tensor)
         for name, tensor in extra.items():
@@ -141,6 +144,11 @@ def hf_side_files(directory: Path) -> dict[str, Path]:
 def onto_files(reader: SafetensorsReader) -> TensorView:
     """A pipeline task vector of a Hugging Face base under the model files' tensor names."""
     return TensorView(reader, {name.removeprefix(BACKBONE_PREFIX): name for name in reader.names()})
+
+
+def names_onto_files(tensors: Mapping[str, Any]) -> dict[str, Any]:
+    """Tensors named as the pipeline names a Hugging Face base's, under the files' names."""
+    return {name.removeprefix(BACKBONE_PREFIX): value for name, value in tensors.items()}
 
 
 def factors_onto_files(factors: Mapping[str, Factor]) -> dict[str, Factor]:

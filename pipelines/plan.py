@@ -67,14 +67,17 @@ class Plan:
 
 
 def make_plan(spec: Spec) -> Plan:
+    from workers.merge import get_method
+
     dump = spec.model_dump(mode="json")
     candidates: list[Candidate] = []
     for candidate in spec.merge.candidates:
         grid = candidate.params
         points = candidate.coefficient.points()
+        if not get_method(candidate.method).uses_coefficient:  # ignored (or computed): one point
+            points = [1.0]
         if candidate.method == "tall_masks":  # per-task retrieval: λ_t is searched, not λ
             grid = {"lam": list(TALL_MASKS_LAMS)} | grid
-            points = [1.0]
         for params in expand_params(grid):
             for value in points:
                 candidates.append(Candidate(candidate.method, params, value))
@@ -88,6 +91,18 @@ def make_plan(spec: Spec) -> Plan:
         finetune=dump["finetune"],
         evaluation=dump["evaluation"],
     )
+
+
+def statistics_needs(candidates: tuple[Candidate, ...]) -> list[tuple[str, int]]:
+    """The (statistic, rows) pairs the candidates' data-aware methods read, sorted."""
+    from workers.merge import get_method
+
+    needs = set()
+    for candidate in candidates:
+        method = get_method(candidate.method)
+        if method.statistics is not None:
+            needs.add((method.statistics, method.validate_params(candidate.params).n))
+    return sorted(needs)
 
 
 #: Fine-tune settings that say how a task vector is computed, not what it is.

@@ -15,7 +15,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from pipelines.cache import trusted_artifacts
 from pipelines.incremental import rebuilt_reasons
-from pipelines.plan import Candidate, Plan, base_model_key, code_version, make_plan, task_vector_key
+from pipelines.plan import (
+    Candidate,
+    Plan,
+    base_model_key,
+    code_version,
+    make_plan,
+    statistics_needs,
+    task_vector_key,
+)
 from pipelines.publish import publish
 from pipelines.raysession import check_reachable, get, ray_session, wait_any
 from pipelines.recovery import run_key, task_failed, without_tasks
@@ -29,6 +37,7 @@ from pipelines.spec import Spec
 from pipelines.stages.base import kind_of, pretrain_base_job
 from pipelines.stages.finetune import run_finetune_job
 from pipelines.stages.search import CandidateScorer
+from pipelines.stages.statistics import statistics_job
 from pipelines.stages.tangent_search import TangentScorer
 from pipelines.strategies import TangentSearch, task_scores
 from storage.errors import DataError, MergelineError, ModelError, SystemFailure
@@ -37,6 +46,7 @@ from storage.runs import write_candidates
 from storage.runstate import begin_run, finish_run
 from storage.taskvectors import (
     base_model_prefix,
+    find_statistics,
     find_task_vector,
     task_vector_prefix,
     write_summary,
@@ -121,6 +131,7 @@ def run_pipeline(spec: Spec, console: Console, summary_path: Path | None = None)
         for name, reason in rebuilt.items():
             if reason:
                 console.print(f"  {name} rebuilt: {reason}")
+        compute_statistics(plan, store, store_cfg, base_key, base_meta, tasks, console)
         timings["finetune_s"] = time.perf_counter() - t0
         for name, info in tasks.items():
             log_finetune(tracker, name, info, datasets[name], plan)
@@ -385,6 +396,49 @@ def finetune_all(
             f"  {name}: {'cache hit' if info['cache_hit'] else 'fine-tuned'} → {info['ref'].uri}"
         )
     return {task.name: results[task.name] for task in plan.tasks}
+
+
+def compute_statistics(
+    plan: Plan,
+    store,
+    store_cfg: dict[str, Any],
+    base_key: str,
+    base_meta: dict[str, Any],
+    tasks: dict[str, dict[str, Any]],
+    console: Console,
+) -> None:
+    """Stage 4b: the statistics the data-aware candidates read, one Ray task per task vector
+    that lacks some (stored ones of the same task vector are reused)."""
+    needs = statistics_needs(plan.candidates)
+    if not needs:
+        return
+    job = ray.remote(statistics_job).options(**actor_options(plan), max_retries=2)
+    base = {"key": base_key, "meta": base_meta}
+    pending = {}
+    for name, info in tasks.items():
+        vector = {"key": info["key"], "sha256": info["ref"].sha256}
+        missing = [
+            need
+            for need in needs
+            if find_statistics(store, vector["key"], *need, vector["sha256"]) is None
+        ]
+        info["statistics"] = [f"{kind}-n{rows}" for kind, rows in needs]
+        if missing:
+            dataset = plan.tasks[plan.task_names.index(name)].dataset
+            ref = job.remote(store_cfg, name, vector, dataset, plan.evaluation, base, missing)
+            pending[ref] = name
+    labels = ", ".join(f"{kind} (n={rows})" for kind, rows in needs)
+    with progress_bar(console) as progress:
+        bar = progress.add_task(f"statistics: {labels}", total=len(tasks))
+        progress.advance(bar, len(tasks) - len(pending))
+        while pending:
+            done = wait_any(list(pending))
+            name = pending.pop(done[0])
+            seconds = get(done[0], f"statistics of '{name}'")
+            tasks[name]["statistics_seconds"] = seconds
+            progress.advance(bar)
+    computed = sum(1 for info in tasks.values() if "statistics_seconds" in info)
+    console.print(f"  statistics {labels}: {computed} computed, {len(tasks) - computed} cached")
 
 
 def log_finetune(

@@ -136,13 +136,15 @@ def _field_path(loc: tuple[Any, ...]) -> str:
 
 
 def check_candidates(spec: Spec, origin: str) -> None:
-    """Every candidate names a registered method whose params (each value or list) validate."""
+    """Every candidate names a registered method that takes this many tasks and whose params
+    (each value or list) validate."""
     from workers.merge import get_method
 
     for index, candidate in enumerate(spec.merge.candidates):
         where = f"merge.candidates[{index}]"
         try:
             method = get_method(candidate.method)
+            method.check_task_count(len(spec.tasks))
             for params in expand_params(candidate.params):
                 if "task" in method.params_model.model_fields:  # the search sets each task
                     params = {"task": spec.tasks[0].name} | params

@@ -2,8 +2,10 @@
 
 Layout (DESIGN.md): ``task-vectors/<key>/{delta,head}.safetensors`` + ``manifest.json`` (an
 adapter task vector holds ``adapter.safetensors``, its LoRA factors, instead of ``delta``);
-``base-models/<key>/model.safetensors``; ``models/<name>/<run-id>/model.safetensors`` +
-``config.json``; ``runs/<run-id>/summary.json``. Manifests are always written last.
+``task-vectors/<key>/statistics/<kind>-n<rows>/statistics.safetensors`` (data statistics of
+that task vector, for data-aware merge methods); ``base-models/<key>/model.safetensors``;
+``models/<name>/<run-id>/model.safetensors`` + ``config.json``; ``runs/<run-id>/summary.json``.
+Manifests are always written last.
 """
 
 from __future__ import annotations
@@ -13,7 +15,13 @@ from typing import Any
 
 import torch
 
-from storage.artifacts import ArtifactRef, find_artifact, read_file, write_artifact
+from storage.artifacts import (
+    ArtifactRef,
+    find_artifact,
+    invalidate_artifact,
+    read_file,
+    write_artifact,
+)
 from storage.errors import ArtifactError
 from storage.names import NAME_ADVICE, is_name
 from storage.objectstore import ObjectStore
@@ -21,6 +29,7 @@ from storage.quoting import quoted
 from storage.tensors import bytes_to_tensors, tensors_to_bytes
 
 DENSE, ADAPTER = "delta.safetensors", "adapter.safetensors"  # a task vector's tensors
+STATISTICS = "statistics.safetensors"  # a task vector's data statistics (regmean, fisher)
 
 
 def task_vector_prefix(key: str) -> str:
@@ -98,6 +107,48 @@ def read_adapter_task_vector(
 
 def find_task_vector(store: ObjectStore, key: str) -> ArtifactRef | None:
     return find_artifact(store, task_vector_prefix(key))
+
+
+def statistics_prefix(key: str, kind: str, rows: int) -> str:
+    """Where a task vector's data statistics live: beside it, one artifact per kind and rows."""
+    return f"{task_vector_prefix(key)}/statistics/{kind}-n{rows}"
+
+
+def find_statistics(
+    store: ObjectStore, key: str, kind: str, rows: int, task_vector_sha256: str
+) -> ArtifactRef | None:
+    """The stored statistics of exactly this task vector (its sha256), else None.
+
+    Statistics left by an earlier task vector under the same key (one rebuilt after it was
+    found corrupt) no longer match and are made invisible, so they are computed again."""
+    prefix = statistics_prefix(key, kind, rows)
+    found = find_artifact(store, prefix)
+    if found is None:
+        return None
+    if found.meta.get("task_vector_sha256") != task_vector_sha256:
+        invalidate_artifact(store, prefix)
+        return None
+    return found
+
+
+def write_statistics(
+    store: ObjectStore,
+    key: str,
+    kind: str,
+    rows: int,
+    tensors: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+) -> ArtifactRef:
+    """``statistics.safetensors`` ({tensor name: statistic}); ``meta`` names the task vector's
+    sha256 (``task_vector_sha256``) they were computed from."""
+    files = {STATISTICS: tensors_to_bytes(tensors)}
+    meta = meta | {"kind": "statistics", "statistic": kind, "rows": rows}
+    return write_artifact(store, statistics_prefix(key, kind, rows), files, meta)
+
+
+def read_statistics(store: ObjectStore, key: str, kind: str, rows: int) -> dict[str, torch.Tensor]:
+    prefix = statistics_prefix(key, kind, rows)
+    return bytes_to_tensors(read_file(store, prefix, STATISTICS), store.url(prefix))
 
 
 def write_base_model(

@@ -19,6 +19,7 @@ import torch
 from pipelines.plan import Candidate
 from pipelines.stages.base import base_files, kind_of, load_base, open_task_vector
 from pipelines.stages.publish_tall import write_tall_model
+from pipelines.stages.statistics import statistics_params
 from storage.objectstore import open_store_from
 from storage.taskvectors import write_merged_model
 from workers.adapters import LoraDelta, concat_factors
@@ -55,7 +56,10 @@ def merge_and_store_job(
             store, name, run_id, base, vectors, heads, candidate, config, meta, extra
         )
         return {"uri": ref.uri, "prefix": ref.prefix, "sha256": ref.sha256}
-    merged = merge_state(candidate.method, base, vectors, candidate.coefficient, **candidate.params)
+    statistics = statistics_params(store_cfg, task_keys, candidate.method, candidate.params)
+    merged = merge_state(
+        candidate.method, base, vectors, candidate.coefficient, **candidate.params, **statistics
+    )
     extra = None
     if hf_base:
         linear = config.get("mode") == "linear"

@@ -12,6 +12,7 @@ import torch
 
 from pipelines.plan import Candidate
 from pipelines.stages.base import load_task_data, open_base, open_task_vector
+from pipelines.stages.statistics import statistics_params
 from workers.merge.engine import merge_state
 from workers.search.evaluate import at_state
 
@@ -27,6 +28,8 @@ class CandidateScorer:
     ) -> None:
         """``tasks`` maps task name -> {"key": task-vector key, "dataset": dataset spec}."""
         torch.set_num_threads(1)
+        self.store_cfg, self.keys = store_cfg, {name: task["key"] for name, task in tasks.items()}
+        self._statistics: dict[tuple[str, int], Any] = {}
         opened = open_base(store_cfg, base_key, base_meta)
         self.base, self.backbone = opened.theta0, opened.backbone
         self.kind, self.settings = opened.kind, opened.settings(evaluation)
@@ -71,6 +74,7 @@ class CandidateScorer:
         from workers.merge import get_method
 
         method = get_method(candidate.method)
+        statistics = self._statistics_for(candidate)
         if "task" in method.params_model.model_fields:  # retrieval methods: one model per task
             for task in self.task_vectors:
                 params = dict(candidate.params) | {"task": task}
@@ -93,6 +97,13 @@ class CandidateScorer:
             self.task_vectors,
             candidate.coefficient,
             **candidate.params,
+            **statistics,
         )
         for task in self.task_vectors:
             yield task, state
+
+    def _statistics_for(self, candidate: Candidate) -> dict[str, Any]:
+        """A data-aware method's statistics (read once per statistic and row count)."""
+        return statistics_params(
+            self.store_cfg, self.keys, candidate.method, candidate.params, self._statistics
+        )

@@ -38,6 +38,9 @@ CASES = [
     ("consensus", {"use_ties": True, "k": 1}, {"a": 0.2, "b": 0.5, "c": 1.0}),
     ("tall_masks", {"task": "b", "lam": 0.3}, 1.0),
     ("tall_masks", {"task": "a", "use_ties": True}, 1.0),
+    ("della", {"seed": 3}, 0.7),
+    ("della", {"density": 0.3, "epsilon": 0.5}, {"a": 0.2, "b": -0.5, "c": 1.0}),
+    ("model_stock", {}, 1.0),
 ]
 IDS = [f"{m}-{'-'.join(f'{k}={v}' for k, v in p.items()) or 'default'}" for m, p, _ in CASES]
 
@@ -191,6 +194,8 @@ class CountingSource:
         ("dare", {"then": "ties"}),
         ("breadcrumbs", {}),
         ("consensus", {}),
+        ("della", {}),
+        ("model_stock", {}),
     ],
 )
 def test_peak_memory_is_one_tensor_per_input_not_the_model(method, params) -> None:

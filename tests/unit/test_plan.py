@@ -5,10 +5,15 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from pipelines.plan import Candidate, make_plan, task_vector_key
 from pipelines.selection import choose_best, decide_promotion
 from pipelines.specfile import apply_overrides, validate_document
+from storage.errors import SpecError
 from tests.conftest import REPO, TINY_SPEC
+
+SLERP = "merge.candidates=[{method: slerp, coefficient: {values: [0.5]}}]"
 
 
 def _plan(*overrides: str):
@@ -78,3 +83,29 @@ def test_promotion_needs_a_strictly_better_score_on_the_same_tasks() -> None:
     assert not promote and "does not beat" in reason
     promote, reason = decide_promotion(0.99, objective, "a,b,c", champion)  # not comparable
     assert not promote and "a,b" in reason
+
+
+def test_methods_that_ignore_the_coefficient_get_one_point() -> None:
+    plan = _plan(
+        "merge.candidates=[{method: model_stock, coefficient: {num: 5}},"
+        " {method: tall_masks, coefficient: {num: 5}},"
+        " {method: task_arithmetic, coefficient: {num: 5}}]"
+    )
+    by_method: dict[str, list[Candidate]] = {}
+    for candidate in plan.candidates:
+        by_method.setdefault(candidate.method, []).append(candidate)
+    assert [c.coefficient for c in by_method["model_stock"]] == [1.0]
+    # tall_masks searches its λ_t grid instead, each at coefficient 1
+    assert [(c.params["lam"], c.coefficient) for c in by_method["tall_masks"]] == [
+        (lam, 1.0) for lam in (0.2, 0.3, 0.4, 0.5, 0.6)
+    ]
+    assert [c.coefficient for c in by_method["task_arithmetic"]] == [0.0, 0.25, 0.5, 0.75, 1.0]
+
+
+def test_a_candidate_refuses_a_task_count_its_method_cannot_merge() -> None:
+    three = {"name": "perm3", "dataset": TINY_SPEC["tasks"][0]["dataset"]}
+    with pytest.raises(SpecError, match=r"'slerp' takes exactly 2 task vectors, got 3"):
+        validate_document(
+            apply_overrides(TINY_SPEC | {"tasks": [*TINY_SPEC["tasks"], three]}, [SLERP])
+        )
+    assert {c.method for c in _plan(SLERP).candidates} == {"slerp"}

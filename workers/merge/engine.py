@@ -117,6 +117,7 @@ def plan_merge(
             coefficient, task_vectors, method=method, per_task=registered.per_task_coefficients
         )
     task_dtypes = _check_specs(base, task_vectors)
+    registered.check_task_count(len(task_vectors))
     return MergePlan(
         method=registered,
         params=params,

@@ -16,7 +16,11 @@ from pydantic import BaseModel, ValidationError
 from storage.errors import MergeInputError
 from storage.quoting import quoted
 from workers.merge.backbone import Coefficient, StateDict, TaskVectors
-from workers.merge.validation import validate_coefficient, validate_task_vectors
+from workers.merge.validation import (
+    validate_coefficient,
+    validate_task_count,
+    validate_task_vectors,
+)
 
 Implementation = Callable[..., StateDict]
 """`(base, task_vectors, coefficient, params, **internal) -> θ`, inputs already validated."""
@@ -31,6 +35,10 @@ class MergeMethod(Protocol):
     uses_coefficient: bool  # False: the coefficient is ignored (tall_masks)
     per_tensor: bool  # with default params, each tensor merges alone (streamable, no pre-pass)
     statistics: str | None  # the per-task data statistics it reads ("gram", "fisher"), or None
+    min_tasks: int  # model_stock needs two to measure an angle
+    max_tasks: int | None  # slerp: exactly two
+
+    def check_task_count(self, count: int) -> None: ...
 
     def validate_params(self, params: Mapping[str, Any]) -> BaseModel: ...
 
@@ -62,6 +70,14 @@ class RegisteredMethod:
     trim_density: Callable[[Any], float | None] = _no_global_trim
     internal_params: tuple[str, ...] = ()
     statistics: str | None = None
+    min_tasks: int = 1
+    max_tasks: int | None = None  # slerp: exactly two
+
+    def check_task_count(self, count: int) -> None:
+        """Raise MergeInputError unless this method merges `count` task vectors."""
+        validate_task_count(
+            count, method=self.name, min_tasks=self.min_tasks, max_tasks=self.max_tasks
+        )
 
     def validate_params(self, params: Mapping[str, Any]) -> BaseModel:
         """The user-facing params, validated; errors name the method and the param."""
@@ -94,6 +110,7 @@ class RegisteredMethod:
     ) -> StateDict:
         """θ0 merged with the task vectors; inputs are untouched, the result is a new dict."""
         validate_task_vectors(base, task_vectors)
+        self.check_task_count(len(task_vectors))
         if self.uses_coefficient:
             validate_coefficient(
                 coefficient, task_vectors, method=self.name, per_task=self.per_task_coefficients
@@ -121,6 +138,8 @@ def register(
     global_trim_density: Callable[[Any], float | None] = _no_global_trim,
     internal_params: tuple[str, ...] = (),
     statistics: str | None = None,
+    min_tasks: int = 1,
+    max_tasks: int | None = None,
 ) -> Callable[[Implementation], Implementation]:
     """Register the decorated implementation as merge method `name` (its file name).
 
@@ -150,6 +169,8 @@ def register(
             trim_density=global_trim_density,
             internal_params=internal_params,
             statistics=statistics,
+            min_tasks=min_tasks,
+            max_tasks=max_tasks,
         )
         return implementation
 

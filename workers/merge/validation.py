@@ -82,6 +82,25 @@ def validate_number(value: object, what: str) -> None:
         raise MergeInputError(f"{what} is {value!r}: use a finite number")
 
 
+def validate_task_count(count: int, *, method: str, min_tasks: int, max_tasks: int | None) -> None:
+    """Raise MergeInputError unless the method accepts `count` task vectors."""
+    if max_tasks == min_tasks and count != min_tasks:
+        raise MergeInputError(
+            f"merge method '{method}' takes exactly {min_tasks} task vectors, got {count}: "
+            f"merge {min_tasks} tasks with it, or choose another method"
+        )
+    if count < min_tasks:
+        raise MergeInputError(
+            f"merge method '{method}' takes at least {min_tasks} task vectors, got {count}: "
+            "add tasks, or choose another method"
+        )
+    if max_tasks is not None and count > max_tasks:
+        raise MergeInputError(
+            f"merge method '{method}' takes at most {max_tasks} task vectors, got {count}: "
+            "drop tasks, or choose another method"
+        )
+
+
 def validate_coefficient(
     coefficient: object, tasks: Mapping[str, object], *, method: str, per_task: bool
 ) -> None:
