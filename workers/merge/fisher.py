@@ -24,14 +24,9 @@ from workers.merge.backbone import (
     StateDict,
     TaskVectors,
     compute_dtype,
-    finish,
-    prepare_vectors,
-    split_coefficient,
-    sum_tasks,
-    task_names,
 )
 from workers.merge.registry import register
-from workers.merge.statistics import Statistics, for_tensor, validate_statistics
+from workers.merge.statistics import Statistics, merge_with_statistics
 
 
 class FisherParams(BaseModel):
@@ -70,17 +65,12 @@ def fisher(
     statistics: Statistics | None = None,
 ) -> StateDict:
     """θ0 + λ Σ_t (F̂_t / Σ F̂) τ_t per entry; the mean where a task has no Fisher."""
-    validate_statistics("fisher", "fisher", base, task_vectors, statistics)
-    assert statistics is not None
-    tasks = task_names(task_vectors)
-    scales, lam = split_coefficient(coefficient, tasks)
-    prepared = prepare_vectors(task_vectors, scales)
-    merged = {}
-    for name in base:
-        fishers = for_tensor(statistics, tasks, name)
-        if fishers is None:
-            delta = sum_tasks(prepared, name) / len(tasks)
-        else:
-            delta = fisher_delta({t: prepared[t][name] for t in tasks}, fishers, params.floor)
-        merged[name] = finish(base[name], delta, lam)
-    return merged
+    return merge_with_statistics(
+        "fisher",
+        "fisher",
+        base,
+        task_vectors,
+        coefficient,
+        statistics,
+        lambda taus, fishers: fisher_delta(taus, fishers, params.floor),
+    )

@@ -30,14 +30,9 @@ from workers.merge.backbone import (
     Coefficient,
     StateDict,
     TaskVectors,
-    finish,
-    prepare_vectors,
-    split_coefficient,
-    sum_tasks,
-    task_names,
 )
 from workers.merge.registry import register
-from workers.merge.statistics import Statistics, for_tensor, validate_statistics
+from workers.merge.statistics import Statistics, merge_with_statistics
 
 
 class RegMeanParams(BaseModel):
@@ -85,17 +80,12 @@ def regmean(
     statistics: Statistics | None = None,
 ) -> StateDict:
     """θ0 + λ τ*: least squares per linear layer on the Gram matrices, mean elsewhere."""
-    validate_statistics("regmean", "gram", base, task_vectors, statistics)
-    assert statistics is not None
-    tasks = task_names(task_vectors)
-    scales, lam = split_coefficient(coefficient, tasks)
-    prepared = prepare_vectors(task_vectors, scales)
-    merged = {}
-    for name in base:
-        grams = for_tensor(statistics, tasks, name) if base[name].dim() == 2 else None
-        if grams is None:
-            merged[name] = finish(base[name], sum_tasks(prepared, name) / len(tasks), lam)
-            continue
-        taus = {task: prepared[task][name] for task in tasks}
-        merged[name] = finish(base[name], regmean_delta(taus, grams, params.alpha), lam)
-    return merged
+    return merge_with_statistics(
+        "regmean",
+        "gram",
+        base,
+        task_vectors,
+        coefficient,
+        statistics,
+        lambda taus, grams: regmean_delta(taus, grams, params.alpha),
+    )

@@ -12,12 +12,22 @@ says which). The statistics are computed by ``workers.finetune.statistics``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor
 
 from storage.errors import MergeInputError
+from workers.merge.backbone import (
+    Coefficient,
+    StateDict,
+    TaskVectors,
+    finish,
+    prepare_vectors,
+    split_coefficient,
+    sum_tasks,
+    task_names,
+)
 
 Statistics = Mapping[str, Mapping[str, Tensor]]
 KINDS = ("gram", "fisher")
@@ -73,3 +83,31 @@ def for_tensor(statistics: Statistics, tasks: list[str], name: str) -> dict[str,
     if any(name not in statistics[task] for task in tasks):
         return None
     return {task: statistics[task][name] for task in tasks}
+
+
+def merge_with_statistics(
+    method: str,
+    kind: str,
+    base: StateDict,
+    task_vectors: TaskVectors,
+    coefficient: Coefficient,
+    statistics: Statistics | None,
+    combine: Callable[[dict[str, Tensor], dict[str, Tensor]], Tensor],
+) -> StateDict:
+    """θ0 + λ τ_merged per tensor, where τ_merged = ``combine({task: τ_t}, {task: statistic})``
+    for a tensor every task has a statistic of, else the mean of the τ_t (the fine-tuned
+    models' mean). Per-task coefficients scale each τ_t first, as in task arithmetic."""
+    validate_statistics(method, kind, base, task_vectors, statistics)
+    assert statistics is not None
+    tasks = task_names(task_vectors)
+    scales, lam = split_coefficient(coefficient, tasks)
+    prepared = prepare_vectors(task_vectors, scales)
+    merged = {}
+    for name in base:
+        found = for_tensor(statistics, tasks, name)
+        if found is None:
+            delta = sum_tasks(prepared, name) / len(tasks)
+        else:
+            delta = combine({task: prepared[task][name] for task in tasks}, found)
+        merged[name] = finish(base[name], delta, lam)
+    return merged
