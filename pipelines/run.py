@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pipelines.cache import trusted_artifacts
+from pipelines.halving import successive_halving
 from pipelines.incremental import rebuilt_reasons
 from pipelines.plan import (
     Candidate,
@@ -145,13 +146,21 @@ def run_pipeline(spec: Spec, console: Console, summary_path: Path | None = None)
             outcome = TangentSearch(plan, scorers, reference, console).run()
             rows, best, search_info = outcome.rows, outcome.best, outcome.info
         else:
-            rows = search(plan, scorers, finetuned_val, console)
-            derived = per_task_lambda_candidates(rows, finetuned_val)
+            candidates = list(plan.candidates)
+            if resolve_search(spec).strategy == "successive_halving":
+                rows, search_info = successive_halving(
+                    plan, scorers, finetuned_val, console, candidates
+                )
+            else:
+                rows = search(plan, scorers, finetuned_val, console)
+            full = [row for row in rows if row.get("full_split", True)]
+            derived = per_task_lambda_candidates(full, finetuned_val)
             rows += [row for _, row in derived]
-            scores = {row["id"]: row["objective"] for row in rows}
-            candidates = list(plan.candidates) + [candidate for candidate, _ in derived]
+            full += [row for _, row in derived]
+            scores = {row["id"]: row["objective"] for row in full}
+            candidates = [c for c in candidates if c.id in scores] + [c for c, _ in derived]
             best = choose_best(candidates, scores, spec.merge.objective)
-            console.print(best_by_method(rows, spec.merge.objective))
+            console.print(best_by_method(full, spec.merge.objective))
         test = get(scorers[0].score.remote([best], "test"), "final evaluation")[0]["accuracy"]
         kind = kind_of(plan.base_model)
         metric = plan.evaluation.get("metric") or kind.metrics[0]
@@ -169,7 +178,14 @@ def run_pipeline(spec: Spec, console: Console, summary_path: Path | None = None)
                 rows_for_tracking(rows),
                 spec.merge.objective,
                 {"id": best.id, "method": best.method, **best_row["objective"]},
-                plots=search_plots(rows, spec.merge.objective, best, test, reference, plot_dir),
+                plots=search_plots(
+                    [row for row in rows if row.get("full_split", True)],
+                    spec.merge.objective,
+                    best,
+                    test,
+                    reference,
+                    plot_dir,
+                ),
             )
 
         test_scores = task_scores(spec, test, reference, "test")
@@ -497,19 +513,27 @@ def start_scorers(
 
 
 def search(
-    plan: Plan, scorers: list[Any], finetuned_val: dict[str, float], console: Console
+    plan: Plan,
+    scorers: list[Any],
+    finetuned_val: dict[str, float],
+    console: Console,
+    candidates: list[Candidate] | None = None,
+    rows: dict[str, int] | None = None,
+    label: str = "merge search",
 ) -> list[dict[str, Any]]:
-    """Stage 5: fan candidates out over the scorer actors in small chunks."""
-    candidates = list(plan.candidates)
+    """Stage 5: fan candidates (default: the plan's) out over the scorer actors in small chunks;
+    ``rows``: score on that many validation rows per task (a successive-halving rung)."""
+    candidates = list(plan.candidates) if candidates is None else candidates
+    seed = plan.spec.merge.search.seed
     size = max(1, math.ceil(len(candidates) / (len(scorers) * 4)))
     chunks = [candidates[i : i + size] for i in range(0, len(candidates), size)]
     pending = {
-        scorers[i % len(scorers)].score.remote(chunk, "val"): chunk
+        scorers[i % len(scorers)].score.remote(chunk, "val", None, rows, seed): chunk
         for i, chunk in enumerate(chunks)
     }
     by_id: dict[str, dict[str, Any]] = {}
     with progress_bar(console) as progress:
-        bar = progress.add_task("merge search", total=len(candidates))
+        bar = progress.add_task(label, total=len(candidates))
         while pending:
             done = wait_any(list(pending))
             chunk = pending.pop(done[0])
@@ -535,6 +559,8 @@ def rows_for_tracking(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             item["coefficient"] = coefficient
         item |= {f"val_accuracy.{k}": v for k, v in row["accuracy"].items()}
         item |= row["objective"]
+        if "rows_scored" in row:  # successive halving: how far the candidate got
+            item["rows_scored"] = row["rows_scored"]
         flat.append(item)
     return flat
 

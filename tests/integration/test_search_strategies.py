@@ -1,0 +1,60 @@
+"""Search strategies through ``run_pipeline`` on a real local Ray: successive halving under a
+row budget, Bayesian per-task coefficients, the champion's warm start."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from pipelines.run import run_pipeline
+from pipelines.specfile import validate_document
+from workers.data import load_dataset
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("local_ray")]
+
+EVALUATION = {"val_fraction": 0.1, "val_max": 5000, "split_seed": 0}
+
+
+def _run(document: dict, tmp_path: Path) -> dict:
+    return run_pipeline(validate_document(document), Console(file=open("/dev/null", "w")))
+
+
+def _candidates(spec: dict, summary: dict) -> dict:
+    store = Path(spec["storage"]["uri"].removeprefix("file://"))
+    return json.loads((store / "runs" / summary["run_id"] / "candidates.json").read_text())
+
+
+def test_successive_halving_finds_the_planted_best_within_its_row_budget(
+    tiny_spec: dict, tmp_path: Path
+) -> None:
+    # 26 coefficients that subtract the task vectors (worse than zero-shot) and one that adds
+    # them: the planted best, which halving must keep through every rung.
+    bad = [round(-3.0 + 0.1 * i, 1) for i in range(26)]
+    tiny_spec["merge"]["candidates"] = [
+        {"method": "task_arithmetic", "coefficient": {"values": [*bad, 0.5]}}
+    ]
+    val_rows = sum(
+        len(load_dataset(task["dataset"], EVALUATION, "t").y_val) for task in tiny_spec["tasks"]
+    )
+    full_grid = 27 * val_rows
+    budget = full_grid // 4
+    tiny_spec["merge"]["search"] = {"strategy": "successive_halving", "budget": budget}
+    summary = _run(tiny_spec, tmp_path)
+
+    assert summary["best"]["coefficients"] == {"perm1": 0.5, "perm2": 0.5}
+    search = summary["search"]
+    assert search["strategy"] == "successive_halving"
+    assert search["rows_full_grid"] == full_grid
+    assert [rung["candidates"] for rung in search["rungs"]] == [27, 9, 3]
+    document = _candidates(tiny_spec, summary)
+    rows = document["rows"]
+    assert len(rows) == 27 and summary["search"]["candidates_evaluated"] == 27
+    scored = sum(step["rows"] for row in rows for step in row["rungs"])
+    assert scored == search["rows_scored"] <= budget
+    assert sorted(len(row["rungs"]) for row in rows) == [1] * 18 + [2] * 6 + [3] * 3
+    best = next(row for row in rows if row["id"] == document["best_id"])
+    assert best["full_split"] and best["rungs"][-1]["rows"] == val_rows
+    assert best["objective"]["mean_normalized_accuracy"] == best["rungs"][-1]["objective"]
