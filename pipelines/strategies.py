@@ -1,9 +1,9 @@
 """Stage 5 on the driver for the tangent-space searches of DESIGN.md and MERGING.md.
 
 Linear mode (scored as the linearized model; exact fast path where the method is linear in τ),
-per-task coefficient search (coordinate ascent or a full grid, with a budget), the post-hoc
-linearization surrogate with verification of its best candidates, and task negation. The plain
-standard-mode grid keeps its own path in `pipelines.run`.
+per-task coefficient search (coordinate ascent, a full grid or Optuna's TPE, with a budget),
+the post-hoc linearization surrogate with verification of its best candidates, and task
+negation. The plain standard-mode grid keeps its own path in `pipelines.run`.
 """
 
 from __future__ import annotations
@@ -139,7 +139,10 @@ class TangentSearch:
 
     # ------------------------------------------------------------------ per task
     def _per_task(self) -> tuple[list[dict], list[Candidate]]:
-        budget = self.spec.merge.search.budget
+        budget, seed = self.spec.merge.search.budget, self.spec.merge.search.seed
+        # Points proposed at once: one per actor the spec asks for (not per actor started,
+        # which depends on the cluster), so the same spec proposes the same points anywhere.
+        batch = self.spec.merge.num_actors
         objective = self.spec.merge.objective
         finetuned = {t: self.reference[t]["finetuned"]["val"] for t in self.tasks}
         rows, candidates = [], []
@@ -150,7 +153,7 @@ class TangentSearch:
                 if self._exact(probe):
                     label = "surrogate" if self.settings.surrogate else "fast_path"
                     remote = self.scorers[0].fast_per_task_search.remote(
-                        self.settings.strategy, grid, budget, objective, finetuned
+                        self.settings.strategy, grid, budget, objective, finetuned, seed
                     )
                     for coefficients, accuracy in get(remote, "merge search"):
                         candidate = Candidate(spec_candidate.method, params, coefficients)
@@ -168,7 +171,9 @@ class TangentSearch:
                     rows.extend(scored)
                     return [row["objective"][objective] for row in scored]
 
-                STRATEGIES[self.settings.strategy](evaluate, len(self.tasks), grid, budget)
+                STRATEGIES[self.settings.strategy](
+                    evaluate, len(self.tasks), grid, budget, seed=seed, batch=batch
+                )
         return rows, candidates
 
     # ------------------------------------------------------------------ choice

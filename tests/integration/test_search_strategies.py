@@ -58,3 +58,26 @@ def test_successive_halving_finds_the_planted_best_within_its_row_budget(
     best = next(row for row in rows if row["id"] == document["best_id"])
     assert best["full_split"] and best["rungs"][-1]["rows"] == val_rows
     assert best["objective"]["mean_normalized_accuracy"] == best["rungs"][-1]["objective"]
+
+
+def test_bayesian_per_task_coefficients_in_standard_mode_respect_the_candidate_budget(
+    tiny_spec: dict, tmp_path: Path
+) -> None:
+    tiny_spec["merge"]["candidates"][0]["coefficient"] = {"start": 0.2, "stop": 0.8, "num": 4}
+    tiny_spec["merge"]["search"] = {"per_task": True, "strategy": "bayesian", "budget": 6}
+    summary = _run(tiny_spec, tmp_path)
+    assert summary["search"]["strategy"] == "bayesian"
+    assert summary["search"]["candidates_evaluated"] == 6
+    rows = _candidates(tiny_spec, summary)["rows"]
+    coefficients = [row["coefficient"] for row in rows]
+    assert len({json.dumps(c, sort_keys=True) for c in coefficients}) == 6
+    assert all(0.2 <= v <= 0.8 for c in coefficients for v in c.values())
+    assert all(row["scored_by"] == "forward" for row in rows)
+    best = min(  # highest objective, ties to the smaller coefficient norm
+        rows,
+        key=lambda row: (
+            -round(row["objective"]["mean_normalized_accuracy"], 12),
+            sum(v * v for v in row["coefficient"].values()),
+        ),
+    )
+    assert summary["best"]["coefficients"] == best["coefficient"]
