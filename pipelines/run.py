@@ -41,6 +41,7 @@ from pipelines.stages.search import CandidateScorer
 from pipelines.stages.statistics import statistics_job
 from pipelines.stages.tangent_search import TangentScorer
 from pipelines.strategies import TangentSearch, task_scores
+from pipelines.warm_start import champion_candidate
 from storage.errors import DataError, MergelineError, ModelError, SystemFailure
 from storage.objectstore import open_store, open_store_from
 from storage.runs import write_candidates
@@ -142,17 +143,24 @@ def run_pipeline(spec: Spec, console: Console, summary_path: Path | None = None)
         scorers = start_scorers(plan, store_cfg, base_key, base_meta, tasks)
         reference = {t: info["meta"] for t, info in tasks.items()}
         search_info: dict[str, Any] = {}
+        extra: list[Candidate] = []
+        if spec.merge.search.warm_start == "champion":
+            champion, search_info["warm_start"] = champion_candidate(plan, tracker, console)
+            extra = [champion] if champion is not None else []
         if resolve_search(spec).tangent:  # linear mode, per-task, surrogate or negation
-            outcome = TangentSearch(plan, scorers, reference, console).run()
-            rows, best, search_info = outcome.rows, outcome.best, outcome.info
+            outcome = TangentSearch(plan, scorers, reference, console, extra).run()
+            rows, best, search_info = outcome.rows, outcome.best, search_info | outcome.info
         else:
-            candidates = list(plan.candidates)
+            ids = {c.id for c in plan.candidates}
+            candidates = list(plan.candidates) + [c for c in extra if c.id not in ids]
             if resolve_search(spec).strategy == "successive_halving":
-                rows, search_info = successive_halving(
-                    plan, scorers, finetuned_val, console, candidates
+                keep = frozenset(c.id for c in extra)
+                rows, info = successive_halving(
+                    plan, scorers, finetuned_val, console, candidates, keep
                 )
+                search_info |= info
             else:
-                rows = search(plan, scorers, finetuned_val, console)
+                rows = search(plan, scorers, finetuned_val, console, candidates)
             full = [row for row in rows if row.get("full_split", True)]
             derived = per_task_lambda_candidates(full, finetuned_val)
             rows += [row for _, row in derived]
@@ -161,6 +169,9 @@ def run_pipeline(spec: Spec, console: Console, summary_path: Path | None = None)
             candidates = [c for c in candidates if c.id in scores] + [c for c, _ in derived]
             best = choose_best(candidates, scores, spec.merge.objective)
             console.print(best_by_method(full, spec.merge.objective))
+        for row in rows:
+            if any(row["id"] == c.id for c in extra):
+                row["warm_start"] = "champion"
         test = get(scorers[0].score.remote([best], "test"), "final evaluation")[0]["accuracy"]
         kind = kind_of(plan.base_model)
         metric = plan.evaluation.get("metric") or kind.metrics[0]

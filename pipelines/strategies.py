@@ -53,9 +53,16 @@ class TangentSearch:
     """Runs one search over ``scorers`` (TangentScorer actors) and chooses the best candidate."""
 
     def __init__(
-        self, plan: Plan, scorers: list[Any], reference: dict[str, dict[str, Any]], console: Console
+        self,
+        plan: Plan,
+        scorers: list[Any],
+        reference: dict[str, dict[str, Any]],
+        console: Console,
+        extra: list[Candidate] | None = None,
     ) -> None:
+        """``extra``: candidates always scored and considered (the champion's warm start)."""
         self.plan, self.spec, self.scorers = plan, plan.spec, scorers
+        self.extra = list(extra or [])
         self.reference, self.console = reference, console
         self.settings = resolve_search(plan.spec)
         self.tasks = plan.task_names
@@ -74,6 +81,11 @@ class TangentSearch:
             rows, candidates = self._per_task()
         else:
             rows, candidates = self._score(list(self.plan.candidates))
+        known = {c.id for c in candidates}
+        missing = [c for c in self.extra if c.id not in known]
+        if missing:
+            extra_rows, _ = self._score(missing)
+            rows, candidates = rows + extra_rows, candidates + missing
         if s.surrogate:
             return self._verify(rows, candidates, info)
         return SearchOutcome(rows, self._choose(candidates, rows), info)
@@ -195,6 +207,7 @@ class TangentSearch:
             ),
         )
         top = ranked[: self.spec.merge.search.verify_top]
+        top += [c for c in ranked[len(top) :] if c.id in {e.id for e in self.extra}]
         real = self._forward(top, "val")
         by_id = {row["id"]: row for row in rows}
         for candidate in top:

@@ -81,3 +81,32 @@ def test_bayesian_per_task_coefficients_in_standard_mode_respect_the_candidate_b
         ),
     )
     assert summary["best"]["coefficients"] == best["coefficient"]
+
+
+def test_warm_start_scores_the_champion_through_every_halving_rung(
+    tiny_spec: dict, tmp_path: Path
+) -> None:
+    tiny_spec["merge"]["candidates"][0]["coefficient"] = {"values": [0.5]}
+    tiny_spec["merge"]["search"] = {"warm_start": "champion"}
+    first = _run(tiny_spec, tmp_path)  # no champion yet: nothing added, then promoted
+    assert first["search"]["warm_start"]["champion_version"] is None
+    assert "no champion" in first["search"]["warm_start"]["reason"]
+    assert first["search"]["candidates_evaluated"] == 1
+    assert first["model"]["promotion"]["promoted"] is True
+
+    # The second night's grid only subtracts the task vectors: every one of its candidates is
+    # worse than the champion's, which halving must keep to the full split.
+    bad = [round(-1.0 + 0.1 * i, 1) for i in range(9)]
+    tiny_spec["merge"]["candidates"][0]["coefficient"] = {"values": bad}
+    tiny_spec["merge"]["search"] |= {"strategy": "successive_halving", "eta": 3}
+    second = _run(tiny_spec, tmp_path)
+    warm = second["search"]["warm_start"]
+    assert warm["champion_version"] == first["model"]["version"]
+    assert second["search"]["candidates_evaluated"] == 10
+    rows = _candidates(tiny_spec, second)["rows"]
+    champion = [row for row in rows if row.get("warm_start") == "champion"]
+    assert len(champion) == 1 and champion[0]["id"] == warm["candidate"]
+    assert champion[0]["coefficient"] == 0.5
+    assert champion[0]["full_split"] and len(champion[0]["rungs"]) == 3
+    assert second["best"]["coefficients"] == {"perm1": 0.5, "perm2": 0.5}
+    assert first["best"]["val"] == second["best"]["val"]  # the same candidate, the same data
