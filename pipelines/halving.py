@@ -73,6 +73,14 @@ def successive_halving(
     return [by_id[c.id] for c in candidates], info
 
 
+def check_budget(plan: Plan, val_rows: dict[str, int]) -> None:
+    """Refuse a row budget too small for the plan's candidates before anything is fine-tuned
+    (``val_rows``: each task's validation rows as loaded; tokenizing can only drop some)."""
+    search = plan.spec.merge.search
+    if search.strategy == "successive_halving" and search.budget is not None:
+        halving_schedule(len(plan.candidates), val_rows, search.eta, search.budget)
+
+
 def survivors(
     alive: list[Candidate],
     rows: list[dict[str, Any]],

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pipelines.cache import trusted_artifacts
-from pipelines.halving import successive_halving
+from pipelines.halving import check_budget, successive_halving
 from pipelines.incremental import rebuilt_reasons
 from pipelines.plan import (
     Candidate,
@@ -87,6 +87,7 @@ def run_pipeline(spec: Spec, console: Console, summary_path: Path | None = None)
         "retry_seconds": spec.storage.retry_seconds,
     }
     datasets = fingerprint_datasets(plan)  # bad data fails before any service is touched
+    check_budget(plan, {name: len(data.y_val) for name, data in datasets.items()})
     base_key = fingerprint_pretrain(plan, datasets)
     input_dim = next(iter(datasets.values())).input_dim
     # The same command after a crash continues the same run (same id, one registry version).

@@ -120,3 +120,19 @@ def test_strategies_that_do_not_fit_the_search_are_refused(search: dict, message
     document["merge"]["search"] = search
     with pytest.raises(SpecError, match=message):
         validate_document(document)
+
+
+def test_a_row_budget_too_small_for_the_plan_is_refused_before_fine_tuning() -> None:
+    import copy
+
+    from pipelines.halving import check_budget
+    from pipelines.plan import make_plan
+    from pipelines.specfile import validate_document
+    from tests.conftest import TINY_SPEC
+
+    document = copy.deepcopy(TINY_SPEC)  # 5 candidates: 5 on a subset, then 2 on the full split
+    document["merge"]["search"] = {"strategy": "successive_halving", "budget": 50}
+    plan = make_plan(validate_document(document))
+    check_budget(plan, {"perm1": 10, "perm2": 8})  # 5 × (4 + 3) + 2 × 18 = 71 shrinks to ≤ 50
+    with pytest.raises(SpecError, match="at least 54"):  # 5 × (1 + 1) + 2 × 22
+        check_budget(plan, {"perm1": 10, "perm2": 12})
