@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pipelines.cache import trusted_artifacts
+from pipelines.halving import check_budget, successive_halving
 from pipelines.incremental import rebuilt_reasons
 from pipelines.plan import (
     Candidate,
@@ -40,6 +41,7 @@ from pipelines.stages.search import CandidateScorer
 from pipelines.stages.statistics import statistics_job
 from pipelines.stages.tangent_search import TangentScorer
 from pipelines.strategies import TangentSearch, task_scores
+from pipelines.warm_start import champion_candidate
 from storage.errors import DataError, MergelineError, ModelError, SystemFailure
 from storage.objectstore import open_store, open_store_from
 from storage.runs import write_candidates
@@ -85,6 +87,7 @@ def run_pipeline(spec: Spec, console: Console, summary_path: Path | None = None)
         "retry_seconds": spec.storage.retry_seconds,
     }
     datasets = fingerprint_datasets(plan)  # bad data fails before any service is touched
+    check_budget(plan, {name: len(data.y_val) for name, data in datasets.items()})
     base_key = fingerprint_pretrain(plan, datasets)
     input_dim = next(iter(datasets.values())).input_dim
     # The same command after a crash continues the same run (same id, one registry version).
@@ -141,17 +144,35 @@ def run_pipeline(spec: Spec, console: Console, summary_path: Path | None = None)
         scorers = start_scorers(plan, store_cfg, base_key, base_meta, tasks)
         reference = {t: info["meta"] for t, info in tasks.items()}
         search_info: dict[str, Any] = {}
+        extra: list[Candidate] = []
+        if spec.merge.search.warm_start == "champion":
+            champion, search_info["warm_start"] = champion_candidate(plan, tracker, console)
+            extra = [champion] if champion is not None else []
         if resolve_search(spec).tangent:  # linear mode, per-task, surrogate or negation
-            outcome = TangentSearch(plan, scorers, reference, console).run()
-            rows, best, search_info = outcome.rows, outcome.best, outcome.info
+            outcome = TangentSearch(plan, scorers, reference, console, extra).run()
+            rows, best, search_info = outcome.rows, outcome.best, search_info | outcome.info
         else:
-            rows = search(plan, scorers, finetuned_val, console)
-            derived = per_task_lambda_candidates(rows, finetuned_val)
+            ids = {c.id for c in plan.candidates}
+            candidates = list(plan.candidates) + [c for c in extra if c.id not in ids]
+            if resolve_search(spec).strategy == "successive_halving":
+                keep = frozenset(c.id for c in extra)
+                rows, info = successive_halving(
+                    plan, scorers, finetuned_val, console, candidates, keep
+                )
+                search_info |= info
+            else:
+                rows = search(plan, scorers, finetuned_val, console, candidates)
+            full = [row for row in rows if row.get("full_split", True)]
+            derived = per_task_lambda_candidates(full, finetuned_val)
             rows += [row for _, row in derived]
-            scores = {row["id"]: row["objective"] for row in rows}
-            candidates = list(plan.candidates) + [candidate for candidate, _ in derived]
+            full += [row for _, row in derived]
+            scores = {row["id"]: row["objective"] for row in full}
+            candidates = [c for c in candidates if c.id in scores] + [c for c, _ in derived]
             best = choose_best(candidates, scores, spec.merge.objective)
-            console.print(best_by_method(rows, spec.merge.objective))
+            console.print(best_by_method(full, spec.merge.objective))
+        for row in rows:
+            if any(row["id"] == c.id for c in extra):
+                row["warm_start"] = "champion"
         test = get(scorers[0].score.remote([best], "test"), "final evaluation")[0]["accuracy"]
         kind = kind_of(plan.base_model)
         metric = plan.evaluation.get("metric") or kind.metrics[0]
@@ -169,7 +190,14 @@ def run_pipeline(spec: Spec, console: Console, summary_path: Path | None = None)
                 rows_for_tracking(rows),
                 spec.merge.objective,
                 {"id": best.id, "method": best.method, **best_row["objective"]},
-                plots=search_plots(rows, spec.merge.objective, best, test, reference, plot_dir),
+                plots=search_plots(
+                    [row for row in rows if row.get("full_split", True)],
+                    spec.merge.objective,
+                    best,
+                    test,
+                    reference,
+                    plot_dir,
+                ),
             )
 
         test_scores = task_scores(spec, test, reference, "test")
@@ -497,19 +525,27 @@ def start_scorers(
 
 
 def search(
-    plan: Plan, scorers: list[Any], finetuned_val: dict[str, float], console: Console
+    plan: Plan,
+    scorers: list[Any],
+    finetuned_val: dict[str, float],
+    console: Console,
+    candidates: list[Candidate] | None = None,
+    rows: dict[str, int] | None = None,
+    label: str = "merge search",
 ) -> list[dict[str, Any]]:
-    """Stage 5: fan candidates out over the scorer actors in small chunks."""
-    candidates = list(plan.candidates)
+    """Stage 5: fan candidates (default: the plan's) out over the scorer actors in small chunks;
+    ``rows``: score on that many validation rows per task (a successive-halving rung)."""
+    candidates = list(plan.candidates) if candidates is None else candidates
+    seed = plan.spec.merge.search.seed
     size = max(1, math.ceil(len(candidates) / (len(scorers) * 4)))
     chunks = [candidates[i : i + size] for i in range(0, len(candidates), size)]
     pending = {
-        scorers[i % len(scorers)].score.remote(chunk, "val"): chunk
+        scorers[i % len(scorers)].score.remote(chunk, "val", None, rows, seed): chunk
         for i, chunk in enumerate(chunks)
     }
     by_id: dict[str, dict[str, Any]] = {}
     with progress_bar(console) as progress:
-        bar = progress.add_task("merge search", total=len(candidates))
+        bar = progress.add_task(label, total=len(candidates))
         while pending:
             done = wait_any(list(pending))
             chunk = pending.pop(done[0])
@@ -535,6 +571,8 @@ def rows_for_tracking(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             item["coefficient"] = coefficient
         item |= {f"val_accuracy.{k}": v for k, v in row["accuracy"].items()}
         item |= row["objective"]
+        if "rows_scored" in row:  # successive halving: how far the candidate got
+            item["rows_scored"] = row["rows_scored"]
         flat.append(item)
     return flat
 

@@ -79,6 +79,7 @@ def check_search(spec: Spec, origin: str) -> None:
             f"{origin}: merge.search.surrogate is for standard-mode task vectors; in linear "
             "mode the fast path is exact (merge.fast_path: auto)"
         )
+    check_strategy(spec, origin)
     if resolve_search(spec).per_task:
         for index, candidate in enumerate(spec.merge.candidates):
             method = get_method(candidate.method)
@@ -87,3 +88,30 @@ def check_search(spec: Spec, origin: str) -> None:
                     f"{origin}: field 'merge.candidates[{index}]': {candidate.method} takes no "
                     "per-task coefficients: drop it or set merge.search.per_task: false"
                 )
+
+
+def check_strategy(spec: Spec, origin: str) -> None:
+    """Which strategies fit which searches (README, "Search strategies")."""
+    settings = resolve_search(spec)
+    search = spec.merge.search
+    if search.strategy == "successive_halving" and settings.tangent:
+        raise SpecError(
+            f"{origin}: merge.search.strategy successive_halving ranks shared-coefficient "
+            "candidates scored by forward passes in standard mode: drop merge.search.per_task, "
+            "surrogate and negate (linear mode's fast path scores every row at no cost)"
+        )
+    if search.strategy == "bayesian" and not settings.per_task:
+        raise SpecError(
+            f"{origin}: merge.search.strategy bayesian proposes per-task coefficients: set "
+            "merge.search.per_task: true, or use grid or successive_halving"
+        )
+    if search.strategy == "bayesian" and search.budget is None:
+        raise SpecError(
+            f"{origin}: merge.search.strategy bayesian needs merge.search.budget: the number "
+            "of candidates to score"
+        )
+    if search.warm_start == "champion" and settings.negate:
+        raise SpecError(
+            f"{origin}: merge.search.warm_start champion seeds a merge search; task negation "
+            "has no champion to compare with: drop warm_start"
+        )

@@ -39,16 +39,25 @@ def choose_best(
     candidates: list[Candidate], scores: dict[str, dict[str, float]], objective: str
 ) -> Candidate:
     """Highest objective; ties broken by the smaller coefficient norm, then by method name."""
+    return min(candidates, key=lambda candidate: rank_key(candidate, scores, objective))
 
-    def rank(candidate: Candidate) -> tuple[Any, ...]:
-        return (
-            -round(scores[candidate.id][objective], 12),
-            candidate.coefficient_norm(),
-            candidate.method,
-            candidate.id,
-        )
 
-    return min(candidates, key=rank)
+def rank_candidates(
+    candidates: list[Candidate], scores: dict[str, dict[str, float]], objective: str
+) -> list[Candidate]:
+    """Best first, in :func:`choose_best`'s order (successive halving keeps a prefix)."""
+    return sorted(candidates, key=lambda candidate: rank_key(candidate, scores, objective))
+
+
+def rank_key(
+    candidate: Candidate, scores: dict[str, dict[str, float]], objective: str
+) -> tuple[Any, ...]:
+    return (
+        -round(scores[candidate.id][objective], 12),
+        candidate.coefficient_norm(),
+        candidate.method,
+        candidate.id,
+    )
 
 
 def decide_promotion(

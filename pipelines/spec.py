@@ -460,10 +460,31 @@ class SearchSpec(_Model):
     per_task: bool | None = Field(
         default=None, description="Default: true in linear mode if all are task_arithmetic."
     )
-    strategy: Literal["grid", "coordinate_ascent"] | None = Field(
-        default=None, description="Default: coordinate_ascent when per_task, else grid."
+    strategy: Literal["grid", "coordinate_ascent", "successive_halving", "bayesian"] | None = Field(
+        default=None,
+        description="Default: coordinate_ascent when per_task, else grid. successive_halving "
+        "(shared coefficients, standard mode): score every candidate on a small stratified "
+        "subset of validation rows, keep the best 1/eta on eta times more rows, until at most "
+        "eta remain, scored on the full split. bayesian (per_task): Optuna's TPE sampler "
+        "proposes per-task coefficients within the grid's bounds.",
     )
-    budget: int | None = Field(default=None, gt=0, description="Most candidates to score.")
+    budget: int | None = Field(
+        default=None,
+        gt=0,
+        description="Most candidates to score (required by bayesian); for successive_halving, "
+        "most validation rows to score, summed over tasks and candidates.",
+    )
+    eta: int = Field(
+        default=3, ge=2, description="successive_halving: keep 1/eta per rung, eta× the rows."
+    )
+    seed: int = Field(
+        default=0, description="Seeds successive_halving's row subsets and bayesian's sampler."
+    )
+    warm_start: Literal["none", "champion"] = Field(
+        default="none",
+        description="champion: the registered champion's method, params and coefficients are "
+        "always scored (and survive every halving rung), so promotion compares like with like.",
+    )
     surrogate: Literal["none", "posthoc_linear"] = Field(
         default="none", description="posthoc_linear: rank by the linearized model, then verify."
     )

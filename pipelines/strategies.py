@@ -1,9 +1,9 @@
 """Stage 5 on the driver for the tangent-space searches of DESIGN.md and MERGING.md.
 
 Linear mode (scored as the linearized model; exact fast path where the method is linear in τ),
-per-task coefficient search (coordinate ascent or a full grid, with a budget), the post-hoc
-linearization surrogate with verification of its best candidates, and task negation. The plain
-standard-mode grid keeps its own path in `pipelines.run`.
+per-task coefficient search (coordinate ascent, a full grid or Optuna's TPE, with a budget),
+the post-hoc linearization surrogate with verification of its best candidates, and task
+negation. The plain standard-mode grid keeps its own path in `pipelines.run`.
 """
 
 from __future__ import annotations
@@ -53,9 +53,16 @@ class TangentSearch:
     """Runs one search over ``scorers`` (TangentScorer actors) and chooses the best candidate."""
 
     def __init__(
-        self, plan: Plan, scorers: list[Any], reference: dict[str, dict[str, Any]], console: Console
+        self,
+        plan: Plan,
+        scorers: list[Any],
+        reference: dict[str, dict[str, Any]],
+        console: Console,
+        extra: list[Candidate] | None = None,
     ) -> None:
+        """``extra``: candidates always scored and considered (the champion's warm start)."""
         self.plan, self.spec, self.scorers = plan, plan.spec, scorers
+        self.extra = list(extra or [])
         self.reference, self.console = reference, console
         self.settings = resolve_search(plan.spec)
         self.tasks = plan.task_names
@@ -74,6 +81,11 @@ class TangentSearch:
             rows, candidates = self._per_task()
         else:
             rows, candidates = self._score(list(self.plan.candidates))
+        known = {c.id for c in candidates}
+        missing = [c for c in self.extra if c.id not in known]
+        if missing:
+            extra_rows, _ = self._score(missing)
+            rows, candidates = rows + extra_rows, candidates + missing
         if s.surrogate:
             return self._verify(rows, candidates, info)
         return SearchOutcome(rows, self._choose(candidates, rows), info)
@@ -139,7 +151,10 @@ class TangentSearch:
 
     # ------------------------------------------------------------------ per task
     def _per_task(self) -> tuple[list[dict], list[Candidate]]:
-        budget = self.spec.merge.search.budget
+        budget, seed = self.spec.merge.search.budget, self.spec.merge.search.seed
+        # Points proposed at once: one per actor the spec asks for (not per actor started,
+        # which depends on the cluster), so the same spec proposes the same points anywhere.
+        batch = self.spec.merge.num_actors
         objective = self.spec.merge.objective
         finetuned = {t: self.reference[t]["finetuned"]["val"] for t in self.tasks}
         rows, candidates = [], []
@@ -150,7 +165,7 @@ class TangentSearch:
                 if self._exact(probe):
                     label = "surrogate" if self.settings.surrogate else "fast_path"
                     remote = self.scorers[0].fast_per_task_search.remote(
-                        self.settings.strategy, grid, budget, objective, finetuned
+                        self.settings.strategy, grid, budget, objective, finetuned, seed
                     )
                     for coefficients, accuracy in get(remote, "merge search"):
                         candidate = Candidate(spec_candidate.method, params, coefficients)
@@ -168,7 +183,9 @@ class TangentSearch:
                     rows.extend(scored)
                     return [row["objective"][objective] for row in scored]
 
-                STRATEGIES[self.settings.strategy](evaluate, len(self.tasks), grid, budget)
+                STRATEGIES[self.settings.strategy](
+                    evaluate, len(self.tasks), grid, budget, seed=seed, batch=batch
+                )
         return rows, candidates
 
     # ------------------------------------------------------------------ choice
@@ -190,6 +207,7 @@ class TangentSearch:
             ),
         )
         top = ranked[: self.spec.merge.search.verify_top]
+        top += [c for c in ranked[len(top) :] if c.id in {e.id for e in self.extra}]
         real = self._forward(top, "val")
         by_id = {row["id"]: row for row in rows}
         for candidate in top:

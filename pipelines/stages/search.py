@@ -15,6 +15,7 @@ from pipelines.stages.base import load_task_data, open_base, open_task_vector
 from pipelines.stages.statistics import statistics_params
 from workers.merge.engine import merge_state
 from workers.search.evaluate import at_state
+from workers.search.halving import validation_subset
 
 
 class CandidateScorer:
@@ -30,6 +31,7 @@ class CandidateScorer:
         torch.set_num_threads(1)
         self.store_cfg, self.keys = store_cfg, {name: task["key"] for name, task in tasks.items()}
         self._statistics: dict[tuple[str, int], Any] = {}
+        self._subsets: dict[tuple[str, int, int], Any] = {}
         opened = open_base(store_cfg, base_key, base_meta)
         self.base, self.backbone = opened.theta0, opened.backbone
         self.kind, self.settings = opened.kind, opened.settings(evaluation)
@@ -45,25 +47,55 @@ class CandidateScorer:
             )
 
     def score(
-        self, candidates: list[Candidate], split: str = "val", metric: str | None = None
+        self,
+        candidates: list[Candidate],
+        split: str = "val",
+        metric: str | None = None,
+        rows: dict[str, int] | None = None,
+        seed: int = 0,
     ) -> list[dict[str, Any]]:
         """Per-task score on ``split`` for each candidate, in order: the search metric
         (``evaluation.metric``, default the kind's first), or ``metric``. The per-task dict is
-        keyed ``accuracy`` whatever the metric, as the objectives read it."""
-        return [self._score_one(candidate, split, metric) for candidate in candidates]
+        keyed ``accuracy`` whatever the metric, as the objectives read it. ``rows``: score on
+        that many rows of each task only (successive halving's rungs), a subset drawn with
+        ``seed`` by :func:`~workers.search.halving.validation_subset`."""
+        return [self._score_one(candidate, split, metric, rows, seed) for candidate in candidates]
+
+    def split_rows(self, split: str = "val") -> dict[str, int]:
+        """Rows of ``split`` per task, as this scorer reads them (after tokenizing)."""
+        return {task: len(data.split(split)[1]) for task, data in self.splits.items()}
+
+    def _data(self, task: str, split: str, rows: dict[str, int] | None, seed: int):
+        x, y = self.splits[task].split(split)
+        count = None if rows is None else rows[task]
+        if count is None or count >= len(y):
+            return x, y
+        key = (f"{task}/{split}", count, seed)
+        if key not in self._subsets:
+            num_classes = self.splits[task].num_classes
+            self._subsets[key] = validation_subset(task, y, num_classes, count, seed)
+        index = self._subsets[key]
+        return x[index], y[index]
 
     def _forward(self, state: dict[str, torch.Tensor]):
         """How a merged state is evaluated: a forward pass at that state."""
         return at_state(self.backbone, state)
 
-    def _score_one(self, candidate: Candidate, split: str, metric: str | None) -> dict[str, Any]:
+    def _score_one(
+        self,
+        candidate: Candidate,
+        split: str,
+        metric: str | None,
+        rows: dict[str, int] | None = None,
+        seed: int = 0,
+    ) -> dict[str, Any]:
         metric = metric or self.settings["metric"]
         per_task: dict[str, float] = {}
         for task, state in self._models(candidate):
             per_task[task] = self.kind.score(
                 self._forward(state),
                 self.heads[task],
-                *self.splits[task].split(split),
+                *self._data(task, split, rows, seed),
                 metric,
                 self.settings,
             )

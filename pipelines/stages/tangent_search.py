@@ -24,6 +24,9 @@ from workers.search.evaluate import features_at, linearized_at
 from workers.search.fastpath import FastPath, linear_weights
 from workers.search.strategies import STRATEGIES, Point
 
+#: Points a stochastic per-task strategy proposes at once on the fast path.
+FAST_BATCH = 16
+
 
 class TangentScorer(CandidateScorer):
     def __init__(
@@ -80,6 +83,7 @@ class TangentScorer(CandidateScorer):
         budget: int | None,
         objective: str,
         finetuned: dict[str, float],
+        seed: int = 0,
     ) -> list[tuple[dict[str, float], dict[str, float]]]:
         """Run a per-task strategy entirely on the fast path (task_arithmetic coefficients).
 
@@ -100,7 +104,10 @@ class TangentScorer(CandidateScorer):
             evaluated.update(zip(points, matrix, strict=True))
             return ((matrix * scale).mean(dim=1)).tolist()
 
-        scores = STRATEGIES[strategy](evaluate, len(fast.sources), grid, budget)
+        # A batch is one matrix product here: a stochastic strategy may propose many at once.
+        scores = STRATEGIES[strategy](
+            evaluate, len(fast.sources), grid, budget, seed=seed, batch=FAST_BATCH
+        )
         return [
             (
                 dict(zip(fast.sources, point, strict=True)),

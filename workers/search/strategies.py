@@ -22,8 +22,18 @@ MAX_PASSES = 20
 
 
 class SearchStrategy(Protocol):
+    """``seed`` seeds a stochastic strategy; ``batch``: points it may propose at once (so
+    several scorer actors work together). The deterministic strategies ignore both."""
+
     def __call__(
-        self, evaluate: Evaluate, dims: int, grid: Sequence[float], budget: int | None
+        self,
+        evaluate: Evaluate,
+        dims: int,
+        grid: Sequence[float],
+        budget: int | None,
+        *,
+        seed: int = 0,
+        batch: int = 1,
     ) -> dict[Point, float]: ...
 
 
@@ -61,7 +71,13 @@ class _Memo:
 
 
 def coordinate_ascent(
-    evaluate: Evaluate, dims: int, grid: Sequence[float], budget: int | None = None
+    evaluate: Evaluate,
+    dims: int,
+    grid: Sequence[float],
+    budget: int | None = None,
+    *,
+    seed: int = 0,
+    batch: int = 1,
 ) -> dict[Point, float]:
     """Start at the best shared coefficient, then sweep one coordinate at a time over the grid.
 
@@ -89,7 +105,13 @@ def coordinate_ascent(
 
 
 def full_grid(
-    evaluate: Evaluate, dims: int, grid: Sequence[float], budget: int | None = None
+    evaluate: Evaluate,
+    dims: int,
+    grid: Sequence[float],
+    budget: int | None = None,
+    *,
+    seed: int = 0,
+    batch: int = 1,
 ) -> dict[Point, float]:
     """Every point of grid^T (refused when that is more than ``budget`` points)."""
     count = len(grid) ** dims
@@ -107,4 +129,66 @@ def full_grid(
     return memo.scores
 
 
-STRATEGIES: dict[str, SearchStrategy] = {"coordinate_ascent": coordinate_ascent, "grid": full_grid}
+def bayesian(
+    evaluate: Evaluate,
+    dims: int,
+    grid: Sequence[float],
+    budget: int | None = None,
+    *,
+    seed: int = 0,
+    batch: int = 1,
+) -> dict[Point, float]:
+    """Per-task coefficients proposed by Optuna's TPE sampler (Bergstra et al., NeurIPS 2011),
+    each α_t within [min(grid), max(grid)], until ``budget`` distinct points are scored.
+
+    Trials are asked for ``batch`` at a time and told their values together (ask/tell, with the
+    constant-liar heuristic for the pending ones), so ``evaluate`` can fan a batch out over the
+    scorer actors. Proposals are rounded to 6 decimals; a repeated point is told its known value
+    and costs no budget. The sampler is seeded: the same seed and scores give the same points.
+
+    Why not Ray Tune: a trial here is one candidate scored in well under a second by an actor
+    that already holds θ0, the task vectors and the validation data (on the fast path, a batch
+    of thousands scored in one process). As Tune trials each candidate would be its own
+    trainable with Tune's per-trial bookkeeping, and its schedulers stop trials between
+    training iterations, which a one-shot score does not have. Optuna's sampler is the only
+    part we need; the fan-out stays on the scorer actors.
+    """
+    import warnings
+
+    import optuna
+
+    if budget is None:
+        raise SpecError("merge.search.strategy bayesian needs merge.search.budget (candidates)")
+    low, high = float(min(grid)), float(max(grid))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.TPESampler(
+            seed=seed,
+            multivariate=True,
+            constant_liar=True,
+            n_startup_trials=max(2, min(10, budget // 4)),
+        )
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    scores: dict[Point, float] = {}
+    for _ in range(budget * 20):  # repeated proposals cost no budget; this bounds them
+        if len(scores) >= budget:
+            break
+        trials = [study.ask() for _ in range(min(batch, budget - len(scores)))]
+        points = [
+            tuple(round(t.suggest_float(f"alpha_{i}", low, high), 6) for i in range(dims))
+            for t in trials
+        ]
+        fresh = list(dict.fromkeys(p for p in points if p not in scores))
+        if fresh:
+            scores.update(zip(fresh, evaluate(fresh), strict=True))
+        for trial, point in zip(trials, points, strict=True):
+            study.tell(trial, scores[point])
+    return scores
+
+
+STRATEGIES: dict[str, SearchStrategy] = {
+    "coordinate_ascent": coordinate_ascent,
+    "grid": full_grid,
+    "bayesian": bayesian,
+}
