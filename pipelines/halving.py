@@ -75,10 +75,12 @@ def successive_halving(
 
 def check_budget(plan: Plan, val_rows: dict[str, int]) -> None:
     """Refuse a row budget too small for the plan's candidates before anything is fine-tuned
-    (``val_rows``: each task's validation rows as loaded; tokenizing can only drop some)."""
+    (``val_rows``: each task's validation rows as loaded; tokenizing can only drop some). A
+    warm start counts its champion's candidate, which the search may add."""
     search = plan.spec.merge.search
     if search.strategy == "successive_halving" and search.budget is not None:
-        halving_schedule(len(plan.candidates), val_rows, search.eta, search.budget)
+        champion = 1 if search.warm_start == "champion" else 0
+        halving_schedule(len(plan.candidates) + champion, val_rows, search.eta, search.budget)
 
 
 def survivors(

@@ -136,3 +136,19 @@ def test_a_row_budget_too_small_for_the_plan_is_refused_before_fine_tuning() -> 
     check_budget(plan, {"perm1": 10, "perm2": 8})  # 5 × (4 + 3) + 2 × 18 = 71 shrinks to ≤ 50
     with pytest.raises(SpecError, match="at least 54"):  # 5 × (1 + 1) + 2 × 22
         check_budget(plan, {"perm1": 10, "perm2": 12})
+
+
+def test_the_early_budget_check_counts_a_warm_start_champion() -> None:
+    import copy
+
+    from pipelines.halving import check_budget
+    from pipelines.plan import make_plan
+    from pipelines.specfile import validate_document
+    from tests.conftest import TINY_SPEC
+
+    document = copy.deepcopy(TINY_SPEC)
+    document["merge"]["search"] = {"strategy": "successive_halving", "budget": 55}
+    check_budget(make_plan(validate_document(document)), {"perm1": 10, "perm2": 12})  # 54 fits
+    document["merge"]["search"]["warm_start"] = "champion"
+    with pytest.raises(SpecError, match="at least 56"):  # 6 × (1 + 1) + 2 × 22
+        check_budget(make_plan(validate_document(document)), {"perm1": 10, "perm2": 12})
