@@ -450,22 +450,19 @@ def compute_statistics(
             for need in needs
             if find_statistics(store, vector["key"], *need, vector["sha256"]) is None
         ]
-        info["statistics"] = [f"{kind}-n{rows}" for kind, rows in needs]
         if missing:
             dataset = plan.tasks[plan.task_names.index(name)].dataset
             ref = job.remote(store_cfg, name, vector, dataset, plan.evaluation, base, missing)
             pending[ref] = name
     labels = ", ".join(f"{kind} (n={rows})" for kind, rows in needs)
+    computed = len(pending)
     with progress_bar(console) as progress:
         bar = progress.add_task(f"statistics: {labels}", total=len(tasks))
-        progress.advance(bar, len(tasks) - len(pending))
+        progress.advance(bar, len(tasks) - computed)
         while pending:
             done = wait_any(list(pending))
-            name = pending.pop(done[0])
-            seconds = get(done[0], f"statistics of '{name}'")
-            tasks[name]["statistics_seconds"] = seconds
+            get(done[0], f"statistics of '{pending.pop(done[0])}'")
             progress.advance(bar)
-    computed = sum(1 for info in tasks.values() if "statistics_seconds" in info)
     console.print(f"  statistics {labels}: {computed} computed, {len(tasks) - computed} cached")
 
 

@@ -24,7 +24,6 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-KINDS = ("gram", "fisher")
 Loss = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 

@@ -9,9 +9,9 @@ G̃_t = α G_t + (1 − α) diag(G_t): ``alpha`` scales the off-diagonal entries
 does to keep the solve well conditioned (default 0.9; α = 1 is the plain least squares,
 α = 0 makes every input coordinate independent: a per-column weighted mean). Since
 W_t = W0 + τ_t and the G̃_t sum to Σ_t G̃_t, W* − W0 = (Σ_t G̃_t)⁻¹ Σ_t G̃_t τ_tᵀ exactly, so the
-method is written on task vectors: θ = θ0 + λ τ_merged (λ = 1, the default of the grid's end,
-is the paper's merge; other λ scale it as for every method). Per-task coefficients scale each
-τ_t first, as in task arithmetic. A singular Σ_t G̃_t (an input that is always zero) is solved
+method is written on task vectors: θ = θ0 + λ τ_merged (λ = 1 is the paper's merge; other λ
+scale it as for every method). Per-task coefficients scale each τ_t first, as in task
+arithmetic. A singular Σ_t G̃_t (an input that is always zero) is solved
 in the least-squares sense (minimum norm, ``torch.linalg.lstsq``), in float64.
 
 Tensors without a Gram matrix for every task (biases, norms, embeddings, a layer no input

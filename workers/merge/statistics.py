@@ -30,7 +30,6 @@ from workers.merge.backbone import (
 )
 
 Statistics = Mapping[str, Mapping[str, Tensor]]
-KINDS = ("gram", "fisher")
 
 
 def expected_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...] | None:
