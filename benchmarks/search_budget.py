@@ -155,14 +155,22 @@ def one_seed(example: str, seed: int, workdir: Path) -> dict[str, Any]:
     }
 
 
-def measure(example: str) -> dict[str, Any]:
-    seeds = []
-    for seed in SEEDS:
+def measure(example: str, seeds_wanted: range, save: Any) -> dict[str, Any]:
+    """Every seed of ``example``; ``save`` gets the summary so far after each seed (a run of
+    hours keeps what it finished)."""
+    seeds: list[dict[str, Any]] = []
+    for seed in seeds_wanted:
         with tempfile.TemporaryDirectory(prefix="mergeline-budget-") as directory:
             seeds.append(one_seed(example, seed, Path(directory)))
             print(json.dumps(seeds[-1]), flush=True)
+        save(summarise(example, seeds))
+    return summarise(example, seeds)
+
+
+def summarise(example: str, seeds: list[dict[str, Any]]) -> dict[str, Any]:
     ratios = [s["halving"]["rows_ratio"] for s in seeds]
     return {
+        "seeds_run": len(seeds),
         "grid": GRIDS[example],
         "per_task_budget": PER_TASK_BUDGET,
         "seeds": seeds,
@@ -189,6 +197,7 @@ def measure(example: str) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", choices=sorted(EXAMPLES), default=None)
+    parser.add_argument("--seeds", type=int, default=len(SEEDS), help="split seeds 0..N-1")
     args = parser.parse_args()
     result = json.loads(RESULT.read_text()) if RESULT.exists() else {}
     result |= {
@@ -196,8 +205,12 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
     }
     for example in [args.only] if args.only else sorted(EXAMPLES):
-        result[example] = measure(example)
-        RESULT.write_text(json.dumps(result, indent=1) + "\n")
+
+        def save(part: dict[str, Any], example: str = example) -> None:
+            result[example] = part
+            RESULT.write_text(json.dumps(result, indent=1) + "\n")
+
+        save(measure(example, range(args.seeds), save))
     print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=1)[:4000])
 
 
