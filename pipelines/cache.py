@@ -1,12 +1,15 @@
 """A cached artifact is a cache hit only after every file passes its checksum.
 
-The files are read and hashed inside Ray tasks, not in the driver. A corrupt artifact is
+The files are read and hashed inside Ray tasks when the run's Ray is up, else by threads of the
+driver: a rerun whose every artifact is stored checks them without starting Ray (hashing
+releases the GIL, so the threads overlap reading and hashing). A corrupt artifact is
 reported (its URI and what failed the checksum) and made invisible by removing its manifest
 first, so that the stage rebuilds it and writes a new manifest last.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import ray
@@ -32,11 +35,21 @@ def trusted_artifacts(
     """name -> artifact, for each of ``prefixes`` holding an intact artifact."""
     found = {name: find_artifact(store, prefix) for name, prefix in prefixes.items()}
     found = {name: ref for name, ref in found.items() if ref is not None}
-    job = ray.remote(verify_job).options(num_cpus=0.5, max_retries=2)
-    checks = {name: job.remote(store_cfg, ref.prefix) for name, ref in found.items()}
+    problems: dict[str, str | None] = {}
+    if ray.is_initialized():
+        job = ray.remote(verify_job).options(num_cpus=0.5, max_retries=2)
+        checks = {name: job.remote(store_cfg, ref.prefix) for name, ref in found.items()}
+        for name, check in checks.items():
+            problems[name] = get(check, f"verify cached {what} '{name}'")
+    elif found:
+        # Two at a time: each check holds one whole file in memory while it hashes it.
+        with ThreadPoolExecutor(max_workers=min(2, len(found))) as pool:
+            futures = {
+                name: pool.submit(verify_job, store_cfg, ref.prefix) for name, ref in found.items()
+            }
+            problems = {name: future.result() for name, future in futures.items()}
     trusted: dict[str, ArtifactRef] = {}
-    for name, check in checks.items():
-        problem = get(check, f"verify cached {what} '{name}'")
+    for name, problem in problems.items():
         if problem is None:
             trusted[name] = found[name]
             continue

@@ -18,6 +18,7 @@ from rich.console import Console
 
 from pipelines.plan import Candidate, Plan
 from pipelines.raysession import get
+from pipelines.scorebook import ScoreBook
 from pipelines.selection import rank_candidates
 from workers.search.halving import Rung, halving_schedule
 
@@ -29,14 +30,22 @@ def successive_halving(
     console: Console,
     candidates: list[Candidate],
     keep: frozenset[str] = frozenset(),
+    book: ScoreBook | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Rows of every candidate (from the last rung it reached, with its ``rungs``) and the
-    search info. Candidates whose id is in ``keep`` (the champion) survive every rung."""
+    search info. Candidates whose id is in ``keep`` (the champion) survive every rung. Scores
+    in ``book`` are reused (``rows_scored`` counts the rows the schedule scores, stored or
+    not)."""
     from pipelines.run import search
 
     settings = plan.spec.merge.search
     objective = plan.spec.merge.objective
-    full = get(scorers[0].split_rows.remote("val"), "merge search")
+    book = book or ScoreBook("")
+    key = book.key("split_rows", split="val")
+    full = book.get(key)
+    if full is None:
+        full = get(scorers[0].split_rows.remote("val"), "merge search")
+        book.put(key, full)
     rungs = halving_schedule(len(candidates), full, settings.eta, settings.budget)
     alive = list(candidates)
     by_id: dict[str, dict[str, Any]] = {}
@@ -45,7 +54,7 @@ def successive_halving(
         last = index == len(rungs) - 1
         label = f"merge search: rung {index + 1}/{len(rungs)}, {sum(rung.rows.values())} rows"
         subset = None if last else rung.rows
-        rows = search(plan, scorers, finetuned_val, console, alive, subset, label)
+        rows = search(plan, scorers, finetuned_val, console, alive, subset, label, book)
         for row in rows:
             history[row["id"]].append(
                 {"rows": sum(rung.rows.values()), "objective": row["objective"][objective]}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,11 @@ from pipelines.selection import champion_score, decide_promotion
 from pipelines.stages.base import kind_of
 from pipelines.stages.publish import merge_and_store_job
 from storage.artifacts import find_artifact
+from storage.digest import digest_json
 from storage.localfiles import copy_artifact
 from storage.objectstore import FsspecStore
-from storage.taskvectors import base_model_prefix
+from storage.runs import latest_summary
+from storage.taskvectors import base_model_prefix, model_prefix
 from storage.tracking_guard import GuardedTracker
 from workers.kinds.registry import TRANSFORMERS
 
@@ -37,7 +40,11 @@ def publish(
     best: Candidate,
     test_scores: dict[str, float],
     version: str,
+    ready: Callable[[], None] = lambda: None,
 ) -> dict[str, Any]:
+    """Stage 7. The merged model is built by a Ray task (``ready`` starts Ray first), unless
+    the pipeline's previous run published one from the same inputs: a run where nothing
+    changed reuses that model and its registry version, and registers nothing new."""
     name = plan.spec.registered_model
     objective = plan.spec.merge.objective
     config = {
@@ -71,21 +78,29 @@ def publish(
         },
         "test": test_scores,
     }
-    job = ray.remote(merge_and_store_job).options(num_cpus=1)
-    stored = get(
-        job.remote(
-            store_cfg,
-            base_key,
-            base_meta,
-            {t: i["key"] for t, i in tasks.items()},
-            best,
-            name,
-            run_id,
-            config,
-            meta,
-        ),
-        "publish",
+    meta["inputs"] = digest_json(  # what the model is made of: equal inputs, equal model
+        [config, {k: v for k, v in meta.items() if k not in ("run_id", "test")}]
     )
+    previous = previous_model(store, plan.spec.name, name, run_id, meta["inputs"])
+    if previous is not None:
+        stored = previous["stored"]
+    else:
+        ready()
+        job = ray.remote(merge_and_store_job).options(num_cpus=1)
+        stored = get(
+            job.remote(
+                store_cfg,
+                base_key,
+                base_meta,
+                {t: i["key"] for t, i in tasks.items()},
+                best,
+                name,
+                run_id,
+                config,
+                meta,
+            ),
+            "publish",
+        )
 
     tags = lineage_tags(plan, run_id, store, store_cfg, base_key, base_meta, tasks, best, version)
     tags |= {"mergeline.model_uri": stored["uri"], "mergeline.model_sha256": stored["sha256"]}
@@ -113,13 +128,14 @@ def publish(
         plan.spec.publish.min_improvement,
         {t: info["meta"]["dataset_digest"] for t, info in tasks.items()},
     )
-    previous = champion_score(champion_tags)
-    promotion = _promotion(promote, reason, previous, score)
+    previous_score = champion_score(champion_tags)
+    promotion = _promotion(promote, reason, previous_score, score)
+    no_score = previous_score is None
     tags |= {
         "mergeline.promotion.promoted": str(promote).lower(),
         "mergeline.promotion.reason": reason,
         "mergeline.promotion.score": repr(float(score)),
-        "mergeline.promotion.champion_score": "" if previous is None else repr(previous),
+        "mergeline.promotion.champion_score": "" if no_score else repr(previous_score),
         "mergeline.promotion.champion_version": str(champion["version"]) if champion else "",
         "mergeline.promotion.min_improvement": repr(plan.spec.publish.min_improvement),
     }
@@ -129,6 +145,10 @@ def publish(
     registered = tracker.find_run_version(name, run_id)
     if registered is not None:  # this run registered it before it was interrupted: reuse it
         return result | _registered_before(tracker, registered, aliases, promotion)
+    if previous is not None:  # nothing changed: the previous run's version stands as it is
+        earlier = tracker.find_run_version(name, previous["run_id"])
+        if earlier is not None:
+            return result | _unchanged(earlier, previous["run_id"], previous_score, score)
     kind = kind_of(base_meta["config"])
     with _local_copy(store, stored["prefix"]) as model_dir:
         hf_dir = model_dir / TRANSFORMERS
@@ -146,7 +166,7 @@ def publish(
         )
     if published is None:  # tracking failed just now, under tracking.on_error: warn
         reason = f"not registered: {tracker.disabled}"
-        return result | {"promotion": _promotion(False, reason, previous, score)}
+        return result | {"promotion": _promotion(False, reason, previous_score, score)}
     return result | {
         "mlflow_run_id": published.mlflow_run_id,
         "registered_model": published.registered_model,
@@ -195,6 +215,41 @@ def lineage_tags(
         tags[f"mergeline.task.{task}.dataset_digest"] = info["meta"]["dataset_digest"]
         tags[f"mergeline.task.{task}.dataset_source"] = json.dumps(dataset, sort_keys=True)
     return tags
+
+
+def previous_model(
+    store: FsspecStore, pipeline: str, name: str, run_id: str, inputs: str
+) -> dict[str, Any] | None:
+    """The model the pipeline's previous run published, if it was made from ``inputs`` (the
+    digest :func:`publish` writes in every merged model's meta) and is still in the store."""
+    summary = latest_summary(store, pipeline, before=run_id)
+    if summary is None:
+        return None
+    ref = find_artifact(store, model_prefix(name, summary["run_id"]))
+    if ref is None or ref.meta.get("inputs") != inputs:
+        return None
+    return {
+        "run_id": summary["run_id"],
+        "stored": {"uri": ref.uri, "prefix": ref.prefix, "sha256": ref.sha256},
+    }
+
+
+def _unchanged(
+    earlier: dict[str, Any], previous_run: str, champion: float | None, score: float
+) -> dict[str, Any]:
+    """The result of a run whose model equals its previous run's: that run's version."""
+    reason = (
+        f"not promoted: nothing changed since run {previous_run} "
+        f"(version {earlier['version']}): the registry is left as it is"
+    )
+    return {
+        "mlflow_run_id": earlier["run_id"],
+        "registered_model": earlier["registered_model"],
+        "version": earlier["version"],
+        "aliases": earlier["aliases"],
+        "reused_from": previous_run,
+        "promotion": _promotion(False, reason, champion, score),
+    }
 
 
 def _registered_before(

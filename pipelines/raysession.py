@@ -6,8 +6,8 @@ import logging
 import os
 import socket
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,38 @@ def ray_session(address: str | None, num_cpus: int | None) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+class LazyRay:
+    """Ray for one command, started (or joined) the first time a stage needs it: a rerun whose
+    artifacts and scores are all stored never starts it. ``on_start`` runs right after the
+    start (waiting until the cluster can place the run's requests)."""
+
+    def __init__(
+        self, address: str | None, num_cpus: int | None, on_start: Callable[[], None]
+    ) -> None:
+        self.address, self.num_cpus, self.on_start = address, num_cpus, on_start
+        self._session: AbstractContextManager[None] | None = None
+
+    @property
+    def started(self) -> bool:
+        return self._session is not None
+
+    def ensure(self) -> None:
+        if self._session is not None:
+            return
+        session = ray_session(self.address, self.num_cpus)
+        session.__enter__()
+        self._session = session
+        self.on_start()
+
+    def __enter__(self) -> LazyRay:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._session is not None:
+            session, self._session = self._session, None
+            session.__exit__(*exc)
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:

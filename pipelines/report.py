@@ -77,7 +77,8 @@ def build_summary(
                 **({"report": scoring["report"]} if scoring["report"] else {}),
             },
         },
-        "model": {key: published[key] for key in MODEL_KEYS},
+        "model": {key: published[key] for key in MODEL_KEYS}
+        | ({"reused_from": published["reused_from"]} if "reused_from" in published else {}),
         "timings": {key: round(value, 3) for key, value in timings.items()},
     } | ({"skipped": dict(skipped)} if skipped else {})
 
@@ -134,8 +135,9 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
     if model["version"] is None:
         console.print(f"[yellow]model not registered[/] → {model['uri']}")
     else:
+        verb = "unchanged" if model.get("reused_from") else "published"
         console.print(
-            f"published {model['registered_model']} v{model['version']} "
+            f"{verb} {model['registered_model']} v{model['version']} "
             f"aliases {model['aliases']} → {model['uri']}"
         )
     timings = summary["timings"]

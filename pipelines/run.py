@@ -6,6 +6,7 @@ import math
 import secrets
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +27,13 @@ from pipelines.plan import (
     task_vector_key,
 )
 from pipelines.publish import publish
-from pipelines.raysession import check_reachable, get, ray_session, wait_any
+from pipelines.raysession import LazyRay, check_reachable, get, wait_any
 from pipelines.recovery import run_key, task_failed, without_tasks
 from pipelines.report import build_summary
 from pipelines.resources import await_placement, refuse_impossible
 from pipelines.retrieval import best_by_method, per_task_lambda_candidates
 from pipelines.scheduling import actor_options, finetune_options
+from pipelines.scorebook import ScoreBook, score_context
 from pipelines.search_settings import resolve_search
 from pipelines.selection import candidate_row, choose_best, objective_scores
 from pipelines.spec import Spec
@@ -44,7 +46,7 @@ from pipelines.strategies import TangentSearch, task_scores
 from pipelines.warm_start import champion_candidate
 from storage.errors import DataError, MergelineError, ModelError, SystemFailure
 from storage.objectstore import open_store, open_store_from
-from storage.runs import write_candidates
+from storage.runs import latest_summary, read_scores, write_candidates, write_scores
 from storage.runstate import begin_run, finish_run
 from storage.taskvectors import (
     base_model_prefix,
@@ -116,15 +118,20 @@ def run_pipeline(spec: Spec, console: Console, summary_path: Path | None = None)
         "mergeline.code_version": version,
         "mergeline.spec_name": spec.name,
     }
+
+    def placed() -> None:
+        await_placement(requests, compute.ray_address, compute.placement_timeout_s)
+
     with (
-        ray_session(spec.compute.ray_address, spec.compute.num_cpus),
+        LazyRay(compute.ray_address, compute.num_cpus, placed) as cluster,
         tracker.pipeline_run(run_id, tags),
     ):
-        await_placement(requests, compute.ray_address, compute.placement_timeout_s)
-        base_key, base_meta = prepare_base(plan, store_cfg, base_key, input_dim, console)
+        base_key, base_meta = prepare_base(
+            plan, store_cfg, base_key, input_dim, console, cluster.ensure
+        )
         t0 = time.perf_counter()
         tasks = finetune_all(
-            plan, store, store_cfg, base_key, base_meta, datasets, console, digests
+            plan, store, store_cfg, base_key, base_meta, datasets, console, digests, cluster.ensure
         )
         skipped = {name: info["skipped"] for name, info in tasks.items() if "skipped" in info}
         tasks = {name: info for name, info in tasks.items() if name not in skipped}
@@ -134,14 +141,22 @@ def run_pipeline(spec: Spec, console: Console, summary_path: Path | None = None)
         for name, reason in rebuilt.items():
             if reason:
                 console.print(f"  {name} rebuilt: {reason}")
-        compute_statistics(plan, store, store_cfg, base_key, base_meta, tasks, console)
+        compute_statistics(
+            plan, store, store_cfg, base_key, base_meta, tasks, console, cluster.ensure
+        )
         timings["finetune_s"] = time.perf_counter() - t0
         for name, info in tasks.items():
             log_finetune(tracker, name, info, datasets[name], plan)
 
         t0 = time.perf_counter()
         finetuned_val = {t: info["meta"]["finetuned"]["val"] for t, info in tasks.items()}
-        scorers = start_scorers(plan, store_cfg, base_key, base_meta, tasks)
+        book = open_score_book(store, spec.name, run_id, version, base_meta, tasks, plan)
+
+        def start_actors() -> list[Any]:
+            cluster.ensure()
+            return start_scorers(plan, store_cfg, base_key, base_meta, tasks)
+
+        scorers = Scorers(start_actors)
         reference = {t: info["meta"] for t, info in tasks.items()}
         search_info: dict[str, Any] = {}
         extra: list[Candidate] = []
@@ -149,7 +164,7 @@ def run_pipeline(spec: Spec, console: Console, summary_path: Path | None = None)
             champion, search_info["warm_start"] = champion_candidate(plan, tracker, console)
             extra = [champion] if champion is not None else []
         if resolve_search(spec).tangent:  # linear mode, per-task, surrogate or negation
-            outcome = TangentSearch(plan, scorers, reference, console, extra).run()
+            outcome = TangentSearch(plan, scorers, reference, console, extra, book).run()
             rows, best, search_info = outcome.rows, outcome.best, search_info | outcome.info
         else:
             ids = {c.id for c in plan.candidates}
@@ -157,11 +172,11 @@ def run_pipeline(spec: Spec, console: Console, summary_path: Path | None = None)
             if resolve_search(spec).strategy == "successive_halving":
                 keep = frozenset(c.id for c in extra)
                 rows, info = successive_halving(
-                    plan, scorers, finetuned_val, console, candidates, keep
+                    plan, scorers, finetuned_val, console, candidates, keep, book
                 )
                 search_info |= info
             else:
-                rows = search(plan, scorers, finetuned_val, console, candidates)
+                rows = search(plan, scorers, finetuned_val, console, candidates, book=book)
             full = [row for row in rows if row.get("full_split", True)]
             derived = per_task_lambda_candidates(full, finetuned_val)
             rows += [row for _, row in derived]
@@ -173,16 +188,16 @@ def run_pipeline(spec: Spec, console: Console, summary_path: Path | None = None)
         for row in rows:
             if any(row["id"] == c.id for c in extra):
                 row["warm_start"] = "champion"
-        test = get(scorers[0].score.remote([best], "test"), "final evaluation")[0]["accuracy"]
+        test = score_best(scorers, book, best, None, "final evaluation")
         kind = kind_of(plan.base_model)
         metric = plan.evaluation.get("metric") or kind.metrics[0]
         report = {  # the kind's report metrics of the chosen merge (a causal LM's exact match)
-            m: get(scorers[0].score.remote([best], "test", m), "final report")[0]["accuracy"]
+            m: score_best(scorers, book, best, m, "final report")
             for m in kind.report_metrics
             if m != metric
         }
-        for scorer in scorers:  # give their CPUs back to the publish stage
-            ray.kill(scorer)
+        scorers.close()  # give their CPUs back to the publish stage
+        search_info |= book.counts()
         timings["search_s"] = time.perf_counter() - t0
         best_row = next(row for row in rows if row["id"] == best.id)
         with tempfile.TemporaryDirectory(prefix="mergeline-plots-") as plot_dir:
@@ -213,6 +228,7 @@ def run_pipeline(spec: Spec, console: Console, summary_path: Path | None = None)
             best,
             test_scores,
             version,
+            cluster.ensure,
         )
         timings["total_s"] = time.perf_counter() - started
         summary = build_summary(
@@ -234,6 +250,7 @@ def run_pipeline(spec: Spec, console: Console, summary_path: Path | None = None)
         )
         console.print(f"promotion: {published['promotion']['reason']}")
         write_candidates(store, run_id, spec.merge.objective, best.id, rows)  # summary last
+        write_scores(store, run_id, book.record())
         write_summary(store, run_id, summary)
         finish_run(store, resume_key, run_id)
         tracker.log_summary(summary)
@@ -331,11 +348,25 @@ def fingerprint_pretrain(plan: Plan, datasets: dict[str, Splits]) -> str:
 
 
 def prepare_base(
-    plan: Plan, store_cfg: dict[str, Any], key: str, input_dim: int, console: Console
+    plan: Plan,
+    store_cfg: dict[str, Any],
+    key: str,
+    input_dim: int,
+    console: Console,
+    ready: Callable[[], None] = lambda: None,
 ) -> tuple[str, dict[str, Any]]:
+    """Stage 1b: the base model from the store, else built (and pretrained) by a Ray task;
+    ``ready`` starts Ray when it has not started yet."""
     store = open_store_from(store_cfg)
     # A cached base that fails its checksum is reported and made invisible: the job rebuilds it.
-    trusted_artifacts(store, store_cfg, {"base": base_model_prefix(key)}, console, "base model")
+    cached = trusted_artifacts(
+        store, store_cfg, {"base": base_model_prefix(key)}, console, "base model"
+    )
+    if "base" in cached:
+        meta = dict(cached["base"].meta)
+        console.print(f"base model {meta['digest'][:12]} (cache hit)")
+        return key, meta
+    ready()
     with console.status("base model: pretraining (cached after the first run)"):
         job = ray.remote(pretrain_base_job).options(num_cpus=1, max_retries=2)
         meta = get(
@@ -355,9 +386,11 @@ def finetune_all(
     datasets: dict[str, Splits],
     console: Console,
     digests: dict[str, str] | None = None,
+    ready: Callable[[], None] = lambda: None,
 ) -> dict[str, dict[str, Any]]:
     """Stages 2-4: one Ray task per task whose vector is not in the store yet. ``digests``:
-    :func:`key_digests` of ``datasets``, if the caller has them already."""
+    :func:`key_digests` of ``datasets``, if the caller has them already; ``ready`` starts Ray
+    before the first task (a run whose vectors are all stored does not need it)."""
     job = ray.remote(run_finetune_job).options(**finetune_options(plan))
     results: dict[str, dict[str, Any]] = {}
     pending: dict[Any, str] = {}
@@ -385,6 +418,7 @@ def finetune_all(
                 "cache_hit": True,
             }
             continue
+        ready()
         ref = job.remote(
             store_cfg,
             key,
@@ -434,9 +468,11 @@ def compute_statistics(
     base_meta: dict[str, Any],
     tasks: dict[str, dict[str, Any]],
     console: Console,
+    ready: Callable[[], None] = lambda: None,
 ) -> None:
     """Stage 4b: the statistics the data-aware candidates read, one Ray task per task vector
-    that lacks some (stored ones of the same task vector are reused)."""
+    that lacks some (stored ones of the same task vector are reused; ``ready`` starts Ray
+    before the first task)."""
     needs = statistics_needs(plan.candidates)
     if not needs:
         return
@@ -452,6 +488,7 @@ def compute_statistics(
         ]
         if missing:
             dataset = plan.tasks[plan.task_names.index(name)].dataset
+            ready()
             ref = job.remote(store_cfg, name, vector, dataset, plan.evaluation, base, missing)
             pending[ref] = name
     labels = ", ".join(f"{kind} (n={rows})" for kind, rows in needs)
@@ -529,30 +566,100 @@ def search(
     candidates: list[Candidate] | None = None,
     rows: dict[str, int] | None = None,
     label: str = "merge search",
+    book: ScoreBook | None = None,
 ) -> list[dict[str, Any]]:
     """Stage 5: fan candidates (default: the plan's) out over the scorer actors in small chunks;
-    ``rows``: score on that many validation rows per task (a successive-halving rung)."""
+    ``rows``: score on that many validation rows per task (a successive-halving rung). Scores
+    in ``book`` are reused; only the candidates without one are scored (and added to it)."""
     candidates = list(plan.candidates) if candidates is None else candidates
     seed = plan.spec.merge.search.seed
-    size = max(1, math.ceil(len(candidates) / (len(scorers) * 4)))
-    chunks = [candidates[i : i + size] for i in range(0, len(candidates), size)]
+    book = book or ScoreBook("")
+    how = {"split": "val", "rows": rows, "seed": seed}
+    found, missing = book.split(candidates, **how)
+    by_id: dict[str, dict[str, Any]] = {}
+    for candidate in candidates:
+        if candidate.id in found:
+            accuracy = found[candidate.id]
+            by_id[candidate.id] = candidate_row(
+                candidate, accuracy, objective_scores(accuracy, finetuned_val)
+            )
+    if not missing:
+        return [by_id[c.id] for c in candidates]
+    size = max(1, math.ceil(len(missing) / (len(scorers) * 4)))
+    chunks = [missing[i : i + size] for i in range(0, len(missing), size)]
     pending = {
         scorers[i % len(scorers)].score.remote(chunk, "val", None, rows, seed): chunk
         for i, chunk in enumerate(chunks)
     }
-    by_id: dict[str, dict[str, Any]] = {}
     with progress_bar(console) as progress:
-        bar = progress.add_task(label, total=len(candidates))
+        bar = progress.add_task(label, total=len(candidates), completed=len(found))
         while pending:
             done = wait_any(list(pending))
             chunk = pending.pop(done[0])
-            for candidate, row in zip(chunk, get(done[0], "merge search"), strict=True):
-                accuracy = row["accuracy"]
+            scored = [row["accuracy"] for row in get(done[0], "merge search")]
+            book.put_many(chunk, scored, **how)
+            for candidate, accuracy in zip(chunk, scored, strict=True):
                 by_id[candidate.id] = candidate_row(
                     candidate, accuracy, objective_scores(accuracy, finetuned_val)
                 )
             progress.advance(bar, len(chunk))
     return [by_id[c.id] for c in candidates]
+
+
+class Scorers:
+    """The scorer actors, started (with Ray) the first time a score is not in the book."""
+
+    def __init__(self, start: Callable[[], list[Any]]) -> None:
+        self._start, self._actors = start, None
+
+    @property
+    def actors(self) -> list[Any]:
+        if self._actors is None:
+            self._actors = self._start()
+        return self._actors
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.actors[index]
+
+    def close(self) -> None:
+        for actor in self._actors or []:
+            ray.kill(actor)
+        self._actors = []
+
+
+def score_best(
+    scorers: Scorers, book: ScoreBook, best: Candidate, metric: str | None, what: str
+) -> dict[str, float]:
+    """Stage 6: the chosen candidate's per-task score on test (the search metric, or
+    ``metric``), from the book if it holds it."""
+    key = book.candidate_key(best, "test", metric)
+    accuracy = book.get(key)
+    if accuracy is None:
+        accuracy = get(scorers[0].score.remote([best], "test", metric), what)[0]["accuracy"]
+        book.put(key, accuracy)
+    return accuracy
+
+
+def open_score_book(
+    store: Any,
+    pipeline: str,
+    run_id: str,
+    version: str,
+    base_meta: dict[str, Any],
+    tasks: dict[str, dict[str, Any]],
+    plan: Plan,
+) -> ScoreBook:
+    """The scores this run may reuse: its pipeline's previous run's and its own earlier
+    start's (a resumed run), under this run's score context."""
+    context = score_context(version, base_meta, tasks, plan.evaluation, plan.finetune["mode"])
+    known = read_scores(store, run_id)
+    previous = latest_summary(store, pipeline, before=run_id)
+    if previous is not None:
+        known = read_scores(store, previous["run_id"]) | known
+    return ScoreBook(context, known)
 
 
 def rows_for_tracking(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

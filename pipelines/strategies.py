@@ -16,6 +16,7 @@ from rich.console import Console
 
 from pipelines.plan import Candidate, Plan
 from pipelines.raysession import get, wait_any
+from pipelines.scorebook import ScoreBook
 from pipelines.search_settings import resolve_search
 from pipelines.selection import candidate_row, choose_best, objective_scores
 from pipelines.spec import Spec
@@ -59,9 +60,12 @@ class TangentSearch:
         reference: dict[str, dict[str, Any]],
         console: Console,
         extra: list[Candidate] | None = None,
+        book: ScoreBook | None = None,
     ) -> None:
-        """``extra``: candidates always scored and considered (the champion's warm start)."""
+        """``extra``: candidates always scored and considered (the champion's warm start);
+        ``book``: stored scores to reuse (and to add this search's to)."""
         self.plan, self.spec, self.scorers = plan, plan.spec, scorers
+        self.book = book or ScoreBook("")
         self.extra = list(extra or [])
         self.reference, self.console = reference, console
         self.settings = resolve_search(plan.spec)
@@ -116,29 +120,39 @@ class TangentSearch:
         results: dict[str, dict[str, float]] = {}
         if fast:
             label = "surrogate" if self.settings.surrogate else "fast_path"
-            for row in get(self.scorers[0].fast_score.remote(fast, "val"), "merge search"):
-                results[row["id"]] = row["accuracy"] | {"_by": label}
+            found, missing = self.book.split(fast, split="val", by=label)
+            if missing:
+                scored = get(self.scorers[0].fast_score.remote(missing, "val"), "merge search")
+                accuracy = [row["accuracy"] for row in scored]
+                self.book.put_many(missing, accuracy, split="val", by=label)
+                found |= {row["id"]: row["accuracy"] for row in scored}
+            results |= {k: v | {"_by": label} for k, v in found.items()}
         if slow:
             results |= {k: v | {"_by": "forward"} for k, v in self._forward(slow, "val").items()}
         return [self._row(c, results[c.id]) for c in candidates], candidates
 
     def _forward(self, candidates: list[Candidate], split: str) -> dict[str, dict[str, float]]:
-        """Real (linearized, in linear mode) forward passes fanned out over the actors."""
+        """Real (linearized, in linear mode) forward passes fanned out over the actors; stored
+        scores are reused."""
         from pipelines.run import progress_bar
 
+        results, candidates = self.book.split(candidates, split=split)
+        if not candidates:
+            return results
         size = max(1, math.ceil(len(candidates) / (len(self.scorers) * 4)))
         chunks = [candidates[i : i + size] for i in range(0, len(candidates), size)]
         pending = {
             self.scorers[i % len(self.scorers)].score.remote(chunk, split): chunk
             for i, chunk in enumerate(chunks)
         }
-        results: dict[str, dict[str, float]] = {}
         with progress_bar(self.console) as progress:
             bar = progress.add_task("merge search", total=len(candidates))
             while pending:
                 done = wait_any(list(pending))
                 chunk = pending.pop(done[0])
-                for row in get(done[0], "merge search"):
+                scored = get(done[0], "merge search")
+                self.book.put_many(chunk, [row["accuracy"] for row in scored], split=split)
+                for row in scored:
                     results[row["id"]] = row["accuracy"]
                 progress.advance(bar, len(chunk))
         return results
@@ -164,10 +178,20 @@ class TangentSearch:
                 probe = Candidate(spec_candidate.method, params, dict.fromkeys(self.tasks, 1.0))
                 if self._exact(probe):
                     label = "surrogate" if self.settings.surrogate else "fast_path"
-                    remote = self.scorers[0].fast_per_task_search.remote(
-                        self.settings.strategy, grid, budget, objective, finetuned, seed
+                    arguments = (self.settings.strategy, grid, budget, objective, finetuned, seed)
+                    key = self.book.key(
+                        "per_task_search",
+                        method=spec_candidate.method,
+                        params=params,
+                        arguments=arguments,
+                        by=label,
                     )
-                    for coefficients, accuracy in get(remote, "merge search"):
+                    found = self.book.get(key)
+                    if found is None:
+                        remote = self.scorers[0].fast_per_task_search.remote(*arguments)
+                        found = get(remote, "merge search")
+                        self.book.put(key, found)
+                    for coefficients, accuracy in found:
                         candidate = Candidate(spec_candidate.method, params, coefficients)
                         candidates.append(candidate)
                         rows.append(self._row(candidate, accuracy | {"_by": label}))

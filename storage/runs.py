@@ -104,3 +104,25 @@ def _read_json(store: ObjectStore, key: str, run_id: str, what: str) -> dict[str
     if not isinstance(document, dict):
         raise ArtifactError(f"{store.url(key)} is not a JSON object: the {what} is corrupt")
     return document
+
+
+def write_scores(store: ObjectStore, run_id: str, scores: dict[str, Any]) -> str:
+    """Store the run's validation and test scores by score key (:mod:`pipelines.scorebook`):
+    a later run whose inputs did not change reads them instead of scoring again."""
+    key = f"{run_prefix(run_id)}/scores.json"
+    document = {"format_version": 1, "scores": scores}
+    store.put(key, json.dumps(document, sort_keys=True).encode())
+    return store.url(key)
+
+
+def read_scores(store: ObjectStore, run_id: str) -> dict[str, Any]:
+    """The scores run ``run_id`` stored; empty if it stored none or they are unreadable (they
+    are a cache: a missing or corrupt file costs a rescoring, never a wrong score)."""
+    try:
+        document = json.loads(store.get(f"{run_prefix(run_id)}/scores.json"))
+    except (FileNotFoundError, ValueError):
+        return {}
+    if not isinstance(document, dict) or document.get("format_version") != 1:
+        return {}
+    scores = document.get("scores")
+    return scores if isinstance(scores, dict) else {}
