@@ -249,6 +249,8 @@ def run_pipeline(spec: Spec, console: Console, summary_path: Path | None = None)
             {"metric": metric, "report": report},
         )
         console.print(f"promotion: {published['promotion']['reason']}")
+        if not cluster.started:
+            console.print("Ray was not started: every artifact and score the run needed was stored")
         write_candidates(store, run_id, spec.merge.objective, best.id, rows)  # summary last
         write_scores(store, run_id, book.record())
         write_summary(store, run_id, summary)

@@ -33,7 +33,7 @@ SUMMARY_KEYS = {
 TASK_KEYS = {"task_vector_uri", "sha256", "cache_hit", "rebuilt_reason", "zero_shot", "finetuned"}
 #: How each task's vector was made in the run (engine, workers, attempts, resumed_from_step).
 TASK_KEYS |= {"engine", "workers", "attempts", "resumed_from_step"}
-SEARCH_KEYS = {"candidates_evaluated", "seconds", "strategy"}
+SEARCH_KEYS = {"candidates_evaluated", "seconds", "strategy", "scores_reused", "scores_computed"}
 BEST_KEYS = {"method", "params", "coefficients", "val", "test"}
 MODEL_KEYS = {"uri", "mlflow_run_id", "registered_model", "version", "aliases", "promotion"}
 TIMING_KEYS = {"finetune_s", "search_s", "total_s"}

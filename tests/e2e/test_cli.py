@@ -53,7 +53,11 @@ def test_quickstart_runs_twice_and_the_second_run_is_all_cache_hits(tmp_path: Pa
     assert all(task["cache_hit"] for task in again["tasks"].values())
     assert again["best"]["coefficients"] == summary["best"]["coefficients"]
     assert again["best"]["method"] == summary["best"]["method"]
-    assert again["model"]["version"] == summary["model"]["version"] + 1
+    # nothing changed: no candidate scored, no Ray started, the first run's version stands
+    assert again["search"]["scores_computed"] == 0
+    assert "Ray was not started" in second.stdout and "Ray was not started" not in first.stdout
+    assert again["model"]["version"] == summary["model"]["version"]
+    assert again["model"]["reused_from"] == summary["run_id"]
     assert "hit" in second.stdout
 
 

@@ -76,6 +76,9 @@ def test_changing_one_file_retrains_exactly_that_task(tmp_path: Path) -> None:
         assert tasks[name]["cache_hit"] is True and tasks[name]["rebuilt_reason"] is None
         assert tasks[name]["sha256"] == first["tasks"][name]["sha256"]
     assert second["spec"]["name"] == "digits-nightly"
+    # perm2's task vector changed: no stored score applies, all 5 candidates + test are scored
+    assert second["search"]["scores_reused"] == 0
+    assert second["search"]["scores_computed"] == 6
 
     store = open_store(f"file://{tmp_path}/store")
     listed = list_runs(store, "digits-nightly")
@@ -91,3 +94,34 @@ def test_changing_one_file_retrains_exactly_that_task(tmp_path: Path) -> None:
         image = out / f"{name}.png"
         assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f'src="{name}.png"' in text
+
+
+def test_a_night_where_nothing_changed_scores_no_candidate(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    subprocess.run(
+        [sys.executable, str(REPO / "examples" / "make_nightly_data.py"), str(data)],
+        check=True,
+        capture_output=True,
+    )
+    document = nightly_spec(data, tmp_path)
+    first = run(document)
+    assert first["search"]["scores_computed"] == 6  # 5 candidates on val, the best on test
+
+    again = run(document)
+    assert again["run_id"] != first["run_id"]
+    assert all(task["cache_hit"] for task in again["tasks"].values())
+    assert again["search"]["scores_computed"] == 0 and again["search"]["scores_reused"] == 6
+    assert again["best"] == first["best"]
+    # the same model: the previous run's version stands, nothing new is registered
+    assert again["model"]["reused_from"] == first["run_id"]
+    assert again["model"]["version"] == first["model"]["version"] == 1
+    assert again["model"]["uri"] == first["model"]["uri"]
+    assert "nothing changed" in again["model"]["promotion"]["reason"]
+
+    # a finer grid keeps the 5 old points: only the 4 new ones are scored (and the test
+    # split again only if the best moved)
+    finer = apply_overrides(document, ["merge.candidates.0.coefficient.num=9"])
+    third = run(finer)
+    assert third["search"]["candidates_evaluated"] == 9
+    assert third["search"]["scores_reused"] >= 5
+    assert 4 <= third["search"]["scores_computed"] <= 5

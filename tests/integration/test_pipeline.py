@@ -78,7 +78,10 @@ def test_pipeline_runs_end_to_end_then_hits_the_cache(tiny_spec: dict, tmp_path:
     assert {t: v["sha256"] for t, v in second["tasks"].items()} == {
         t: v["sha256"] for t, v in first["tasks"].items()
     }
-    assert second["model"]["version"] == first["model"]["version"] + 1
+    # nothing changed: the stored scores and the first run's model and version are reused
+    assert second["search"]["scores_computed"] == 0
+    assert second["model"]["version"] == first["model"]["version"]
+    assert second["model"]["reused_from"] == first["run_id"]
 
 
 def test_published_model_serves_the_evaluated_predictions(tiny_spec: dict, tmp_path: Path) -> None:

@@ -65,6 +65,11 @@ def test_pipeline_on_s3_with_an_mlflow_server_is_auditable(
     key = corrupt.removeprefix(f"s3://{BUCKET}/") + "/delta.safetensors"
     s3_server.client().put_object(Bucket=BUCKET, Key=key, Body=b"not the task vector")
     tiny_spec["publish"] = {"min_improvement": 0.5}  # beyond reach: this version stays candidate
+    # The rebuilt vector is bit-identical (the fine-tune is deterministic), so the same grid
+    # would reuse the first run's scores and model; a coefficient off that grid makes a new one.
+    tiny_spec["merge"] = {
+        "candidates": [{"method": "task_arithmetic", "coefficient": {"values": [0.6]}}]
+    }
     second, output = _run(tiny_spec, tmp_path)
     assert "checksum" in output and f"{corrupt}/delta.safetensors" in output
     assert second["tasks"]["perm1"]["cache_hit"] is False
