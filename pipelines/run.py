@@ -197,6 +197,7 @@ def run_pipeline(spec: Spec, console: Console, summary_path: Path | None = None)
             if m != metric
         }
         scorers.close()  # give their CPUs back to the publish stage
+        write_scores(store, run_id, book.record())  # before publish: a resumed run reuses them
         search_info |= book.counts()
         timings["search_s"] = time.perf_counter() - t0
         best_row = next(row for row in rows if row["id"] == best.id)
@@ -252,7 +253,6 @@ def run_pipeline(spec: Spec, console: Console, summary_path: Path | None = None)
         if not cluster.started:
             console.print("Ray was not started: every artifact and score the run needed was stored")
         write_candidates(store, run_id, spec.merge.objective, best.id, rows)  # summary last
-        write_scores(store, run_id, book.record())
         write_summary(store, run_id, summary)
         finish_run(store, resume_key, run_id)
         tracker.log_summary(summary)
