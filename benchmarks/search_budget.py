@@ -2,7 +2,8 @@
 against coordinate ascent for per-task coefficients, over 5 split seeds.
 
     python benchmarks/search_budget.py --only quickstart     # about 10 minutes on 2 CPU cores
-    python benchmarks/search_budget.py --only causal_lm      # the SmolLM2 example: hours
+    python benchmarks/search_budget.py --only causal_lm      # SmolLM2: about 75 min per seed
+    python benchmarks/search_budget.py --only causal_lm --seeds 1   # split seed 0 only
     python benchmarks/search_budget.py                       # both
 
 For each example (the quickstart, or the causal-LM example in standard mode) and each split
