@@ -48,14 +48,19 @@ def run(document: dict) -> dict:
     return run_pipeline(validate_document(document), Console(file=open("/dev/null", "w")))
 
 
-def test_changing_one_file_retrains_exactly_that_task(tmp_path: Path) -> None:
+def example_data(tmp_path: Path) -> tuple[Path, dict]:
+    """The example's files under ``tmp_path/data`` and the shrunk spec that reads them."""
     data = tmp_path / "data"
     subprocess.run(
         [sys.executable, str(REPO / "examples" / "make_nightly_data.py"), str(data)],
         check=True,
         capture_output=True,
     )
-    document = nightly_spec(data, tmp_path)
+    return data, nightly_spec(data, tmp_path)
+
+
+def test_changing_one_file_retrains_exactly_that_task(tmp_path: Path) -> None:
+    data, document = example_data(tmp_path)
 
     first = run(document)
     assert set(first["tasks"]) == {"digits-perm1", "digits-perm2", "digits-perm3"}
@@ -97,13 +102,7 @@ def test_changing_one_file_retrains_exactly_that_task(tmp_path: Path) -> None:
 
 
 def test_a_night_where_nothing_changed_scores_no_candidate(tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    subprocess.run(
-        [sys.executable, str(REPO / "examples" / "make_nightly_data.py"), str(data)],
-        check=True,
-        capture_output=True,
-    )
-    document = nightly_spec(data, tmp_path)
+    _, document = example_data(tmp_path)
     first = run(document)
     assert first["search"]["scores_computed"] == 6  # 5 candidates on val, the best on test
 
