@@ -11,6 +11,7 @@ def fit_linear_probe(
 ) -> dict[str, torch.Tensor]:
     """Multinomial logistic regression (L2, C=1) on frozen features; deterministic (lbfgs)."""
     from sklearn.linear_model import LogisticRegression  # a second of import: only when fitting
+
     probe = LogisticRegression(max_iter=2000, C=1.0)
     probe.fit(features, labels)
     weight = np.zeros((num_classes, features.shape[1]), dtype=np.float32)
