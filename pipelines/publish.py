@@ -19,7 +19,6 @@ from storage.artifacts import find_artifact
 from storage.digest import digest_json
 from storage.localfiles import copy_artifact
 from storage.objectstore import FsspecStore
-from storage.runs import latest_summary
 from storage.taskvectors import base_model_prefix, model_prefix
 from storage.tracking_guard import GuardedTracker
 from workers.kinds.registry import TRANSFORMERS
@@ -40,11 +39,12 @@ def publish(
     best: Candidate,
     test_scores: dict[str, float],
     version: str,
+    previous_run: str | None = None,
     ready: Callable[[], None] = lambda: None,
 ) -> dict[str, Any]:
     """Stage 7. The merged model is built by a Ray task (``ready`` starts Ray first), unless
-    the pipeline's previous run published one from the same inputs: a run where nothing
-    changed reuses that model and its registry version, and registers nothing new."""
+    the pipeline's previous run (``previous_run``) published one from the same inputs: a run
+    where nothing changed reuses that model and its registry version, registers nothing new."""
     name = plan.spec.registered_model
     objective = plan.spec.merge.objective
     config = {
@@ -81,7 +81,7 @@ def publish(
     meta["inputs"] = digest_json(  # what the model is made of: equal inputs, equal model
         [config, {k: v for k, v in meta.items() if k not in ("run_id", "test")}]
     )
-    previous = previous_model(store, plan.spec.name, name, run_id, meta["inputs"])
+    previous = previous_model(store, previous_run, name, meta["inputs"])
     if previous is not None:
         stored = previous["stored"]
     else:
@@ -218,18 +218,17 @@ def lineage_tags(
 
 
 def previous_model(
-    store: FsspecStore, pipeline: str, name: str, run_id: str, inputs: str
+    store: FsspecStore, previous_run: str | None, name: str, inputs: str
 ) -> dict[str, Any] | None:
-    """The model the pipeline's previous run published, if it was made from ``inputs`` (the
-    digest :func:`publish` writes in every merged model's meta) and is still in the store."""
-    summary = latest_summary(store, pipeline, before=run_id)
-    if summary is None:
+    """The model run ``previous_run`` published, if it was made from ``inputs`` (the digest
+    :func:`publish` writes in every merged model's meta) and is still in the store."""
+    if previous_run is None:
         return None
-    ref = find_artifact(store, model_prefix(name, summary["run_id"]))
+    ref = find_artifact(store, model_prefix(name, previous_run))
     if ref is None or ref.meta.get("inputs") != inputs:
         return None
     return {
-        "run_id": summary["run_id"],
+        "run_id": previous_run,
         "stored": {"uri": ref.uri, "prefix": ref.prefix, "sha256": ref.sha256},
     }
 

@@ -150,7 +150,9 @@ def run_pipeline(spec: Spec, console: Console, summary_path: Path | None = None)
 
         t0 = time.perf_counter()
         finetuned_val = {t: info["meta"]["finetuned"]["val"] for t, info in tasks.items()}
-        book = open_score_book(store, spec.name, run_id, version, base_meta, tasks, plan)
+        previous = latest_summary(store, spec.name, before=run_id)  # scores, model to reuse
+        previous_run = previous["run_id"] if previous else None
+        book = open_score_book(store, previous_run, run_id, version, base_meta, tasks, plan)
 
         def start_actors() -> list[Any]:
             cluster.ensure()
@@ -229,6 +231,7 @@ def run_pipeline(spec: Spec, console: Console, summary_path: Path | None = None)
             best,
             test_scores,
             version,
+            previous_run,
             cluster.ensure,
         )
         timings["total_s"] = time.perf_counter() - started
@@ -647,20 +650,19 @@ def score_best(
 
 def open_score_book(
     store: Any,
-    pipeline: str,
+    previous_run: str | None,
     run_id: str,
     version: str,
     base_meta: dict[str, Any],
     tasks: dict[str, dict[str, Any]],
     plan: Plan,
 ) -> ScoreBook:
-    """The scores this run may reuse: its pipeline's previous run's and its own earlier
-    start's (a resumed run), under this run's score context."""
+    """The scores this run may reuse: its pipeline's previous run's (``previous_run``) and its
+    own earlier start's (a resumed run), under this run's score context."""
     context = score_context(version, base_meta, tasks, plan.evaluation, plan.finetune["mode"])
     known = read_scores(store, run_id)
-    previous = latest_summary(store, pipeline, before=run_id)
-    if previous is not None:
-        known = read_scores(store, previous["run_id"]) | known
+    if previous_run is not None:
+        known = read_scores(store, previous_run) | known
     return ScoreBook(context, known)
 
 
