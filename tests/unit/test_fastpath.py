@@ -8,7 +8,7 @@ import torch
 
 from pipelines.plan import Candidate
 from pipelines.selection import choose_best, objective_scores
-from storage.errors import SpecError
+from storage.errors import MergeInputError, SpecError
 from workers.finetune import LinearizedModel, TrainConfig, delta_between, linearized_forward, train
 from workers.merge import merge
 from workers.models import apply_head, build_backbone, fit_linear_probe
@@ -179,10 +179,31 @@ def test_a_full_per_task_grid_over_the_budget_is_refused() -> None:
     assert len(full_grid(_bowl, 3, [0.0, 0.5, 1.0])) == 27
 
 
-def test_a_coefficient_dict_without_a_task_is_refused_not_read_as_zero() -> None:
-    from storage.errors import MergeInputError
-    from workers.search.fastpath import linear_weights
+def _merge_refusal(coefficient: dict) -> str:
+    """merge()'s own message for this coefficient dict over one-tensor tasks a and b."""
+    base = {"w": torch.zeros(2)}
+    vectors = {"a": {"w": torch.ones(2)}, "b": {"w": torch.ones(2)}}
+    with pytest.raises(MergeInputError) as refused:
+        merge("task_arithmetic", base, vectors, coefficient)
+    return str(refused.value)
 
-    assert linear_weights("task_arithmetic", {}, {"a": 0.5, "b": 0.25}, ["a", "b"]) == [0.5, 0.25]
-    with pytest.raises(MergeInputError, match=r"no coefficient for task vector\(s\) \['b'\]"):
-        linear_weights("task_arithmetic", {}, {"a": 0.5}, ["a", "b"])
+
+@pytest.mark.parametrize(
+    "coefficient",
+    [{"a": 0.5}, {"b": 0.25}, {"a": 0.5, "b": 0.25, "d": 1.0}, {"a": 0.5, "b": float("nan")}],
+    ids=["no-b", "no-a", "unknown-d", "nan"],
+)
+def test_a_bad_coefficient_dict_is_refused_as_merge_refuses_it(coefficient: dict) -> None:
+    # a task left out would otherwise weigh 0: {"a": 0.5} would score θ0 + 0.5 τ_a
+    expected = _merge_refusal(coefficient)
+    with pytest.raises(MergeInputError) as refused:
+        linear_weights("task_arithmetic", {}, coefficient, ["a", "b"])
+    assert str(refused.value) == expected
+    assert linear_weights("task_arithmetic", {}, {"b": 0.25, "a": 0.5}, ["a", "b"]) == [0.5, 0.25]
+
+
+def test_the_missing_coefficient_message_says_how_to_leave_a_task_out() -> None:
+    assert _merge_refusal({"a": 0.5}) == (
+        "the coefficients have no value for task 'b': give one per task vector "
+        "(0.0 leaves a task out)"
+    )
