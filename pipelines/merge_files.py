@@ -26,7 +26,13 @@ from storage.shards import (
 )
 from workers.adapters.factors import Factor, LoraDelta
 from workers.merge.backbone import Coefficient
-from workers.merge.engine import TensorSpec, merge_stream, plan_merge, trim_thresholds
+from workers.merge.engine import (
+    TensorSpec,
+    election_majority,
+    merge_stream,
+    plan_merge,
+    trim_thresholds,
+)
 from workers.models.huggingface import BACKBONE_PREFIX
 
 #: Files of a Hugging Face model directory copied beside the merged shards.
@@ -102,13 +108,20 @@ def merge_files(
         params,
     )
     thresholds = trim_thresholds(plan, tasks)
+    majority = election_majority(plan, tasks, thresholds)
     extra = dict(extra_tensors or {})
     specs = [(s.name, s.dtype, s.shape) for s in plan.tensors]
     specs += [(name, t.dtype, tuple(t.shape)) for name, t in extra.items()]
     writer = ShardedWriter(out, specs, max_shard_bytes=max_shard_bytes)
     try:
         stream = merge_stream(
-            plan, base, tasks, thresholds=thresholds, reuse_buffers=True, statistics=statistics
+            plan,
+            base,
+            tasks,
+            thresholds=thresholds,
+            majority=majority,
+            reuse_buffers=True,
+            statistics=statistics,
         )
         for name, tensor in stream:
             writer.write(name, tensor)
@@ -132,6 +145,7 @@ def merge_files(
         "shards": len(set(writer.weight_map.values())),
         "task_vector_bytes": read_bytes,
         "global_thresholds": thresholds,
+        "global_majority": majority,
         "seconds": time.perf_counter() - started,
     }
 

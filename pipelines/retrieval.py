@@ -4,7 +4,9 @@ A tall_masks candidate scores each task with that task's own model θ0 + m_t ∘
 model of task t depends only on λ_t. So the best per-task choice is read off the grid already
 evaluated: for each task, the λ_t with the highest validation accuracy on that task (ties: the
 smaller λ_t). That choice becomes one more candidate, ``lam: {task: λ_t}``, with exactly those
-accuracies; it is marked ``derived`` (it needs no evaluation of its own).
+accuracies; it is marked ``derived`` (it needs no evaluation of its own). Both search modes
+decide it here: the standard-mode grid (`pipelines.run`) and the tangent-space search
+(`pipelines.strategies.TangentSearch`, linear mode's linearized scores).
 """
 
 from __future__ import annotations

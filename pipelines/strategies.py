@@ -16,6 +16,7 @@ from rich.console import Console
 
 from pipelines.plan import Candidate, Plan
 from pipelines.raysession import get, wait_any
+from pipelines.retrieval import per_task_lambda_candidates
 from pipelines.scorebook import ScoreBook
 from pipelines.search_settings import resolve_search
 from pipelines.selection import candidate_row, choose_best, objective_scores
@@ -90,6 +91,10 @@ class TangentSearch:
         if missing:
             extra_rows, _ = self._score(missing)
             rows, candidates = rows + extra_rows, candidates + missing
+        # tall_masks: each task keeps its own best λ_t, read off the grid as in standard mode
+        finetuned = {t: self.reference[t]["finetuned"]["val"] for t in self.tasks}
+        for candidate, row in per_task_lambda_candidates(rows, finetuned):
+            rows, candidates = [*rows, row], [*candidates, candidate]
         if s.surrogate:
             return self._verify(rows, candidates, info)
         return SearchOutcome(rows, self._choose(candidates, rows), info)

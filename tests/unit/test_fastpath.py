@@ -8,7 +8,7 @@ import torch
 
 from pipelines.plan import Candidate
 from pipelines.selection import choose_best, objective_scores
-from storage.errors import SpecError
+from storage.errors import MergeInputError, SpecError
 from workers.finetune import LinearizedModel, TrainConfig, delta_between, linearized_forward, train
 from workers.merge import merge
 from workers.models import apply_head, build_backbone, fit_linear_probe
@@ -156,20 +156,46 @@ def test_coordinate_ascent_finds_a_separable_optimum_within_its_budget() -> None
     assert coordinate_ascent(_bowl, 3, grid) == scores  # deterministic
 
 
-def test_per_task_search_on_the_fast_path_beats_or_matches_the_shared_grid(
-    linear_tasks: dict,
-) -> None:
+# Per-task accuracy (percent) of three tasks at each α_t of the grid [0, 0.5, 1, 1.5, 2]; each
+# task's accuracy depends on its own coefficient only, as with disentangled task vectors.
+PER_TASK_GRID = (0.0, 0.5, 1.0, 1.5, 2.0)
+PER_TASK_ACCURACY = (
+    (50, 80, 70, 60, 55),  # a: best at 0.5
+    (40, 45, 60, 75, 70),  # b: best at 1.5
+    (30, 50, 90, 65, 35),  # c: best at 1.0
+)
+
+
+def _summed_accuracy(points: list[tuple[float, ...]]) -> list[float]:
+    """3 × the mean accuracy of each point: exact integers, so ranks are exact."""
+    return [
+        float(sum(row[PER_TASK_GRID.index(v)] for row, v in zip(PER_TASK_ACCURACY, p, strict=True)))
+        for p in points
+    ]
+
+
+def test_coordinate_ascent_finds_the_per_task_optimum_above_the_shared_one() -> None:
+    # shared α: sums 120, 175, 220, 200, 160 -> the best shared point is (1, 1, 1) at 220.
+    # The ascent starts there; sweeping a with b = c = 1: 200, 230, 220, 210, 205 -> a = 0.5;
+    # then b with (0.5, ·, 1): 210, 215, 230, 245, 240 -> b = 1.5; then c: 90 is c's best at
+    # 1.0 -> stays. The next pass moves nothing: (0.5, 1.5, 1.0) at 80 + 75 + 90 = 245 > 220.
+    scores = coordinate_ascent(_summed_accuracy, 3, list(PER_TASK_GRID))
+    shared = max(_summed_accuracy([(v, v, v) for v in PER_TASK_GRID]))
+    assert shared == 220.0
+    best = best_point(scores)
+    assert best == (0.5, 1.5, 1.0)
+    assert scores[best] == 245.0 > shared
+
+
+def test_per_task_search_on_the_fast_path_scores_its_points_exactly(linear_tasks: dict) -> None:
     fast = _fast(linear_tasks)
 
     def evaluate(points):
         accuracy = fast.accuracies(torch.tensor(points))
         return torch.stack([accuracy[t] for t in TASKS], dim=1).mean(dim=1).tolist()
 
-    grid = [round(0.1 * i, 10) for i in range(21)]
-    scores = coordinate_ascent(evaluate, 3, grid)
-    shared = max(evaluate([(v, v, v) for v in grid]))
+    scores = coordinate_ascent(evaluate, 3, [round(0.1 * i, 10) for i in range(21)])
     best = best_point(scores)
-    assert scores[best] >= shared
     assert evaluate([best]) == [scores[best]]
 
 
@@ -179,10 +205,31 @@ def test_a_full_per_task_grid_over_the_budget_is_refused() -> None:
     assert len(full_grid(_bowl, 3, [0.0, 0.5, 1.0])) == 27
 
 
-def test_a_coefficient_dict_without_a_task_is_refused_not_read_as_zero() -> None:
-    from storage.errors import MergeInputError
-    from workers.search.fastpath import linear_weights
+def _merge_refusal(coefficient: dict) -> str:
+    """merge()'s own message for this coefficient dict over one-tensor tasks a and b."""
+    base = {"w": torch.zeros(2)}
+    vectors = {"a": {"w": torch.ones(2)}, "b": {"w": torch.ones(2)}}
+    with pytest.raises(MergeInputError) as refused:
+        merge("task_arithmetic", base, vectors, coefficient)
+    return str(refused.value)
 
-    assert linear_weights("task_arithmetic", {}, {"a": 0.5, "b": 0.25}, ["a", "b"]) == [0.5, 0.25]
-    with pytest.raises(MergeInputError, match=r"no coefficient for task vector\(s\) \['b'\]"):
-        linear_weights("task_arithmetic", {}, {"a": 0.5}, ["a", "b"])
+
+@pytest.mark.parametrize(
+    "coefficient",
+    [{"a": 0.5}, {"b": 0.25}, {"a": 0.5, "b": 0.25, "d": 1.0}, {"a": 0.5, "b": float("nan")}],
+    ids=["no-b", "no-a", "unknown-d", "nan"],
+)
+def test_a_bad_coefficient_dict_is_refused_as_merge_refuses_it(coefficient: dict) -> None:
+    # a task left out would otherwise weigh 0: {"a": 0.5} would score θ0 + 0.5 τ_a
+    expected = _merge_refusal(coefficient)
+    with pytest.raises(MergeInputError) as refused:
+        linear_weights("task_arithmetic", {}, coefficient, ["a", "b"])
+    assert str(refused.value) == expected
+    assert linear_weights("task_arithmetic", {}, {"b": 0.25, "a": 0.5}, ["a", "b"]) == [0.5, 0.25]
+
+
+def test_the_missing_coefficient_message_says_how_to_leave_a_task_out() -> None:
+    assert _merge_refusal({"a": 0.5}) == (
+        "the coefficients have no value for task 'b': give one per task vector "
+        "(0.0 leaves a task out)"
+    )

@@ -7,6 +7,7 @@ in float32 (the model's dtype) against ``linearized_forward`` of the merged dire
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -166,12 +167,25 @@ def test_a_vector_that_changes_the_head_is_refused(tied: dict) -> None:
         build_lm_fast_path(tied["model"], tied["theta0"], vectors, tied["inputs"], BATCH)
 
 
-def test_a_missing_coefficient_is_refused_not_taken_as_zero() -> None:
+@pytest.mark.parametrize(
+    "coefficients",
+    [
+        {"a": 1.0, "b": 0.5},
+        {"a": 1.0, "b": 0.5, "c": 0.2, "d": 0.5},
+        {"a": 1.0, "b": 0.5, "c": math.inf},
+    ],
+    ids=["no-c", "unknown-d", "inf"],
+)
+def test_a_bad_coefficient_dict_is_refused_as_merge_refuses_it(coefficients: dict) -> None:
+    # a task left out would otherwise weigh 0 in the scored merge
     assert coefficient_vector({"b": 2.0, "a": -1.0}, ("a", "b")).tolist() == [-1.0, 2.0]
-    with pytest.raises(MergeInputError, match="no coefficient for task vector 'c'"):
-        coefficient_vector({"a": 1.0, "b": 0.5}, ("a", "b", "c"))
-    with pytest.raises(MergeInputError, match="'d', which is not a task vector"):
-        coefficient_vector({"a": 1.0, "d": 0.5}, ("a",))
+    base = {"w": torch.zeros(2)}
+    vectors = {task: {"w": torch.ones(2)} for task in ("a", "b", "c")}
+    with pytest.raises(MergeInputError) as by_merge:
+        merge("task_arithmetic", base, vectors, coefficients)
+    with pytest.raises(MergeInputError) as by_fast_path:
+        coefficient_vector(coefficients, ("a", "b", "c"))
+    assert str(by_fast_path.value) == str(by_merge.value)
 
 
 def test_an_untied_model_freezes_only_its_lm_head() -> None:

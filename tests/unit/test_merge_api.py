@@ -100,7 +100,13 @@ def test_cross_field_and_task_dependent_params_are_checked(base, task_vectors):
             thresholds={"a": 0.0, "b": 0.0, "c": 0.0},
         )
     with pytest.raises(MergeInputError, match="no valid value for task 'c'"):
-        merge("ties", base, task_vectors, thresholds={"a": 0.0, "b": 0.0})
+        merge("ties", base, task_vectors, thresholds={"a": 0.0, "b": 0.0}, majority=1.0)
+    with pytest.raises(MergeInputError, match="needs both 'thresholds'"):
+        merge("ties", base, task_vectors, thresholds={"a": 0.0, "b": 0.0, "c": 0.0})
+    with pytest.raises(MergeInputError, match="param 'majority' is 0.0: use 1.0 or -1.0"):
+        merge("ties", base, task_vectors, thresholds=dict.fromkeys("abc", 0.0), majority=0.0)
+    with pytest.raises(MergeInputError, match="'majority' applies only to a global ties trim"):
+        merge("ties", base, task_vectors, scope="per_tensor", majority=1.0)
 
 
 @pytest.mark.parametrize("coefficient", [float("nan"), float("inf"), True, "0.5", None])

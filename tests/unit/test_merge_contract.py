@@ -17,7 +17,7 @@ from storage.errors import MergeInputError
 from workers.merge import get_method, list_methods
 from workers.merge import merge as merge_method
 from workers.merge.dare import drop_and_rescale
-from workers.merge.ties import global_trim_thresholds
+from workers.merge.ties import global_majority_sign, global_trim_thresholds
 
 # Params that make every method do real work on tiny tensors (breadcrumbs' defaults keep
 # floor(6 · 0.1) = 0 entries per row, which would make most properties hold trivially).
@@ -183,21 +183,27 @@ def test_task_order_does_not_matter(name, params, per_task, base, task_vectors):
     )
 
 
+def _trim_entries(name: str, params: dict, task_vectors):
+    """The (task, tensor name, tensor) a global ties trim and election see for these params."""
+    for task, vector in task_vectors.items():
+        for key, tensor in vector.items():
+            if name == "dare":
+                tensor = drop_and_rescale(
+                    tensor,
+                    task=task,
+                    name=key,
+                    p=params.get("p", 0.5),
+                    seed=params.get("seed", 0),
+                )
+            yield task, key, tensor
+
+
 def _trim_stream(name: str, params: dict, task_vectors):
     """The (task, tensor) pairs a global ties trim sees for this method and params."""
 
     def stream():
-        for task, vector in task_vectors.items():
-            for key, tensor in vector.items():
-                if name == "dare":
-                    tensor = drop_and_rescale(
-                        tensor,
-                        task=task,
-                        name=key,
-                        p=params.get("p", 0.5),
-                        seed=params.get("seed", 0),
-                    )
-                yield task, tensor
+        for task, _, tensor in _trim_entries(name, params, task_vectors):
+            yield task, tensor
 
     return stream
 
@@ -213,8 +219,13 @@ def test_streaming_tensor_by_tensor_equals_in_memory(name, params, per_task, bas
     density = method.global_trim_density(method.validate_params(params))
     if density is not None:
         trim_coefficient = coefficient if method.uses_coefficient else 1.0
-        extra["thresholds"] = global_trim_thresholds(
-            _trim_stream(name, params, task_vectors), density, trim_coefficient
+        stream = _trim_stream(name, params, task_vectors)
+        extra["thresholds"] = global_trim_thresholds(stream, density, trim_coefficient)
+        per_tensor: dict[str, dict[str, Tensor]] = {key: {} for key in base}
+        for task, key, tensor in _trim_entries(name, params, task_vectors):
+            per_tensor[key][task] = tensor
+        extra["majority"] = global_majority_sign(
+            per_tensor.values(), extra["thresholds"], trim_coefficient
         )
     streamed = {}
     for key in base:

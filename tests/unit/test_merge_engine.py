@@ -128,6 +128,23 @@ def test_streamed_merge_equals_in_memory_merge(method, params, coefficient, reus
         assert torch.equal(streamed[name], expected[name]), name
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_streamed_global_ties_elects_with_the_whole_backbones_majority(dtype) -> None:
+    # test_merge_methods.py's hand-computed case: w alone has a + majority, v alone a −, the
+    # backbone −; the fused kernel (float32) and the method per tensor (float64) both stream.
+    base = {"w": torch.zeros(3, dtype=dtype), "v": torch.zeros(5, dtype=dtype)}
+    vectors = {
+        "a": {"w": torch.tensor([2, 3, 1.0]), "v": torch.tensor([-1, -1, -1, -1, 5.0])},
+        "b": {"w": torch.tensor([-2, 1, 1.0]), "v": torch.tensor([-1, -1, -1, -1, -5.0])},
+    }
+    vectors = {task: {n: x.to(dtype) for n, x in v.items()} for task, v in vectors.items()}
+    streamed = stream_all("ties", {"density": 1.0}, 1.0, base, vectors, reuse_buffers=True)
+    assert torch.equal(streamed["w"], torch.tensor([-2, 2, 1.0], dtype=dtype))
+    assert torch.equal(streamed["v"], torch.tensor([-1, -1, -1, -1, -5.0], dtype=dtype))
+    in_memory = merge("ties", base, vectors, 1.0, density=1.0)
+    assert all(torch.equal(streamed[name], in_memory[name]) for name in base)
+
+
 @pytest.mark.parametrize("mmap", [False, True])
 @pytest.mark.parametrize(
     ("method", "params", "coefficient"),

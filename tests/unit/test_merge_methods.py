@@ -98,6 +98,60 @@ def test_ties_zero_sum_takes_the_majority_sign():
     assert_equal(merged_x("ties", torch.zeros(3), negative, density=1.0), t(-2, -2, -1))
 
 
+# Two tensors, density 1 (nothing trimmed), tasks a and b:
+#   w: a = [2, 3, 1], b = [-2, 1, 1]             sums [0, 4, 2]        signs [0, +, +]  (+2)
+#   v: a = [-1, -1, -1, -1, 5], b = [-1]*4 + [-5] sums [-2]*4 + [0]    signs [−]*4 + [0] (−4)
+# w alone has a + majority, v alone a − one; the whole backbone counts 2 − 4 = −2: majority −.
+MAJORITY_BASE = {"w": torch.zeros(3), "v": torch.zeros(5)}
+MAJORITY_TASKS = {
+    "a": {"w": t(2, 3, 1), "v": t(-1, -1, -1, -1, 5)},
+    "b": {"w": t(-2, 1, 1), "v": t(-1, -1, -1, -1, -5)},
+}
+# global: w's zero sum takes − and keeps b's −2; the rest is the agreeing mean
+GLOBAL_MAJORITY = {"w": t(-2, 2, 1), "v": t(-1, -1, -1, -1, -5)}
+# per tensor: w's zero sum takes w's own + and keeps a's +2; v's takes − and keeps b's −5
+TENSOR_MAJORITY = {"w": t(2, 2, 1), "v": t(-1, -1, -1, -1, -5)}
+
+
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [
+        ("ties", {"density": 1.0}),
+        ("ties", {"density": 1.0, "scope": "global"}),
+        ("dare", {"p": 0.0, "then": "ties", "density": 1.0}),
+    ],
+)
+def test_ties_global_scope_takes_the_whole_backbones_majority_sign(method, params):
+    result = merge(method, MAJORITY_BASE, MAJORITY_TASKS, **params)
+    for name, expected in GLOBAL_MAJORITY.items():
+        assert_equal(result[name], expected)
+
+
+def test_ties_per_tensor_scope_takes_each_tensors_majority_sign():
+    result = merge("ties", MAJORITY_BASE, MAJORITY_TASKS, density=1.0, scope="per_tensor")
+    for name, expected in TENSOR_MAJORITY.items():
+        assert_equal(result[name], expected)
+
+
+def test_tall_masks_with_ties_elects_over_the_whole_backbone():
+    # use_ties: τ_MTL is ties (density 0.2, scope global, merge: sum). Each task has 6 entries
+    # and keeps ceil(0.2 · 6) = 2, its 4 and its 3:
+    #   w: a [4, 0, 0], b [−4, 0, 0]   sums [0, 0, 0]    balance 0
+    #   v: a [−3, 0, 0], b [0, −3, 0]  sums [−3, −3, 0]  balance −2
+    # w alone would elect + and keep a's 4; the backbone's majority is −, so w0 keeps b's −4.
+    # τ_MTL: w [−4, 0, 0], v [−3, −3, 0]. Task b's mask (λ 0.4), |τ_b| ≥ 0.4 |τ_MTL − τ_b|:
+    #   w: [4, .1, .1] ≥ 0.4 · [0, .1, .1]          -> all kept  -> [−4, 0, 0]
+    #   v: [.1, 3, .1] ≥ 0.4 · [3.1, 0, .1]          -> [F, T, T] -> [0, −3, 0]
+    base = {"w": torch.zeros(3), "v": torch.zeros(3)}
+    tasks = {
+        "a": {"w": t(4, 0.1, 0.1), "v": t(-3, 0.1, 0.1)},
+        "b": {"w": t(-4, 0.1, 0.1), "v": t(0.1, -3, 0.1)},
+    }
+    result = merge("tall_masks", base, tasks, task="b", use_ties=True)
+    assert_equal(result["w"], t(-4, 0, 0))
+    assert_equal(result["v"], t(0, -3, 0))
+
+
 def test_ties_density_one_with_agreeing_signs_is_weight_averaging():
     # mean of [1, 2, -3] and [3, 4, -1] = [2, 3, -2]
     tasks = vectors(a=t(1, 2, -3), b=t(3, 4, -1))

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
 from torch import Tensor
 
 from pipelines.plan import TALL_MASKS_LAMS, make_plan
 from pipelines.retrieval import per_task_lambda_candidates
+from pipelines.scorebook import ScoreBook
 from pipelines.specfile import apply_overrides, validate_document
+from pipelines.strategies import TangentSearch
 from storage.errors import ArtifactError
 from storage.objectstore import open_store
 from storage.tall import MASKS, read_tall_artifact, write_tall_artifact
@@ -101,3 +105,27 @@ def test_the_search_plans_a_lambda_grid_and_keeps_each_tasks_best_lambda() -> No
     assert row["accuracy"] == {"perm1": 0.9, "perm2": 0.7} and row["derived"] is True
     assert row["objective"]["mean_normalized_accuracy"] == pytest.approx((0.9 + 1.0) / 2)
     assert row["id"] == candidate.id
+
+
+def test_linear_mode_keeps_each_tasks_best_lambda_as_standard_mode_does() -> None:
+    # The tangent-space search (linear mode) over stored linearized scores: perm1 is best at
+    # λ 0.2 (0.9), perm2 at λ 0.5 (0.8); no shared λ gets both. Every score is in the book, so
+    # the search scores nothing and needs no Ray actor.
+    document = apply_overrides(
+        TINY_SPEC, ["finetune.mode=linear", "merge.candidates=[{method: tall_masks}]"]
+    )
+    plan = make_plan(validate_document(document))
+    accuracy = {0.2: {"perm1": 0.9, "perm2": 0.5}, 0.3: {"perm1": 0.7, "perm2": 0.6},
+                0.4: {"perm1": 0.6, "perm2": 0.7}, 0.5: {"perm1": 0.5, "perm2": 0.8},
+                0.6: {"perm1": 0.4, "perm2": 0.75}}  # fmt: skip
+    book = ScoreBook("linear-tall")
+    candidates = list(plan.candidates)
+    book.put_many(candidates, [accuracy[c.params["lam"]] for c in candidates], split="val")
+    reference = {task: {"finetuned": {"val": 1.0}} for task in ("perm1", "perm2")}
+    console = Console(file=io.StringIO())
+    outcome = TangentSearch(plan, [], reference, console, book=book).run()
+    assert outcome.best.params == {"lam": {"perm1": 0.2, "perm2": 0.5}}
+    best_row = next(row for row in outcome.rows if row["id"] == outcome.best.id)
+    assert best_row["accuracy"] == {"perm1": 0.9, "perm2": 0.8} and best_row["derived"] is True
+    # the best shared λ (0.2 or 0.5, mean 0.7 or 0.65) is strictly worse than the per-task 0.85
+    assert best_row["objective"]["mean_normalized_accuracy"] == pytest.approx(0.85)

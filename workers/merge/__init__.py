@@ -18,7 +18,7 @@ from workers.merge.dare import drop_and_rescale
 from workers.merge.registry import MergeMethod, get_method, list_methods
 from workers.merge.tall_masks import pack_mask, tall_mask, unpack_mask
 from workers.merge.task_arithmetic import negate
-from workers.merge.ties import global_trim_thresholds
+from workers.merge.ties import global_majority_sign, global_trim_thresholds
 from workers.merge.validation import validate_task_vectors
 
 SUPPORT_MODULES = frozenset(
@@ -52,6 +52,7 @@ __all__ = [
     "MergeMethod",
     "drop_and_rescale",
     "get_method",
+    "global_majority_sign",
     "global_trim_thresholds",
     "list_methods",
     "merge",

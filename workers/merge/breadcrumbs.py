@@ -7,8 +7,9 @@ For each τ_t, tensor and row along the last dimension (a 1-D tensor is one row)
 rank entries by |value| (equal values: the earlier position ranks first), zero the top
 floor(n·gamma) (outliers; a count of 0 removes none), keep the next floor(n·beta), zero the rest.
 Then `then: task_arithmetic` (θ0 + λ Σ τ̂_t) or `then: ties` (TIES sign election and disjoint
-mean on the masked vectors, with no further trim). Per-task coefficients scale each τ_t by α_t
-first, then λ = 1.
+mean on the masked vectors, with no further trim; the masks are per row, so zero sums take the
+tensor's majority sign, as ties `scope: per_tensor` does). Per-task coefficients scale each
+τ_t by α_t first, then λ = 1.
 """
 
 from __future__ import annotations

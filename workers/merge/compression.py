@@ -18,7 +18,7 @@ from torch import Tensor
 from storage.errors import MergeInputError
 from workers.merge.backbone import StateDict, TaskVectors, finish, prepare_vectors, task_names
 from workers.merge.tall_masks import multi_task_vector, pack_mask, tall_mask, unpack_mask
-from workers.merge.ties import TiesParams, task_trim_threshold
+from workers.merge.ties import TiesParams, global_majority_sign, task_trim_threshold
 from workers.merge.validation import validate_number, validate_task_vectors
 
 _TIES = TiesParams()
@@ -56,10 +56,16 @@ def compress_tensor(
     *,
     use_ties: bool = False,
     thresholds: Mapping[str, float] | None = None,
+    majority: float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """τ_MTL and each task's packed mask for one tensor (a global ties trim needs thresholds)."""
+    """τ_MTL and each task's packed mask for one tensor.
+
+    A global ties trim needs the whole backbone's `thresholds` and election `majority`.
+    """
     prepared = prepare_vectors({task: {name: t} for task, t in task_tensors.items()}, None)
-    merged = multi_task_vector(prepared, [name], use_ties=use_ties, thresholds=thresholds)[name]
+    merged = multi_task_vector(
+        prepared, [name], use_ties=use_ties, thresholds=thresholds, majority=majority
+    )[name]
     masks = {
         task: pack_mask(tall_mask(prepared[task][name], merged, lams[task]))
         for task in task_names(prepared)
@@ -78,16 +84,19 @@ def compress_tall(
     validate_task_vectors(base, task_vectors)
     tasks = task_names(task_vectors)
     lams = task_lams(lam, tasks)
-    thresholds = None
-    if use_ties:  # the whole-backbone trim, computed once so each tensor can go alone
+    thresholds, majority = None, None
+    if use_ties:  # the whole-backbone trim and election, computed once so each tensor can go alone
         prepared = prepare_vectors(task_vectors, None)
         thresholds = {t: task_trim_threshold(prepared[t].values(), _TIES.density) for t in tasks}
+        majority = global_majority_sign(
+            ({task: prepared[task][name] for task in tasks} for name in base), thresholds
+        )
     multi_task: dict[str, Tensor] = {}
     masks: dict[str, dict[str, Tensor]] = {task: {} for task in tasks}
     for name in base:
         vectors = {task: task_vectors[task][name] for task in tasks}
         multi_task[name], packed = compress_tensor(
-            name, vectors, lams, use_ties=use_ties, thresholds=thresholds
+            name, vectors, lams, use_ties=use_ties, thresholds=thresholds, majority=majority
         )
         for task in tasks:
             masks[task][name] = packed[task]

@@ -7,7 +7,8 @@ m = 1[Σ_t m_t ≥ k] with the TALL masks m_t (λ_t = `lam`, one float or one pe
 θ = θ0 + λ · (m ∘ τ_MTL). It removes "catastrophic" (no task) and "selfish" (one task) weights.
 k = 0 is task arithmetic (ties with `use_ties`); k > T gives θ0. Per-task coefficients scale each
 τ_t by α_t before the masks and τ_MTL, then λ = 1. With `use_ties`, streaming needs `thresholds`
-from `ties.global_trim_thresholds` over the (α-scaled) task vectors.
+from `ties.global_trim_thresholds` and `majority` from `ties.global_majority_sign` over the
+(α-scaled) task vectors.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def _global_density(params: ConsensusParams) -> float | None:
     "consensus",
     params_model=ConsensusParams,
     global_trim_density=_global_density,
-    internal_params=("thresholds",),
+    internal_params=("thresholds", "majority"),
 )
 def consensus(
     base: StateDict,
@@ -73,13 +74,16 @@ def consensus(
     coefficient: Coefficient,
     params: ConsensusParams,
     thresholds: Mapping[str, float] | None = None,
+    majority: float | None = None,
 ) -> StateDict:
     """θ0 + λ · (1[Σ_t m_t ≥ k] ∘ τ_MTL)."""
     tasks = task_names(task_vectors)
     lams = _task_lams(params, tasks)
     scales, lam = split_coefficient(coefficient, tasks)
     prepared = prepare_vectors(task_vectors, scales)
-    merged = multi_task_vector(prepared, base, use_ties=params.use_ties, thresholds=thresholds)
+    merged = multi_task_vector(
+        prepared, base, use_ties=params.use_ties, thresholds=thresholds, majority=majority
+    )
     result: StateDict = {}
     for name in base:
         votes = torch.zeros(merged[name].shape, dtype=torch.int64, device=merged[name].device)

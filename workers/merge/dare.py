@@ -10,7 +10,8 @@ streaming tensor by tensor never change it. Then `then: task_arithmetic` (dare_l
 θ0 + λ Σ dare(τ_t)) or `then: ties` (dare_ties: TIES on the dropped vectors, with the ties
 `density` and `scope`, defaults 0.2 and global). Per-task coefficients scale each dropped τ_t by
 α_t before merging, then λ = 1. A global ties trim streams with `thresholds` computed by
-`ties.global_trim_thresholds` over `drop_and_rescale`d tensors.
+`ties.global_trim_thresholds` and `majority` by `ties.global_majority_sign`, both over
+`drop_and_rescale`d tensors.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def _global_density(params: DareParams) -> float | None:
     "dare",
     params_model=DareParams,
     global_trim_density=_global_density,
-    internal_params=("thresholds",),
+    internal_params=("thresholds", "majority"),
 )
 def dare(
     base: StateDict,
@@ -105,6 +106,7 @@ def dare(
     coefficient: Coefficient,
     params: DareParams,
     thresholds: Mapping[str, float] | None = None,
+    majority: float | None = None,
 ) -> StateDict:
     """θ0 + λ · merge(dare(τ_1)..dare(τ_T)) with task arithmetic or ties."""
     scales, lam = split_coefficient(coefficient, task_names(task_vectors))
@@ -123,6 +125,7 @@ def dare(
             scope=_ties_scope(params),
             merge=_TIES.merge,
             thresholds=thresholds,
+            majority=majority,
         )
     else:
         merged = {name: sum_tasks(prepared, name) for name in base}

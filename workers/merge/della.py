@@ -8,8 +8,10 @@ through Magnitude-Based Sampling" (arXiv:2406.11617); its pruning step is MAGPRU
    probability p_i runs linearly in the rank from p + ε/2 (smallest magnitude) to p − ε/2
    (largest), ε = `epsilon`; drop with probability p_i and rescale kept entries by 1/(1 − p_i),
    so E[magprune(τ)] = τ and the mean p_i is p.
-2. TIES election (γ = sign Σ_t, ties by the tensor's majority) and disjoint mean of the entries
-   agreeing with γ (`ties.elect_and_merge`); there is no TIES trim: MAGPRUNE replaces it.
+2. TIES election (γ = sign Σ_t, zero sums by the tensor's majority sign) and disjoint mean of
+   the entries agreeing with γ (`ties.elect_and_merge`); there is no TIES trim: MAGPRUNE
+   replaces it. DELLA is per tensor throughout (MERGING.md: "per τ_t tensor"), so its election
+   is the per-tensor one of ties `scope: per_tensor` and it streams without a pre-pass.
 3. θ = θ0 + λ τ_merged. Per-task coefficients scale each pruned τ_t by α_t before step 2, then
    λ = 1, as dare does.
 

@@ -11,9 +11,9 @@ Every tensor is merged by the registered method itself (``method.merge`` on a on
 backbone), which is exact for every method whose steps are per tensor. A global ties trim
 (``ties`` scope global, ``dare`` then ties, ``use_ties`` in consensus and tall_masks) first
 computes each task's exact threshold with :func:`ties.global_trim_thresholds` over streamed
-passes. Task arithmetic, weight averaging and ties on float32 tensors run fused kernels
-(:mod:`workers.merge.kernels`) that read into reused buffers and give the method's result
-without its temporaries.
+passes, then the whole backbone's election majority sign in one more pass. Task arithmetic,
+weight averaging and ties on float32 tensors run fused kernels (:mod:`workers.merge.kernels`)
+that read into reused buffers and give the method's result without its temporaries.
 """
 
 from __future__ import annotations
@@ -32,11 +32,12 @@ from workers.merge.dare import drop_and_rescale
 from workers.merge.kernels import (
     Workspace,
     fused_linear,
+    fused_sign_balance,
     fused_ties,
     global_thresholds_float32,
 )
 from workers.merge.registry import RegisteredMethod, get_method
-from workers.merge.ties import global_trim_thresholds
+from workers.merge.ties import global_sign_balance, global_trim_thresholds, majority_of
 from workers.merge.validation import validate_coefficient
 
 _LINEAR_METHODS = frozenset({"task_arithmetic", "weight_average"})
@@ -174,11 +175,9 @@ def trim_thresholds(plan: MergePlan, tasks: Mapping[str, TensorSource]) -> dict[
     """Each task's exact global ties threshold (streamed passes), or None when not needed."""
     if plan.trim_density is None:
         return None
-    dropping = plan.method.name == "dare"
-    dare = plan.method.validate_params(plan.params) if dropping else None
-    coefficient = plan.coefficient if plan.method.uses_coefficient else 1.0
+    coefficient = _trim_coefficient(plan)
     float32 = all(dtype == torch.float32 for d in plan.task_dtypes.values() for dtype in d.values())
-    if float32 and not dropping:
+    if float32 and plan.method.name != "dare":
 
         def read(task: str, index: int, out: Tensor) -> Tensor:
             return tasks[task].read(plan.tensors[index].name, out=out)
@@ -192,19 +191,59 @@ def trim_thresholds(plan: MergePlan, tasks: Mapping[str, TensorSource]) -> dict[
     def stream() -> Iterator[tuple[str, Tensor]]:
         for spec in plan.tensors:
             for task in plan.tasks:
-                tensor = tasks[task].read(spec.name)
-                if dare is not None:  # ties trims the dropped vectors, as dare's merge does
-                    tensor = drop_and_rescale(
-                        tensor,
-                        task=task,
-                        name=spec.name,
-                        p=dare.p,
-                        rescale=dare.rescale,
-                        seed=dare.seed,
-                    )
-                yield task, tensor
+                yield task, _trim_input(plan, task, spec.name, tasks[task].read(spec.name))
 
     return global_trim_thresholds(stream, plan.trim_density, coefficient)
+
+
+def election_majority(
+    plan: MergePlan, tasks: Mapping[str, TensorSource], thresholds: Mapping[str, float] | None
+) -> float | None:
+    """The whole backbone's ties majority sign (one more streamed pass), or None if not needed.
+
+    Needs the plan's global ``thresholds`` (:func:`trim_thresholds`): the election counts the
+    signs of the trimmed sums, tensor by tensor, exactly as the in-memory merge does.
+    """
+    if plan.trim_density is None:
+        return None
+    if thresholds is None:
+        raise MergeInputError(
+            "the global ties election needs the trim thresholds: compute them first with "
+            "trim_thresholds(plan, tasks)"
+        )
+    coefficient = _trim_coefficient(plan)
+    workspace = Workspace(max(spec.nbytes for spec in plan.tensors))
+    balance = 0
+    for spec in plan.tensors:
+        if plan.kernel(spec) == "ties":
+
+            def read(task: str, out: Tensor, name: str = spec.name) -> Tensor:
+                return tasks[task].read(name, out=out)
+
+            balance += fused_sign_balance(
+                plan.tasks, coefficient, spec.shape, read, workspace, thresholds=thresholds
+            )
+        else:
+            by_task = {
+                t: _trim_input(plan, t, spec.name, tasks[t].read(spec.name)) for t in plan.tasks
+            }
+            balance += global_sign_balance([by_task], thresholds, coefficient)
+    return majority_of(balance)
+
+
+def _trim_coefficient(plan: MergePlan) -> Coefficient:
+    """The coefficient the global trim sees: the plan's, or 1 for a method that ignores it."""
+    return plan.coefficient if plan.method.uses_coefficient else 1.0
+
+
+def _trim_input(plan: MergePlan, task: str, name: str, tensor: Tensor) -> Tensor:
+    """What the global ties trim sees of one task tensor: dare trims the dropped vectors."""
+    if plan.method.name != "dare":
+        return tensor
+    dare = plan.method.validate_params(plan.params)
+    return drop_and_rescale(
+        tensor, task=task, name=name, p=dare.p, rescale=dare.rescale, seed=dare.seed
+    )
 
 
 def merge_stream(
@@ -213,26 +252,34 @@ def merge_stream(
     tasks: Mapping[str, TensorSource],
     *,
     thresholds: Mapping[str, float] | None = None,
+    majority: float | None = None,
     reuse_buffers: bool = False,
     statistics: Mapping[str, Mapping[str, Tensor]] | None = None,
 ) -> Iterator[tuple[str, Tensor]]:
     """Yield ``(name, merged tensor)`` in the plan's order, reading one tensor at a time.
 
-    With ``reuse_buffers`` a yielded tensor may be overwritten by the next one: write or copy
-    it before asking for the next (the sharded writer does). ``statistics``: a data-aware
-    method's ``{task: {name: tensor}}`` (``registry.register(statistics=...)``); each tensor's
-    merge gets its own.
+    A global ties trim uses ``thresholds`` and ``majority`` (computed here when not given:
+    :func:`trim_thresholds`, :func:`election_majority`). With ``reuse_buffers`` a yielded
+    tensor may be overwritten by the next one: write or copy it before asking for the next
+    (the sharded writer does). ``statistics``: a data-aware method's ``{task: {name: tensor}}``
+    (``registry.register(statistics=...)``); each tensor's merge gets its own.
     """
     if plan.trim_density is not None and thresholds is None:
         thresholds = trim_thresholds(plan, tasks)
-    extra = {"thresholds": dict(thresholds)} if thresholds is not None else {}
+    if plan.trim_density is not None and majority is None:
+        majority = election_majority(plan, tasks, thresholds)
+    extra: dict[str, Any] = {}
+    if thresholds is not None:
+        extra = {"thresholds": dict(thresholds), "majority": majority}
     shared = Workspace(max(s.nbytes for s in plan.tensors)) if reuse_buffers else None
     for spec in plan.tensors:
         kernel = plan.kernel(spec)
         if kernel is not None:
             yield (
                 spec.name,
-                _fused(kernel, plan, spec, base, tasks, shared or Workspace(), thresholds),
+                _fused(
+                    kernel, plan, spec, base, tasks, shared or Workspace(), thresholds, majority
+                ),
             )
             continue
         base_tensor = base.read(spec.name)
@@ -257,6 +304,7 @@ def _fused(
     tasks: Mapping[str, TensorSource],
     workspace: Workspace,
     thresholds: Mapping[str, float] | None,
+    majority: float | None,
 ) -> Tensor:
     def read(task: str, out: Tensor) -> Tensor:
         return (tasks[task] if task else base).read(spec.name, out=out)
@@ -272,6 +320,7 @@ def _fused(
             density=params.density,
             merge=params.merge,
             thresholds=thresholds,
+            majority=majority,
         )
     else:
         merged = fused_linear(

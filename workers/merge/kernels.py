@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from workers.merge.backbone import Coefficient, split_coefficient
-from workers.merge.ties import trim_count
+from workers.merge.ties import majority_of, sign_balance, trim_count
 
 Read = Callable[[str, Tensor], Tensor]
 """``read(task, out)`` fills ``out`` with one tensor of that task ("" reads θ0)."""
@@ -90,23 +90,16 @@ def _pick(counts: Tensor, rank: int) -> tuple[int, int]:
     return digit, rank - (int(from_top[index]) - int(counts[digit]))
 
 
-def fused_ties(
+def _fill_trimmed(
     tasks: Sequence[str],
-    coefficient: Coefficient,
+    scales: Mapping[str, float] | None,
     shape: Sequence[int],
     read: Read,
     workspace: Workspace,
-    *,
     density: float,
-    merge: str,
     thresholds: Mapping[str, float] | None,
 ) -> Tensor:
-    """TIES (trim, elect, disjoint merge) of one tensor; per-tensor trim unless ``thresholds``.
-
-    Entries are zeroed by multiplying with a mask, so a zero may carry a minus sign where the
-    method writes +0.0: equal values, every bit otherwise the same.
-    """
-    scales, lam = split_coefficient(coefficient, tasks)
+    """The (T, ...) stack of α-scaled, trimmed task tensors in the "stacked" buffer."""
     count = math.prod(shape)
     stacked = workspace.get("stacked", (len(tasks), *shape), torch.float32)
     magnitude = workspace.get("magnitude", shape, torch.float32)
@@ -123,9 +116,51 @@ def fused_ties(
         else:
             limit = kth_largest(magnitude, trim_count(count, density), workspace)
         row.mul_(torch.ge(magnitude, limit, out=keep))
+    return stacked
+
+
+def fused_sign_balance(
+    tasks: Sequence[str],
+    coefficient: Coefficient,
+    shape: Sequence[int],
+    read: Read,
+    workspace: Workspace,
+    *,
+    thresholds: Mapping[str, float],
+) -> int:
+    """``ties.sign_balance`` of one tensor's globally trimmed sum: a pass toward the majority."""
+    scales, _ = split_coefficient(coefficient, tasks)
+    stacked = _fill_trimmed(tasks, scales, shape, read, workspace, 1.0, thresholds)
+    summed = torch.sum(stacked, dim=0, out=workspace.get("elected", shape, torch.float32))
+    return sign_balance(summed)
+
+
+def fused_ties(
+    tasks: Sequence[str],
+    coefficient: Coefficient,
+    shape: Sequence[int],
+    read: Read,
+    workspace: Workspace,
+    *,
+    density: float,
+    merge: str,
+    thresholds: Mapping[str, float] | None,
+    majority: float | None = None,
+) -> Tensor:
+    """TIES (trim, elect, disjoint merge) of one tensor; per-tensor trim unless ``thresholds``.
+
+    ``majority`` (the whole backbone's, with ``thresholds``) fills zero sums; None takes this
+    tensor's. Entries are zeroed by multiplying with a mask, so a zero may carry a minus sign
+    where the method writes +0.0: equal values, every bit otherwise the same.
+    """
+    scales, lam = split_coefficient(coefficient, tasks)
+    stacked = _fill_trimmed(tasks, scales, shape, read, workspace, density, thresholds)
+    magnitude = workspace.get("magnitude", shape, torch.float32)
+    keep = workspace.get("keep", shape, torch.bool)
     elected = torch.sum(stacked, dim=0, out=workspace.get("elected", shape, torch.float32))
+    if majority is None:
+        majority = majority_of(sign_balance(elected))
     elected.sign_()
-    majority = 1.0 if float(elected.sum()) >= 0 else -1.0
     elected.masked_fill_(torch.eq(elected, 0, out=keep), majority)
     total = workspace.get("total", shape, torch.float32)
     agreeing = workspace.get("agreeing", shape, torch.float32)

@@ -97,7 +97,8 @@ class RegisteredMethod:
         """The density of a whole-backbone ties trim these params need, else None.
 
         When not None, streaming tensor by tensor needs `thresholds={task: float}` computed
-        first with `ties.global_trim_thresholds` (see the method's docstring for what it sees).
+        first with `ties.global_trim_thresholds` (see the method's docstring for what it sees),
+        then `majority` (the whole backbone's election sign) with `ties.global_majority_sign`.
         """
         return self.trim_density(params)
 
@@ -117,11 +118,12 @@ class RegisteredMethod:
             )
         internal = {key: params.pop(key) for key in self.internal_params if key in params}
         validated = self.validate_params(params)
-        if "thresholds" in internal and self.trim_density(validated) is None:
-            raise MergeInputError(
-                f"{self.name} param 'thresholds' applies only to a global ties trim, which these "
-                "params do not use: drop it"
-            )
+        for key in ("thresholds", "majority"):
+            if key in internal and self.trim_density(validated) is None:
+                raise MergeInputError(
+                    f"{self.name} param '{key}' applies only to a global ties trim, which these "
+                    "params do not use: drop it"
+                )
         return self.implementation(base, task_vectors, coefficient, validated, **internal)
 
 

@@ -8,7 +8,8 @@ scope global). The mask of task t is m_t = 1[|τ_t| ≥ λ_t · |τ_MTL − τ_t
 writes; the reference code's strict > drops the equality). The model for `task` is
 θ0 + m_task ∘ τ_MTL; the coefficient is ignored, as in the paper. Storing τ_MTL once plus bit-
 packed masks (`pack_mask`) replaces T task vectors. With `use_ties`, streaming needs
-`thresholds` from `ties.global_trim_thresholds` over the raw task vectors.
+`thresholds` from `ties.global_trim_thresholds` and `majority` from `ties.global_majority_sign`
+over the raw task vectors.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def multi_task_vector(
     *,
     use_ties: bool = False,
     thresholds: Mapping[str, float] | None = None,
+    majority: float | None = None,
 ) -> dict[str, Tensor]:
     """τ_MTL: the sum of the task vectors, or their TIES merge with merge: sum."""
     if use_ties:
@@ -63,6 +65,7 @@ def multi_task_vector(
             scope=_TIES.scope,
             merge="sum",
             thresholds=thresholds,
+            majority=majority,
         )
     return {name: sum_tasks(prepared, name) for name in names}
 
@@ -102,7 +105,7 @@ def _global_density(params: TallMasksParams) -> float | None:
     per_task_coefficients=False,
     uses_coefficient=False,
     global_trim_density=_global_density,
-    internal_params=("thresholds",),
+    internal_params=("thresholds", "majority"),
 )
 def tall_masks(
     base: StateDict,
@@ -110,6 +113,7 @@ def tall_masks(
     coefficient: Coefficient,
     params: TallMasksParams,
     thresholds: Mapping[str, float] | None = None,
+    majority: float | None = None,
 ) -> StateDict:
     """θ0 + m_task ∘ τ_MTL, the model retrieved for `params.task`."""
     if params.task not in task_vectors:
@@ -118,7 +122,9 @@ def tall_masks(
             f"of {', '.join(sorted(task_vectors))}"
         )
     prepared = prepare_vectors(task_vectors, None)
-    merged = multi_task_vector(prepared, base, use_ties=params.use_ties, thresholds=thresholds)
+    merged = multi_task_vector(
+        prepared, base, use_ties=params.use_ties, thresholds=thresholds, majority=majority
+    )
     retrieved: StateDict = {}
     for name in base:
         mask = tall_mask(prepared[params.task][name], merged[name], params.lam)

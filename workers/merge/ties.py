@@ -5,14 +5,17 @@ Yadav et al. 2023, "TIES-Merging: Resolving Interference When Merging Models" (N
 1. Trim: keep the entries of each τ_t whose |value| is >= the k-th largest, k = ceil(density·n)
    (at least 1); ties at the threshold are kept. `scope: global` (default, as the paper) takes n
    over the task's whole flattened backbone, `per_tensor` (as mergekit) over each tensor.
-2. Elect: γ = sign(Σ_t τ̂_t); where the sum is exactly 0, γ takes the tensor's majority sign
-   (the sign of Σ γ over its non-zero sums; + when that is 0 too).
+2. Elect: γ = sign(Σ_t τ̂_t); where the sum is exactly 0, γ takes the majority sign: the sign of
+   Σ γ (count of + minus count of −; + when that is 0 too), over the whole backbone the merge
+   covers with `scope: global` (as the paper's `resolve_sign` on the flattened vector), over
+   the tensor with `per_tensor`.
 3. Disjoint merge of the τ̂_t whose sign equals γ: `mean` (divided by their count, at least 1),
    `sum`, or `max` (γ times the largest agreeing |value|).
 4. θ = θ0 + λ · τ_merged. Per-task coefficients scale each τ_t by α_t before step 1, then λ = 1.
 
 Streaming with `scope: global`: compute `thresholds` with `global_trim_thresholds` over the
-same (α-scaled) task vectors, then merge tensor by tensor passing `thresholds=`.
+same (α-scaled) task vectors, then `majority` with `global_majority_sign` (one more pass), then
+merge tensor by tensor passing both `thresholds=` and `majority=`.
 """
 
 from __future__ import annotations
@@ -75,10 +78,28 @@ def trim(tensor: Tensor, threshold: float) -> Tensor:
     return torch.where(tensor.abs() >= threshold, tensor, torch.zeros_like(tensor))
 
 
-def elect_and_merge(trimmed: Tensor, merge: MergeRule = "mean") -> Tensor:
-    """TIES steps 2–3 over a (T, ...) stack of trimmed task tensors."""
-    elected = torch.sign(trimmed.sum(dim=0))
-    majority = 1.0 if float(elected.sum()) >= 0 else -1.0
+def sign_balance(summed: Tensor) -> int:
+    """Entries with a positive sum minus entries with a negative one (exact, in int64)."""
+    return int(torch.count_nonzero(summed > 0)) - int(torch.count_nonzero(summed < 0))
+
+
+def majority_of(balance: int) -> float:
+    """The majority sign for a sign balance: + when it is 0 (no majority)."""
+    return 1.0 if balance >= 0 else -1.0
+
+
+def elect_and_merge(
+    trimmed: Tensor, merge: MergeRule = "mean", majority: float | None = None
+) -> Tensor:
+    """TIES steps 2–3 over a (T, ...) stack of trimmed task tensors.
+
+    `majority` fills the entries whose sum is exactly 0; None takes this tensor's own majority
+    (per-tensor election), a global scope passes the whole backbone's.
+    """
+    summed = trimmed.sum(dim=0)
+    if majority is None:
+        majority = majority_of(sign_balance(summed))
+    elected = torch.sign(summed)
     elected = torch.where(elected == 0, torch.full_like(elected, majority), elected)
     agrees = torch.sign(trimmed) == elected
     kept = torch.where(agrees, trimmed, torch.zeros_like(trimmed))
@@ -97,27 +118,89 @@ def ties_vectors(
     scope: Scope,
     merge: MergeRule,
     thresholds: Mapping[str, float] | None = None,
+    majority: float | None = None,
 ) -> dict[str, Tensor]:
-    """τ_merged (steps 1–3) for each name, from task vectors already in compute dtype and scaled."""
+    """τ_merged (steps 1–3) for each name, from task vectors already in compute dtype and scaled.
+
+    A global scope computes its whole-backbone quantities here unless given (streaming gives
+    both `thresholds` and `majority`, since each tensor alone cannot see the others).
+    """
     tasks = task_names(prepared)
+    names = list(names)
     if scope == "global":
+        if (thresholds is None) != (majority is None):
+            raise MergeInputError(
+                "a streamed global ties trim needs both 'thresholds' (global_trim_thresholds) "
+                "and 'majority' (global_majority_sign): pass both, or neither to compute them "
+                "over the backbone given"
+            )
         if thresholds is None:
             thresholds = {t: task_trim_threshold(prepared[t].values(), density) for t in tasks}
         _check_thresholds(thresholds, tasks)
-    elif thresholds is not None:
+        if majority is None:
+            trimmed = (trim_stack(stack_tasks(prepared, name), thresholds, tasks) for name in names)
+            majority = majority_of(sum(sign_balance(stack.sum(dim=0)) for stack in trimmed))
+        _check_majority(majority)
+    elif thresholds is not None or majority is not None:
         raise MergeInputError(
-            "param 'thresholds' applies only to a global trim: drop it, or use scope: global"
+            "params 'thresholds' and 'majority' apply only to a global trim: drop them, or use "
+            "scope: global"
         )
     merged: dict[str, Tensor] = {}
     for name in names:
         stacked = stack_tasks(prepared, name)
         if scope == "global":
-            limits = [thresholds[task] for task in tasks]  # type: ignore[index]
+            trimmed_stack = trim_stack(stacked, thresholds, tasks)  # type: ignore[arg-type]
         else:
             limits = [task_trim_threshold([row], density) for row in stacked]
-        trimmed = torch.stack([trim(row, lim) for row, lim in zip(stacked, limits, strict=True)])
-        merged[name] = elect_and_merge(trimmed, merge)
+            trimmed_stack = torch.stack(
+                [trim(row, lim) for row, lim in zip(stacked, limits, strict=True)]
+            )
+        merged[name] = elect_and_merge(trimmed_stack, merge, majority)
     return merged
+
+
+def trim_stack(stacked: Tensor, thresholds: Mapping[str, float], tasks: list[str]) -> Tensor:
+    """Each row of a (T, ...) stack trimmed at its task's threshold (tasks in stack order)."""
+    return torch.stack(
+        [trim(row, thresholds[task]) for row, task in zip(stacked, tasks, strict=True)]
+    )
+
+
+def global_sign_balance(
+    stream: Iterable[Mapping[str, Tensor]],
+    thresholds: Mapping[str, float],
+    coefficient: Coefficient = 1.0,
+) -> int:
+    """`sign_balance` of the globally trimmed sums, added up over the streamed tensors.
+
+    `stream` yields, per tensor, `{task: τ_t tensor}` as `global_trim_thresholds` saw them;
+    pass the same `coefficient` and the thresholds it returned.
+    """
+    balance = 0
+    for by_task in stream:
+        tasks = task_names(by_task)
+        _check_thresholds(thresholds, tasks)
+        scales, _ = split_coefficient(coefficient, tasks)
+        prepared = prepare_vectors({task: {"": by_task[task]} for task in tasks}, scales)
+        balance += sign_balance(trim_stack(stack_tasks(prepared, ""), thresholds, tasks).sum(dim=0))
+    return balance
+
+
+def global_majority_sign(
+    stream: Iterable[Mapping[str, Tensor]],
+    thresholds: Mapping[str, float],
+    coefficient: Coefficient = 1.0,
+) -> float:
+    """The whole-backbone majority sign of a global TIES election, one tensor at a time."""
+    return majority_of(global_sign_balance(stream, thresholds, coefficient))
+
+
+def _check_majority(majority: float) -> None:
+    if isinstance(majority, bool) or majority not in (1.0, -1.0):
+        raise MergeInputError(
+            f"param 'majority' is {majority!r}: use 1.0 or -1.0, as global_majority_sign returns"
+        )
 
 
 def _check_thresholds(thresholds: Mapping[str, float], tasks: list[str]) -> None:
@@ -204,7 +287,7 @@ def _global_density(params: TiesParams) -> float | None:
     params_model=TiesParams,
     per_tensor=False,
     global_trim_density=_global_density,
-    internal_params=("thresholds",),
+    internal_params=("thresholds", "majority"),
 )
 def ties(
     base: StateDict,
@@ -212,8 +295,9 @@ def ties(
     coefficient: Coefficient,
     params: TiesParams,
     thresholds: Mapping[str, float] | None = None,
+    majority: float | None = None,
 ) -> StateDict:
-    """θ0 + λ · TIES(τ_1..τ_T); `thresholds` are precomputed global trims for streaming."""
+    """θ0 + λ · TIES(τ_1..τ_T); `thresholds` and `majority` are precomputed for streaming."""
     scales, lam = split_coefficient(coefficient, task_names(task_vectors))
     prepared = prepare_vectors(task_vectors, scales)
     merged = ties_vectors(
@@ -223,5 +307,6 @@ def ties(
         scope=params.scope,
         merge=params.merge,
         thresholds=thresholds,
+        majority=majority,
     )
     return {name: finish(base[name], merged[name], lam) for name in base}

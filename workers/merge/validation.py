@@ -116,7 +116,8 @@ def validate_coefficient(
     for task in tasks:
         if task not in coefficient:
             raise MergeInputError(
-                f"the coefficients have no value for task '{task}': give one per task vector"
+                f"the coefficients have no value for task '{task}': give one per task vector "
+                "(0.0 leaves a task out)"
             )
         validate_number(coefficient[task], f"the coefficient of task '{task}'")
     for task in coefficient:

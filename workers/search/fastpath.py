@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from storage.errors import MergeInputError
 from workers.finetune.linearized import jvp_many
+from workers.merge.validation import validate_coefficient
 
 LINEAR_METHODS = frozenset({"task_arithmetic", "weight_average"})
 """Merge methods whose merged direction is Σ_s α_s τ_s (so the fast path is exact)."""
@@ -39,17 +39,13 @@ def linear_weights(
     """The α_s with θ − θ0 = Σ_s α_s τ_s for this candidate, or None if it is not linear in τ."""
     if method not in LINEAR_METHODS or params:
         return None
+    if method == "weight_average" and isinstance(coefficient, Mapping):
+        return None
+    # merge()'s own check: a task without a coefficient is an error, never a zero
+    validate_coefficient(coefficient, dict.fromkeys(sources), method=method, per_task=True)
     if method == "weight_average":
-        if isinstance(coefficient, Mapping):
-            return None
-        return [float(coefficient) / len(sources)] * len(sources)
+        return [float(coefficient) / len(sources)] * len(sources)  # type: ignore[arg-type]
     if isinstance(coefficient, Mapping):
-        missing = [source for source in sources if source not in coefficient]
-        if missing:  # as merge() refuses it: a task without a coefficient is not a zero
-            raise MergeInputError(
-                f"no coefficient for task vector(s) {missing}: give every task a coefficient "
-                f"({', '.join(sources)})"
-            )
         return [float(coefficient[source]) for source in sources]
     return [float(coefficient)] * len(sources)
 

@@ -27,6 +27,7 @@ from torch.func import functional_call
 
 from storage.errors import DataError, MergeInputError, ModelError
 from workers.finetune.linearized import jvp_many
+from workers.merge.validation import validate_coefficient
 from workers.models.causal_lm import CausalLM, CausalLMBody, head_parameters
 from workers.search.lm_metrics import completion_logits
 
@@ -37,20 +38,12 @@ DEFAULT_MAX_ELEMENTS = 1 << 24
 def coefficient_vector(coefficients: Mapping[str, float], names: Sequence[str]) -> Tensor:
     """The coefficients as a float64 ``(S,)`` vector in the order of ``names`` (the vectors).
 
-    Every name needs a coefficient: a missing task is an error, not a zero.
+    Every name needs a finite coefficient and no other name has one, as ``merge()`` checks
+    (with its messages): a missing task is an error, not a zero.
     """
-    missing = [name for name in names if name not in coefficients]
-    if missing:
-        raise MergeInputError(
-            f"no coefficient for task vector {missing[0]!r}: give one per task vector "
-            f"({', '.join(names)}), 0.0 to leave one out"
-        )
-    unknown = sorted(set(coefficients) - set(names))
-    if unknown:
-        raise MergeInputError(
-            f"coefficient for {unknown[0]!r}, which is not a task vector of the fast path "
-            f"({', '.join(names)})"
-        )
+    validate_coefficient(
+        coefficients, dict.fromkeys(names), method="task_arithmetic", per_task=True
+    )
     return torch.tensor([float(coefficients[name]) for name in names], dtype=torch.float64)
 
 
