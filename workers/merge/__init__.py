@@ -15,7 +15,7 @@ from typing import Any
 
 from workers.merge.backbone import Coefficient, StateDict, TaskVectors
 from workers.merge.dare import drop_and_rescale
-from workers.merge.registry import MergeMethod, get_method, list_methods
+from workers.merge.registry import LinearForm, MergeMethod, get_method, list_methods
 from workers.merge.tall_masks import pack_mask, tall_mask, unpack_mask
 from workers.merge.task_arithmetic import negate
 from workers.merge.ties import global_majority_sign, global_trim_thresholds
@@ -49,6 +49,7 @@ def merge(
 
 
 __all__ = [
+    "LinearForm",
     "MergeMethod",
     "drop_and_rescale",
     "get_method",

@@ -94,11 +94,19 @@ def _global_density(params: DareParams) -> float | None:
     return None
 
 
+def _dropped(tensor: Tensor, task: str, name: str, params: DareParams) -> Tensor:
+    """What a global ties trim after dare sees: the dropped and rescaled task tensor."""
+    return drop_and_rescale(
+        tensor, task=task, name=name, p=params.p, rescale=params.rescale, seed=params.seed
+    )
+
+
 @register(
     "dare",
     params_model=DareParams,
     global_trim_density=_global_density,
     internal_params=("thresholds", "majority"),
+    trim_input=_dropped,
 )
 def dare(
     base: StateDict,

@@ -3,15 +3,21 @@
 A method file defines a pydantic params model and an implementation, and registers them with
 `@register("<file name>", params_model=...)`. Registering a name twice, or under a name that is
 not the file's, fails at import.
+
+The registration also declares what the rest of the system needs to know about the method, so
+no call site tests method names: `retrieval` (one model per task), `linear` (how θ − θ0 follows
+from the coefficient, for the fast path, the fused kernel and LoRA factor-space merges) and
+`statistics` (the data it needs). Call sites read them from `get_method(name)`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ValidationError
+from torch import Tensor
 
 from storage.errors import MergeInputError
 from storage.quoting import quoted
@@ -25,6 +31,39 @@ from workers.merge.validation import (
 Implementation = Callable[..., StateDict]
 """`(base, task_vectors, coefficient, params, **internal) -> θ`, inputs already validated."""
 
+TrimInput = Callable[[Tensor, str, str, Any], Tensor]
+"""`(tensor, task, tensor name, validated params) -> tensor`: what a global ties trim sees."""
+
+
+@dataclass(frozen=True)
+class LinearForm:
+    """How a method linear in its coefficients builds θ − θ0 = Σ_s α_s τ_s.
+
+    α_s is task s's coefficient (the shared λ, or its own α_s where the method takes per-task
+    coefficients), divided by the number of tasks T when `mean`. Linear methods are scored
+    exactly by the fast path (DESIGN.md), merged by the fused linear kernel and merged in
+    factor space for LoRA adapters. Unless `with_params`, the form holds only without params.
+    """
+
+    mean: bool = False
+    with_params: bool = False
+
+    def weights(
+        self, coefficient: float | Mapping[str, float], tasks: Sequence[str]
+    ) -> list[float]:
+        """The α_s of `tasks`, in order, from a validated coefficient."""
+        if isinstance(coefficient, Mapping):
+            alphas = [float(coefficient[task]) for task in tasks]
+        else:
+            alphas = [float(coefficient)] * len(tasks)
+        return [alpha / len(tasks) for alpha in alphas] if self.mean else alphas
+
+
+EACH = LinearForm()
+"""θ = θ0 + Σ_s α_s τ_s with each coefficient as is (task_arithmetic)."""
+MEAN = LinearForm(mean=True)
+"""θ = θ0 + (λ / T) Σ_s τ_s (weight_average)."""
+
 
 class MergeMethod(Protocol):
     """What the merge engine and the search need to know about one merge method."""
@@ -35,10 +74,14 @@ class MergeMethod(Protocol):
     uses_coefficient: bool  # False: the coefficient is ignored (tall_masks)
     per_tensor: bool  # with default params, each tensor merges alone (streamable, no pre-pass)
     statistics: str | None  # the per-task data statistics it reads ("gram", "fisher"), or None
+    retrieval: bool  # one model per task (tall_masks): the search sets `task` and a λ_t each
+    linear: LinearForm | None  # how θ − θ0 follows from the coefficient, None: not linear
     min_tasks: int  # model_stock needs two to measure an angle
     max_tasks: int | None  # slerp: exactly two
 
     def check_task_count(self, count: int) -> None: ...
+
+    def linear_form(self, params: Mapping[str, Any]) -> LinearForm | None: ...
 
     def validate_params(self, params: Mapping[str, Any]) -> BaseModel: ...
 
@@ -70,8 +113,18 @@ class RegisteredMethod:
     trim_density: Callable[[Any], float | None] = _no_global_trim
     internal_params: tuple[str, ...] = ()
     statistics: str | None = None
+    retrieval: bool = False
+    linear: LinearForm | None = None
+    kernel: Literal["ties"] | None = None  # its fused float32 kernel (workers.merge.kernels)
+    trim_input: TrimInput | None = None  # dare: its global ties trim sees the dropped vectors
     min_tasks: int = 1
     max_tasks: int | None = None  # slerp: exactly two
+
+    def linear_form(self, params: Mapping[str, Any]) -> LinearForm | None:
+        """How θ − θ0 follows from the coefficient with these params, or None: not linear."""
+        if self.linear is None or (params and not self.linear.with_params):
+            return None
+        return self.linear
 
     def check_task_count(self, count: int) -> None:
         """Raise MergeInputError unless this method merges `count` task vectors."""
@@ -140,6 +193,10 @@ def register(
     global_trim_density: Callable[[Any], float | None] = _no_global_trim,
     internal_params: tuple[str, ...] = (),
     statistics: str | None = None,
+    retrieval: bool = False,
+    linear: LinearForm | None = None,
+    kernel: Literal["ties"] | None = None,
+    trim_input: TrimInput | None = None,
     min_tasks: int = 1,
     max_tasks: int | None = None,
 ) -> Callable[[Implementation], Implementation]:
@@ -149,6 +206,12 @@ def register(
     layer's input Gram matrix; ``"fisher"``: the diagonal Fisher), passed to it as the internal
     param ``statistics={task: {tensor name: tensor}}``; the pipeline computes them before the
     search (``workers.finetune.statistics``).
+    ``retrieval``: one model per task, not one merged model: its params have ``task`` (the
+    search merges once per task) and ``lam`` (the planner searches a λ_t grid, each task keeps
+    its best), and it publishes as TALL-compressed task vectors (``storage.tall``).
+    ``linear``: θ − θ0 = Σ_s α_s τ_s, how α follows from the coefficient (:class:`LinearForm`).
+    ``kernel``: the fused float32 kernel that gives this method's result bit for bit.
+    ``trim_input``: what a global ties trim sees of each task tensor, when not the tensor.
     """
 
     def decorator(implementation: Implementation) -> Implementation:
@@ -161,6 +224,11 @@ def register(
                 f"merge method '{name}' must be registered from a file named {name}.py, "
                 f"not {file_name}.py"
             )
+        fields = params_model.model_fields
+        if retrieval and not {"task", "lam"} <= set(fields):
+            raise ValueError(f"retrieval method '{name}' needs params 'task' and 'lam'")
+        if linear is not None and not uses_coefficient:
+            raise ValueError(f"merge method '{name}' ignores its coefficient: it is not linear")
         _REGISTRY[name] = RegisteredMethod(
             name=name,
             params_model=params_model,
@@ -171,6 +239,10 @@ def register(
             trim_density=global_trim_density,
             internal_params=internal_params,
             statistics=statistics,
+            retrieval=retrieval,
+            linear=linear,
+            kernel=kernel,
+            trim_input=trim_input,
             min_tasks=min_tasks,
             max_tasks=max_tasks,
         )

@@ -104,6 +104,7 @@ def _global_density(params: TallMasksParams) -> float | None:
     params_model=TallMasksParams,
     per_task_coefficients=False,
     uses_coefficient=False,
+    retrieval=True,
     global_trim_density=_global_density,
     internal_params=("thresholds", "majority"),
 )

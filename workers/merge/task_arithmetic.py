@@ -24,7 +24,7 @@ from workers.merge.backbone import (
     sum_tasks,
     task_names,
 )
-from workers.merge.registry import get_method, register
+from workers.merge.registry import EACH, get_method, register
 from workers.merge.validation import validate_number
 
 
@@ -34,7 +34,7 @@ class TaskArithmeticParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-@register("task_arithmetic", params_model=TaskArithmeticParams)
+@register("task_arithmetic", params_model=TaskArithmeticParams, linear=EACH)
 def task_arithmetic(
     base: StateDict,
     task_vectors: TaskVectors,

@@ -288,6 +288,7 @@ def _global_density(params: TiesParams) -> float | None:
     per_tensor=False,
     global_trim_density=_global_density,
     internal_params=("thresholds", "majority"),
+    kernel="ties",
 )
 def ties(
     base: StateDict,

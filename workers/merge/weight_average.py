@@ -19,7 +19,7 @@ from workers.merge.backbone import (
     prepare_vectors,
     sum_tasks,
 )
-from workers.merge.registry import register
+from workers.merge.registry import MEAN, register
 
 
 class WeightAverageParams(BaseModel):
@@ -28,7 +28,9 @@ class WeightAverageParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-@register("weight_average", params_model=WeightAverageParams, per_task_coefficients=False)
+@register(
+    "weight_average", params_model=WeightAverageParams, per_task_coefficients=False, linear=MEAN
+)
 def weight_average(
     base: StateDict,
     task_vectors: TaskVectors,
