@@ -16,7 +16,8 @@ from storage.digest import digest_json
 
 #: Bumped whenever the meaning of a stored artifact changes; part of every cache key.
 FORMAT_VERSION = 1
-#: tall_masks' λ_t grid when the spec gives none (MERGING.md); each task picks its own on val.
+#: A retrieval method's λ_t grid when the spec gives none (tall_masks', MERGING.md); each task
+#: picks its own on val.
 TALL_MASKS_LAMS = (0.2, 0.3, 0.4, 0.5, 0.6)
 
 
@@ -74,9 +75,10 @@ def make_plan(spec: Spec) -> Plan:
     for candidate in spec.merge.candidates:
         grid = candidate.params
         points = candidate.coefficient.points()
-        if not get_method(candidate.method).uses_coefficient:  # ignored (or computed): one point
+        method = get_method(candidate.method)
+        if not method.uses_coefficient:  # ignored (or computed): one point
             points = [1.0]
-        if candidate.method == "tall_masks":  # per-task retrieval: λ_t is searched, not λ
+        if method.retrieval:  # one model per task: λ_t is searched, not λ
             grid = {"lam": list(TALL_MASKS_LAMS)} | grid
         for params in expand_params(grid):
             for value in points:

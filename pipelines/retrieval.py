@@ -1,7 +1,8 @@
-"""Search results of retrieval methods (tall_masks): each task keeps its own best λ_t.
+"""Retrieval methods (registered with ``retrieval=True``, e.g. tall_masks): one model per task.
 
-A tall_masks candidate scores each task with that task's own model θ0 + m_t ∘ τ_MTL, and the
-model of task t depends only on λ_t. So the best per-task choice is read off the grid already
+A retrieval candidate scores each task with that task's own model (tall_masks: θ0 + m_t ∘ τ_MTL),
+built with the params ``task=t`` and that task's λ_t (:func:`task_params`), and the model of
+task t depends only on λ_t. So the best per-task choice is read off the grid already
 evaluated: for each task, the λ_t with the highest validation accuracy on that task (ties: the
 smaller λ_t). That choice becomes one more candidate, ``lam: {task: λ_t}``, with exactly those
 accuracies; it is marked ``derived`` (it needs no evaluation of its own). Both search modes
@@ -17,16 +18,35 @@ from typing import Any
 from pipelines.plan import Candidate
 from pipelines.selection import objective_scores
 
-RETRIEVAL_METHODS = ("tall_masks",)
+
+def is_retrieval(method: str) -> bool:
+    """Whether the registered method `method` gives one model per task."""
+    from workers.merge import get_method
+
+    return get_method(method).retrieval
+
+
+def task_params(candidate: Candidate, tasks: list[str]) -> dict[str, dict[str, Any]] | None:
+    """Each task's own params for a retrieval candidate (``task`` set, its λ_t picked from a
+    per-task ``lam``), or None: the candidate is one merged model for every task."""
+    if not is_retrieval(candidate.method):
+        return None
+    by_task = {}
+    for task in tasks:
+        params = dict(candidate.params) | {"task": task}
+        if isinstance(params.get("lam"), dict):  # λ_t chosen per task on validation
+            params["lam"] = params["lam"][task]
+        by_task[task] = params
+    return by_task
 
 
 def per_task_lambda_candidates(
     rows: list[dict[str, Any]], finetuned_val: dict[str, float]
 ) -> list[tuple[Candidate, dict[str, Any]]]:
-    """One derived candidate (and its row) per tall_masks params group with several λ."""
+    """One derived candidate (and its row) per retrieval params group with several λ."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
-        if row["method"] in RETRIEVAL_METHODS and isinstance(row["params"].get("lam"), int | float):
+        if is_retrieval(row["method"]) and isinstance(row["params"].get("lam"), int | float):
             rest = {k: v for k, v in row["params"].items() if k != "lam"}
             groups.setdefault(json.dumps([row["method"], rest], sort_keys=True), []).append(row)
     derived = []

@@ -39,15 +39,12 @@ def resolve_search(spec: Spec) -> SearchSettings:
         per_task = (
             fast
             and spec.merge.objective != "negate"
-            and all(c.method == "task_arithmetic" and not c.params for c in spec.merge.candidates)
+            and all(c.is_linear(per_task=True) for c in spec.merge.candidates)
         )
     strategy = spec.merge.search.strategy or ("coordinate_ascent" if per_task else "grid")
     negate = spec.merge.objective == "negate"
     surrogate = spec.merge.search.surrogate == "posthoc_linear"
-    all_fast = fast and all(
-        c.method in ("task_arithmetic", "weight_average") and not c.params
-        for c in spec.merge.candidates
-    )
+    all_fast = fast and all(c.is_linear() for c in spec.merge.candidates)
     return SearchSettings(per_task, strategy, fast, surrogate, linear, negate, all_fast)
 
 

@@ -453,6 +453,19 @@ class CandidateSpec(_Model):
     params: dict[str, Any] = Field(default_factory=dict)
     coefficient: CoefficientGrid = CoefficientGrid()
 
+    def is_linear(self, *, per_task: bool = False) -> bool:
+        """Whether the method's registration makes it linear in its coefficients with these
+        params (`LinearForm`) and, with `per_task`, takes one coefficient per task. An unknown
+        method is neither; `specfile.check_candidates` reports it."""
+        from workers.merge import get_method, list_methods
+
+        if self.method not in list_methods():
+            return False
+        method = get_method(self.method)
+        if per_task and not method.per_task_coefficients:
+            return False
+        return method.linear_form(self.params) is not None
+
 
 class SearchSpec(_Model):
     """How the coefficient space is searched (MERGING.md, "Coefficient search")."""
@@ -517,14 +530,13 @@ class MergeSpec(_Model):
 
     @model_validator(mode="after")
     def _search_fits_objective(self) -> MergeSpec:
-        linear_methods = {"task_arithmetic", "weight_average"}
         if (self.objective == "negate") != (self.negate is not None):
             raise ValueError(
                 "merge.objective 'negate' and merge.negate {target, control} go together: "
                 "set both or neither"
             )
         if self.objective == "negate":
-            if any(c.method != "task_arithmetic" or c.params for c in self.candidates):
+            if not all(c.is_linear(per_task=True) for c in self.candidates):
                 raise ValueError(
                     "merge.objective 'negate' searches θ0 − α τ_target: every candidate must "
                     "be task_arithmetic without params"
@@ -534,8 +546,8 @@ class MergeSpec(_Model):
                     "merge.objective 'negate' has one coefficient: drop merge.search.per_task "
                     "and merge.search.surrogate"
                 )
-        if self.search.surrogate == "posthoc_linear" and any(
-            c.method not in linear_methods or c.params for c in self.candidates
+        if self.search.surrogate == "posthoc_linear" and not all(
+            c.is_linear() for c in self.candidates
         ):
             raise ValueError(
                 "merge.search.surrogate 'posthoc_linear' ranks merges linear in the task "

@@ -146,7 +146,7 @@ def check_candidates(spec: Spec, origin: str) -> None:
             method = get_method(candidate.method)
             method.check_task_count(len(spec.tasks))
             for params in expand_params(candidate.params):
-                if "task" in method.params_model.model_fields:  # the search sets each task
+                if method.retrieval:  # the search sets each task
                     params = {"task": spec.tasks[0].name} | params
                 method.params_model.model_validate(params)
         except MergeInputError as error:

@@ -5,9 +5,9 @@ tokenizer files, and (for a standard-mode single merged model) the merged encode
 under the encoder's own names, so ``transformers.AutoModel.from_pretrained`` loads it; the
 task heads are beside it in ``heads.safetensors`` (``<task>.weight``, ``<task>.bias``) with
 ``heads.json`` (pooling, max_length, classes). A linear-mode merge is the linearized model
-f(x; θ0) + J f(x; θ0)·τ, which no plain transformers model computes, and tall_masks is one
-model per task: those two keep the config and tokenizer there but no weights, and are served
-through the MLflow model.
+f(x; θ0) + J f(x; θ0)·τ, which no plain transformers model computes, and a retrieval method
+(tall_masks) is one model per task: those two keep the config and tokenizer there but no
+weights, and are served through the MLflow model.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from pipelines.plan import Candidate
+from pipelines.retrieval import is_retrieval
 from pipelines.stages.base import base_files, kind_of, load_base, open_task_vector
 from pipelines.stages.publish_tall import write_tall_model
 from pipelines.stages.statistics import statistics_params
@@ -50,7 +51,7 @@ def merge_and_store_job(
         vectors[task], heads[task] = open_task_vector(store_cfg, key, base)
     adapters = all(isinstance(v, LoraDelta) for v in vectors.values())
     hf_base = base_meta["config"]["source"] == "hf"
-    if candidate.method == "tall_masks":  # a model per task: θ0 + τ_MTL + packed masks
+    if is_retrieval(candidate.method):  # a model per task: θ0 + τ_MTL + packed masks
         extra = export_files(store_cfg, base_key, base_meta, None, heads) if hf_base else None
         ref = write_tall_model(
             store, name, run_id, base, vectors, heads, candidate, config, meta, extra

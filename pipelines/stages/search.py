@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from pipelines.plan import Candidate
+from pipelines.retrieval import task_params
 from pipelines.stages.base import load_task_data, open_base, open_task_vector
 from pipelines.stages.statistics import statistics_params
 from workers.merge.engine import merge_state
@@ -103,15 +104,10 @@ class CandidateScorer:
 
     def _models(self, candidate: Candidate):
         """(task, merged state) pairs: one shared model, or one per task for retrieval methods."""
-        from workers.merge import get_method
-
-        method = get_method(candidate.method)
         statistics = self._statistics_for(candidate)
-        if "task" in method.params_model.model_fields:  # retrieval methods: one model per task
-            for task in self.task_vectors:
-                params = dict(candidate.params) | {"task": task}
-                if isinstance(params.get("lam"), dict):  # λ_t chosen per task on validation
-                    params["lam"] = params["lam"][task]
+        by_task = task_params(candidate, list(self.task_vectors))
+        if by_task is not None:
+            for task, params in by_task.items():
                 yield (
                     task,
                     merge_state(

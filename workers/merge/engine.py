@@ -11,9 +11,10 @@ Every tensor is merged by the registered method itself (``method.merge`` on a on
 backbone), which is exact for every method whose steps are per tensor. A global ties trim
 (``ties`` scope global, ``dare`` then ties, ``use_ties`` in consensus and tall_masks) first
 computes each task's exact threshold with :func:`ties.global_trim_thresholds` over streamed
-passes, then the whole backbone's election majority sign in one more pass. Task arithmetic,
-weight averaging and ties on float32 tensors run fused kernels (:mod:`workers.merge.kernels`)
-that read into reused buffers and give the method's result without its temporaries.
+passes, then the whole backbone's election majority sign in one more pass. Methods registered
+as linear (task arithmetic, weight averaging) and those naming a fused kernel (ties) run fused
+kernels on float32 tensors (:mod:`workers.merge.kernels`) that read into reused buffers and
+give the method's result without its temporaries.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from torch import Tensor
 
 from storage.errors import MergeInputError
 from workers.merge.backbone import Coefficient
-from workers.merge.dare import drop_and_rescale
 from workers.merge.kernels import (
     Workspace,
     fused_linear,
@@ -40,7 +40,6 @@ from workers.merge.registry import RegisteredMethod, get_method
 from workers.merge.ties import global_sign_balance, global_trim_thresholds, majority_of
 from workers.merge.validation import validate_coefficient
 
-_LINEAR_METHODS = frozenset({"task_arithmetic", "weight_average"})
 _SAME_BASE = "build task vectors from the same base model"
 
 
@@ -97,9 +96,9 @@ class MergePlan:
             self.task_dtypes[t][spec.name] != torch.float32 for t in self.tasks
         ):
             return None
-        if self.method.name in _LINEAR_METHODS:
+        if self.method.linear_form(self.params) is not None:
             return "linear"
-        return "ties" if self.method.name == "ties" else None
+        return self.method.kernel
 
 
 def plan_merge(
@@ -177,7 +176,7 @@ def trim_thresholds(plan: MergePlan, tasks: Mapping[str, TensorSource]) -> dict[
         return None
     coefficient = _trim_coefficient(plan)
     float32 = all(dtype == torch.float32 for d in plan.task_dtypes.values() for dtype in d.values())
-    if float32 and plan.method.name != "dare":
+    if float32 and plan.method.trim_input is None:
 
         def read(task: str, index: int, out: Tensor) -> Tensor:
             return tasks[task].read(plan.tensors[index].name, out=out)
@@ -237,13 +236,10 @@ def _trim_coefficient(plan: MergePlan) -> Coefficient:
 
 
 def _trim_input(plan: MergePlan, task: str, name: str, tensor: Tensor) -> Tensor:
-    """What the global ties trim sees of one task tensor: dare trims the dropped vectors."""
-    if plan.method.name != "dare":
+    """What the global ties trim sees of one task tensor (dare: the dropped vectors)."""
+    if plan.method.trim_input is None:
         return tensor
-    dare = plan.method.validate_params(plan.params)
-    return drop_and_rescale(
-        tensor, task=task, name=name, p=dare.p, rescale=dare.rescale, seed=dare.seed
-    )
+    return plan.method.trim_input(tensor, task, name, plan.method.validate_params(plan.params))
 
 
 def merge_stream(
@@ -323,9 +319,9 @@ def _fused(
             majority=majority,
         )
     else:
-        merged = fused_linear(
-            plan.method.name, plan.tasks, plan.coefficient, spec.shape, read, workspace
-        )
+        form = plan.method.linear_form(plan.params)
+        assert form is not None  # kernel() chose "linear" from it
+        merged = fused_linear(form, plan.tasks, plan.coefficient, spec.shape, read, workspace)
     # NaN/Inf in any input reaches the result; a finite sum rules them out in one cheap pass.
     if not torch.isfinite(merged.sum()) and not bool(torch.isfinite(merged).all()):
         raise MergeInputError(_non_finite_source(spec.name, plan.tasks, base, tasks))

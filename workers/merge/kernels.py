@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from workers.merge.backbone import Coefficient, split_coefficient
+from workers.merge.registry import LinearForm
 from workers.merge.ties import majority_of, sign_balance, trim_count
 
 Read = Callable[[str, Tensor], Tensor]
@@ -38,17 +39,16 @@ class Workspace:
 
 
 def fused_linear(
-    method: str,
+    form: LinearForm,
     tasks: Sequence[str],
     coefficient: Coefficient,
     shape: Sequence[int],
     read: Read,
     workspace: Workspace,
 ) -> Tensor:
-    """task_arithmetic θ0 + λ Σ α_t τ_t, or weight_average θ0 + λ · mean τ_t, in place."""
+    """θ0 + λ Σ α_t τ_t (task_arithmetic), or θ0 + λ · mean τ_t for a `mean` form
+    (weight_average), in place."""
     scales, lam = split_coefficient(coefficient, tasks)
-    if method == "weight_average":
-        scales, lam = None, float(coefficient)  # type: ignore[arg-type]
     total = read(tasks[0], workspace.get("total", shape, torch.float32))
     if scales is not None:
         total.mul_(scales[tasks[0]])
@@ -57,7 +57,7 @@ def fused_linear(
         if scales is not None:
             value.mul_(scales[task])
         total.add_(value)
-    if method == "weight_average":
+    if form.mean:
         total.div_(len(tasks))
     return total.mul_(lam).add_(read("", workspace.get("scratch", shape, torch.float32)))
 

@@ -9,8 +9,9 @@ direction is Σ_s α_s τ_s are affine in the coefficients α (DESIGN.md, "The e
 `build_fast_path` computes L_t and G_ts once (a jvp per task vector s over every task's
 rows, vmapped over s so the primal runs once); afterwards any batch of coefficient vectors
 is scored by one matrix product over all tasks packed side by side. This is exact for
-methods linear in τ (task_arithmetic, weight_average) on linear-mode task vectors; on
-standard-mode task vectors the same numbers are *post-hoc linearization*, a cheap surrogate.
+methods registered as linear in τ (a `LinearForm`: task_arithmetic, weight_average) on
+linear-mode task vectors; on standard-mode task vectors the same numbers are *post-hoc
+linearization*, a cheap surrogate.
 Pure torch; no I/O.
 """
 
@@ -24,10 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from workers.finetune.linearized import jvp_many
+from workers.merge import get_method
 from workers.merge.validation import validate_coefficient
-
-LINEAR_METHODS = frozenset({"task_arithmetic", "weight_average"})
-"""Merge methods whose merged direction is Σ_s α_s τ_s (so the fast path is exact)."""
 
 
 def linear_weights(
@@ -36,18 +35,18 @@ def linear_weights(
     coefficient: float | Mapping[str, float],
     sources: Sequence[str],
 ) -> list[float] | None:
-    """The α_s with θ − θ0 = Σ_s α_s τ_s for this candidate, or None if it is not linear in τ."""
-    if method not in LINEAR_METHODS or params:
+    """The α_s with θ − θ0 = Σ_s α_s τ_s for this candidate, or None if it is not linear in τ
+    (its registration's `LinearForm` with these params says how α follows from the
+    coefficient)."""
+    registered = get_method(method)
+    form = registered.linear_form(params)
+    if form is None:
         return None
-    if method == "weight_average" and isinstance(coefficient, Mapping):
+    if isinstance(coefficient, Mapping) and not registered.per_task_coefficients:
         return None
     # merge()'s own check: a task without a coefficient is an error, never a zero
     validate_coefficient(coefficient, dict.fromkeys(sources), method=method, per_task=True)
-    if method == "weight_average":
-        return [float(coefficient) / len(sources)] * len(sources)  # type: ignore[arg-type]
-    if isinstance(coefficient, Mapping):
-        return [float(coefficient[source]) for source in sources]
-    return [float(coefficient)] * len(sources)
+    return form.weights(coefficient, sources)
 
 
 @dataclass(frozen=True)
