@@ -21,9 +21,10 @@ from tests.e2e.test_cli import mergeline
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 EXAMPLE = REPO / "examples" / "causal-lm.yaml"
 MODELS = REPO / ".mergeline" / "models"
-SHORT = [
+SHORT = [  # 4 steps of 2 rows: each step of the 135M model costs about 1.5 s per row on a core
     "finetune.steps=4",
-    "finetune.lr=1e-4",
+    "finetune.batch_size=2",
+    "finetune.lr=3e-4",
     "merge.candidates.0.coefficient.num=3",
     "evaluation.max_new_tokens=4",
     "evaluation.val_fraction=0.25",
