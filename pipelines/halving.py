@@ -19,6 +19,7 @@ from rich.console import Console
 from pipelines.plan import Candidate, Plan
 from pipelines.raysession import get
 from pipelines.scorebook import ScoreBook
+from pipelines.scoring import search
 from pipelines.selection import rank_candidates
 from workers.search.halving import Rung, halving_schedule
 
@@ -36,7 +37,6 @@ def successive_halving(
     search info. Candidates whose id is in ``keep`` (the champion) survive every rung. Scores
     in ``book`` are reused (``rows_scored`` counts the rows the schedule scores, stored or
     not)."""
-    from pipelines.run import search
 
     settings = plan.spec.merge.search
     objective = plan.spec.merge.objective

@@ -3,7 +3,7 @@
 Linear mode (scored as the linearized model; exact fast path where the method is linear in τ),
 per-task coefficient search (coordinate ascent, a full grid or Optuna's TPE, with a budget),
 the post-hoc linearization surrogate with verification of its best candidates, and task
-negation. The plain standard-mode grid keeps its own path in `pipelines.run`.
+negation. The plain standard-mode grid keeps its own path in `pipelines.scoring`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 from rich.console import Console
 
 from pipelines.plan import Candidate, Plan
+from pipelines.progress import progress_bar
 from pipelines.raysession import get, wait_any
 from pipelines.retrieval import per_task_lambda_candidates
 from pipelines.scorebook import ScoreBook
@@ -139,7 +140,6 @@ class TangentSearch:
     def _forward(self, candidates: list[Candidate], split: str) -> dict[str, dict[str, float]]:
         """Real (linearized, in linear mode) forward passes fanned out over the actors; stored
         scores are reused."""
-        from pipelines.run import progress_bar
 
         results, candidates = self.book.split(candidates, split=split)
         if not candidates:
