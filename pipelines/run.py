@@ -274,12 +274,13 @@ def key_digests(plan: Plan, datasets: dict[str, Splits]) -> dict[str, str]:
     weights unchanged) gives another task vector instead of a stale one."""
     if not any(data.is_prompts for data in datasets.values()):
         return {name: data.digest() for name, data in datasets.items()}
+    from pipelines.model_dirs import resolve_model_dir
     from workers.data.prompts import encode_splits
     from workers.models import huggingface as hf
 
     config = plan.base_model
     gguf = config.get("gguf_file")
-    directory = hf.resolve_model_dir(
+    directory = resolve_model_dir(
         config["model"], config.get("revision"), config.get("endpoint_url"), gguf
     )
     tokenizer = hf.load_tokenizer(directory) if gguf is None else _gguf_tokenizer(directory, gguf)
@@ -313,11 +314,12 @@ def fingerprint_pretrain(plan: Plan, datasets: dict[str, Splits]) -> str:
     """Stage 1: the base model's cache key: its config and the digest of what it is made of
     (the pretraining data of a builtin base, the files of a Hugging Face one)."""
     if plan.base_model["source"] == "hf":
+        from pipelines.model_dirs import resolve_model_dir
         from workers.models import huggingface as hf
 
         config = plan.base_model
         gguf = config.get("gguf_file")
-        directory = hf.resolve_model_dir(
+        directory = resolve_model_dir(
             config["model"], config.get("revision"), config.get("endpoint_url"), gguf
         )
         digest = hf.directory_digest(directory, gguf)

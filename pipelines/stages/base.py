@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipelines.model_dirs import resolve_model_dir
 from storage.artifacts import find_artifact
 from storage.digest import digest_state
 from storage.errors import DataError
@@ -104,7 +105,7 @@ def _load_hf(
     (for an encoder :func:`hf.weights_digest`, which ``mergeline merge --base DIR`` computes
     too). A GGUF base is dequantized here, once: later stages read θ0 from the store."""
     gguf = base_model.get("gguf_file")
-    directory = hf.resolve_model_dir(
+    directory = resolve_model_dir(
         base_model["model"], base_model.get("revision"), base_model.get("endpoint_url"), gguf
     )
     loaded = kind_of(base_model).load_pretrained(directory, base_model)

