@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,24 +11,8 @@ import pytest
 
 from pipelines.stages.pause import ENVIRONMENT_VARIABLE
 from tests.faults import Pause
-from tests.ordering import order_for_workers, recorded_durations
 
 pytest_plugins = ["tests.conftest_mlflow", "tests.conftest_s3"]
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under `make test`'s xdist workers, each worker starts on its share of the slow files
-    (balanced by tests/durations.json) and ends on unit tests (tests/ordering.py); a serial
-    run keeps the collection order."""
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    items[:] = order_for_workers(
-        items,
-        workers,
-        file_of=lambda item: item.nodeid.split("::")[0],
-        slow=lambda item: not item.nodeid.startswith("tests/unit/"),
-        seconds=recorded_durations(),
-    )
-
 
 REPO = Path(__file__).resolve().parent.parent
 
