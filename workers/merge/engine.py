@@ -187,10 +187,13 @@ def trim_thresholds(plan: MergePlan, tasks: Mapping[str, TensorSource]) -> dict[
             plan.tasks, shapes, read, plan.trim_density, coefficient, workspace
         )
 
+    params = plan.method.validate_params(plan.params)
+
     def stream() -> Iterator[tuple[str, Tensor]]:
         for spec in plan.tensors:
             for task in plan.tasks:
-                yield task, _trim_input(plan, task, spec.name, tasks[task].read(spec.name))
+                tensor = tasks[task].read(spec.name)
+                yield task, _trim_input(plan, params, task, spec.name, tensor)
 
     return global_trim_thresholds(stream, plan.trim_density, coefficient)
 
@@ -211,6 +214,7 @@ def election_majority(
             "trim_thresholds(plan, tasks)"
         )
     coefficient = _trim_coefficient(plan)
+    params = plan.method.validate_params(plan.params)
     workspace = Workspace(max(spec.nbytes for spec in plan.tensors))
     balance = 0
     for spec in plan.tensors:
@@ -224,7 +228,8 @@ def election_majority(
             )
         else:
             by_task = {
-                t: _trim_input(plan, t, spec.name, tasks[t].read(spec.name)) for t in plan.tasks
+                t: _trim_input(plan, params, t, spec.name, tasks[t].read(spec.name))
+                for t in plan.tasks
             }
             balance += global_sign_balance([by_task], thresholds, coefficient)
     return majority_of(balance)
@@ -235,11 +240,12 @@ def _trim_coefficient(plan: MergePlan) -> Coefficient:
     return plan.coefficient if plan.method.uses_coefficient else 1.0
 
 
-def _trim_input(plan: MergePlan, task: str, name: str, tensor: Tensor) -> Tensor:
-    """What the global ties trim sees of one task tensor (dare: the dropped vectors)."""
+def _trim_input(plan: MergePlan, params: Any, task: str, name: str, tensor: Tensor) -> Tensor:
+    """What the global ties trim sees of one task tensor (dare: the dropped vectors);
+    ``params``: the plan's params, validated once by the caller."""
     if plan.method.trim_input is None:
         return tensor
-    return plan.method.trim_input(tensor, task, name, plan.method.validate_params(plan.params))
+    return plan.method.trim_input(tensor, task, name, params)
 
 
 def merge_stream(
