@@ -35,10 +35,10 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipelines.plan import Candidate, make_plan, task_vector_key  # noqa: E402
-from pipelines.run import fingerprint_datasets, fingerprint_pretrain  # noqa: E402
-from pipelines.selection import choose_best, objective_scores  # noqa: E402
-from pipelines.specfile import load_spec  # noqa: E402
+from pipelines.run.pipeline import fingerprint_datasets, fingerprint_pretrain  # noqa: E402
+from pipelines.search.selection import choose_best, objective_scores  # noqa: E402
+from pipelines.spec.load import load_spec  # noqa: E402
+from pipelines.spec.plan import Candidate, make_plan, task_vector_key  # noqa: E402
 from pipelines.stages.base import pretrain_base_job  # noqa: E402
 from pipelines.stages.finetune import run_finetune_job  # noqa: E402
 from pipelines.stages.tangent_search import TangentScorer  # noqa: E402

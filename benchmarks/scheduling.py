@@ -39,9 +39,9 @@ sys.path.insert(0, str(REPO))
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from pipelines.plan import make_plan, task_vector_key  # noqa: E402
-from pipelines.run import fingerprint_datasets, fingerprint_pretrain  # noqa: E402
-from pipelines.specfile import validate_document  # noqa: E402
+from pipelines.run.pipeline import fingerprint_datasets, fingerprint_pretrain  # noqa: E402
+from pipelines.spec.load import validate_document  # noqa: E402
+from pipelines.spec.plan import make_plan, task_vector_key  # noqa: E402
 from pipelines.stages.base import pretrain_base_job  # noqa: E402
 from pipelines.stages.finetune import run_finetune_job  # noqa: E402
 from storage.objectstore import open_store  # noqa: E402

@@ -12,11 +12,11 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from pipelines.consoles import output_console
-from pipelines.diagnose import diagnose_app
-from pipelines.inspect_commands import lineage_command, ls_command
-from pipelines.merge_command import merge_command
-from pipelines.runs_command import report_command, runs_command
+from pipelines.commands.diagnose import diagnose_app
+from pipelines.commands.inspect import lineage_command, ls_command
+from pipelines.commands.merge import merge_command
+from pipelines.commands.runs import report_command, runs_command
+from pipelines.report.consoles import output_console
 from storage.errors import MergelineError, SystemFailure
 from storage.quoting import shorten_line
 
@@ -43,10 +43,10 @@ def run(
     summary: Annotated[Path | None, typer.Option(help="Write the run summary JSON here.")] = None,
 ) -> None:
     """Run the whole pipeline: fine-tune, task vectors, merge search, publish."""
-    from pipelines.outputs import check_output_file
-    from pipelines.report import print_summary
-    from pipelines.run import run_pipeline
-    from pipelines.specfile import load_spec
+    from pipelines.commands.outputs import check_output_file
+    from pipelines.report.summary import print_summary
+    from pipelines.run.pipeline import run_pipeline
+    from pipelines.spec.load import load_spec
 
     if summary is not None:
         check_output_file(summary, "--summary")
@@ -58,8 +58,8 @@ def run(
 @app.command()
 def validate(spec: SpecArg, set_: SetOpt = None) -> None:
     """Check a spec (and its overrides) without running it."""
-    from pipelines.plan import make_plan
-    from pipelines.specfile import load_spec
+    from pipelines.spec.load import load_spec
+    from pipelines.spec.plan import make_plan
 
     loaded = load_spec(spec, set_ or [])
     plan = make_plan(loaded)
@@ -80,7 +80,7 @@ app.command("report")(report_command)
 @app.command()
 def schema() -> None:
     """Print the spec's JSON schema."""
-    from pipelines.spec import json_schema
+    from pipelines.spec.model import json_schema
 
     sys.stdout.write(json.dumps(json_schema(), indent=1) + "\n")
 

@@ -36,7 +36,7 @@ class ArtifactError(MergelineError):
 class ArtifactMissing(ArtifactError):
     """An artifact's file or manifest is not in the store. Named by a user, that is theirs to
     fix; read by a run that wrote or verified it earlier, the store lost it (a system
-    failure, see :func:`pipelines.raysession.get`)."""
+    failure, see :func:`pipelines.run.raysession.get`)."""
 
     def __init__(self, url: str, advice: str = "rebuild the artifact") -> None:
         super().__init__(f"{url} does not exist: {advice}")

@@ -107,7 +107,7 @@ def _read_json(store: ObjectStore, key: str, run_id: str, what: str) -> dict[str
 
 
 def write_scores(store: ObjectStore, run_id: str, scores: dict[str, Any]) -> str:
-    """Store the run's validation and test scores by score key (:mod:`pipelines.scorebook`):
+    """Store the run's validation and test scores by score key (:mod:`pipelines.search.scorebook`):
     a later run whose inputs did not change reads them instead of scoring again."""
     key = f"{run_prefix(run_id)}/scores.json"
     document = {"format_version": 1, "scores": scores}

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from pipelines.plan import finetune_config_for_key
+from pipelines.spec.plan import finetune_config_for_key
 from pipelines.stages.base import load_task_data, open_base
 from pipelines.stages.training import TrainRequest, build_model, train_task
 from storage.checkpoints import count_attempts, delete_checkpoints

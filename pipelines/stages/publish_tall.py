@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from pipelines.plan import Candidate
+from pipelines.spec.plan import Candidate
 from storage.artifacts import ArtifactRef
 from storage.objectstore import ObjectStore
 from storage.tall import write_tall_artifact

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from pipelines.plan import Candidate
+from pipelines.spec.plan import Candidate
 from pipelines.stages.search import CandidateScorer
 from storage.errors import MergeInputError
 from workers.finetune import delta_between

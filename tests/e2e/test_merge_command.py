@@ -12,9 +12,9 @@ import pytest
 import torch
 from rich.console import Console
 
-from pipelines.run import run_pipeline
+from pipelines.run.pipeline import run_pipeline
 from pipelines.serving import load_merged
-from pipelines.specfile import validate_document
+from pipelines.spec.load import validate_document
 from storage.artifacts import find_artifact, write_artifact
 from storage.objectstore import open_store
 from storage.shards import SafetensorsReader

@@ -17,8 +17,8 @@ import pytest
 import torch
 from rich.console import Console
 
-from pipelines.run import run_pipeline
-from pipelines.specfile import validate_document
+from pipelines.run.pipeline import run_pipeline
+from pipelines.spec.load import validate_document
 from storage.objectstore import open_store
 from storage.taskvectors import read_task_vector
 from tests.integration.test_causal_lm_pipeline import _spec

@@ -17,8 +17,8 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from pipelines.cli import app
-from pipelines.run import run_pipeline
-from pipelines.specfile import validate_document
+from pipelines.run.pipeline import run_pipeline
+from pipelines.spec.load import validate_document
 from tests.lm_fixtures import write_tiny_llama
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("local_ray")]

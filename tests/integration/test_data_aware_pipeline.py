@@ -19,8 +19,8 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
-from pipelines.run import run_pipeline
-from pipelines.specfile import validate_document
+from pipelines.run.pipeline import run_pipeline
+from pipelines.spec.load import validate_document
 from storage.shards import SafetensorsReader
 from tests.conftest import TINY_SPEC
 from workers.merge import merge

@@ -16,10 +16,10 @@ import pytest
 import ray
 import torch
 
-from pipelines.plan import make_plan, task_vector_key
-from pipelines.run import fingerprint_datasets, fingerprint_pretrain
-from pipelines.scheduling import finetune_options
-from pipelines.specfile import validate_document
+from pipelines.run.pipeline import fingerprint_datasets, fingerprint_pretrain
+from pipelines.run.scheduling import finetune_options
+from pipelines.spec.load import validate_document
+from pipelines.spec.plan import make_plan, task_vector_key
 from pipelines.stages.base import pretrain_base_job
 from pipelines.stages.finetune import run_finetune_job
 from storage.objectstore import open_store

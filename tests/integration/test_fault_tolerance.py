@@ -23,10 +23,10 @@ import yaml
 from mlflow.tracking import MlflowClient
 from rich.console import Console
 
-from pipelines.plan import make_plan
-from pipelines.recovery import run_key
-from pipelines.run import fingerprint_datasets, fingerprint_pretrain, run_pipeline
-from pipelines.specfile import validate_document
+from pipelines.run.pipeline import fingerprint_datasets, fingerprint_pretrain, run_pipeline
+from pipelines.run.recovery import run_key
+from pipelines.spec.load import validate_document
+from pipelines.spec.plan import make_plan
 from pipelines.stages.finetune import run_finetune_job
 from storage.artifacts import find_artifact
 from storage.objectstore import open_store

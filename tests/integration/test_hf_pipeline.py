@@ -18,8 +18,8 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
-from pipelines.run import run_pipeline
-from pipelines.specfile import validate_document
+from pipelines.run.pipeline import run_pipeline
+from pipelines.spec.load import validate_document
 from tests.hf_fixtures import write_text_task, write_tiny_bert
 from workers.data import load_dataset
 
@@ -136,7 +136,7 @@ def test_linear_mode_on_a_hugging_face_encoder_serves_the_linearized_model(
         assert float((predicted == labels).mean()) == pytest.approx(reported, abs=1e-9)
 
     # The disentanglement diagnostic runs on the same (cached) text task vectors.
-    from pipelines.diagnose import compute_disentanglement
+    from pipelines.commands.diagnose import compute_disentanglement
 
     spec = validate_document(document)
     errors = compute_disentanglement(
@@ -149,7 +149,7 @@ def test_a_model_directory_on_s3_is_the_same_base_as_its_local_copy(
     tiny_bert: Path, tmp_path: Path, s3_server, s3_uri: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An s3:// model prefix is copied once into the cache; its digest is its content's."""
-    from pipelines.model_dirs import resolve_model_dir
+    from pipelines.run.model_dirs import resolve_model_dir
     from pipelines.stages.base import open_base, pretrain_base_job
     from storage.objectstore import open_store
     from workers.models.huggingface import directory_digest

@@ -12,8 +12,8 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from pipelines.cli import app
-from pipelines.run import run_pipeline
-from pipelines.specfile import validate_document
+from pipelines.run.pipeline import run_pipeline
+from pipelines.spec.load import validate_document
 from storage.errors import ServiceError
 from tests.conftest_s3 import FAKE_SECRET_KEY, grep_tree
 from tests.integration.lineage_checks import check_recorded_lineage, every_digest

@@ -11,8 +11,8 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
-from pipelines.run import run_pipeline
-from pipelines.specfile import validate_document
+from pipelines.run.pipeline import run_pipeline
+from pipelines.spec.load import validate_document
 from storage.objectstore import open_store
 from storage.taskvectors import read_task_vector
 from tests.conftest import BEST_KEYS, SUMMARY_KEYS

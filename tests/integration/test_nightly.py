@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from pipelines.run import run_pipeline
-from pipelines.runs_command import list_runs, write_report
-from pipelines.specfile import apply_overrides, read_document, validate_document
+from pipelines.commands.runs import list_runs, write_report
+from pipelines.run.pipeline import run_pipeline
+from pipelines.spec.load import apply_overrides, read_document, validate_document
 from storage.objectstore import open_store
 from tests.conftest import REPO, TASK_KEYS
 

@@ -9,8 +9,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from rich.console import Console
 
-from pipelines.run import run_pipeline
-from pipelines.specfile import validate_document
+from pipelines.run.pipeline import run_pipeline
+from pipelines.spec.load import validate_document
 from storage.errors import DataError
 from tests.conftest import (
     BEST_KEYS,

@@ -9,19 +9,19 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from pipelines.resources import (
+from pipelines.run.resources import (
     PlacementTimeout,
     Request,
     ResourceRequestError,
     wait_for_placement,
 )
-from pipelines.specfile import apply_overrides, validate_document
+from pipelines.spec.load import apply_overrides, validate_document
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("local_ray")]
 
 
 def _run(spec: dict[str, Any], *overrides: str) -> None:
-    from pipelines.run import run_pipeline
+    from pipelines.run.pipeline import run_pipeline
 
     run_pipeline(validate_document(apply_overrides(spec, list(overrides))), Console(quiet=True))
 

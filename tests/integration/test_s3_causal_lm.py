@@ -18,8 +18,8 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from pipelines.cli import app
-from pipelines.run import run_pipeline
-from pipelines.specfile import validate_document
+from pipelines.run.pipeline import run_pipeline
+from pipelines.spec.load import validate_document
 from tests.conftest_s3 import BUCKET, S3Server
 from tests.integration.test_causal_lm_pipeline import _tasks
 from tests.lm_fixtures import write_tiny_llama_gguf

@@ -12,8 +12,8 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from pipelines.cli import app
-from pipelines.run import run_pipeline
-from pipelines.specfile import validate_document
+from pipelines.run.pipeline import run_pipeline
+from pipelines.spec.load import validate_document
 from storage.artifacts import verify_artifact
 from storage.objectstore import open_store
 from tests.conftest_mlflow import SERVER_ROOTS

@@ -22,7 +22,7 @@ def _read_delta(uri: str, prefix: str) -> int:
 def test_an_artifact_wiped_during_a_run_fails_the_stage_as_storage(tmp_path: Path) -> None:
     import ray
 
-    from pipelines.raysession import get
+    from pipelines.run.raysession import get
 
     store = open_store(f"file://{tmp_path}/store")
     write_artifact(store, "task-vectors/k1", {"delta.safetensors": b"0" * 64}, {})

@@ -10,9 +10,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 from rich.console import Console
 
-from pipelines.recovery import TaskFailedError
-from pipelines.run import run_pipeline
-from pipelines.specfile import validate_document
+from pipelines.run.pipeline import run_pipeline
+from pipelines.run.recovery import TaskFailedError
+from pipelines.spec.load import validate_document
 from tests.conftest import SUMMARY_KEYS
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("local_ray")]

@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load
 
-from pipelines.plan import make_plan, task_vector_key
-from pipelines.recovery import TaskFailedError, task_failed, without_tasks
-from pipelines.scheduling import finetune_options
-from pipelines.specfile import validate_document
+from pipelines.run.recovery import TaskFailedError, task_failed, without_tasks
+from pipelines.run.scheduling import finetune_options
+from pipelines.spec.load import validate_document
+from pipelines.spec.plan import make_plan, task_vector_key
 from storage.checkpoints import (
     count_attempts,
     delete_checkpoints,

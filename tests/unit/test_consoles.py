@@ -1,5 +1,5 @@
-"""Every command prints through :func:`pipelines.consoles.output_console`, so no table or line
-is cut to 80 columns where there is no terminal (cron, CI, ``kubectl logs``)."""
+"""Every command prints through :func:`pipelines.report.consoles.output_console`, so no table or
+line is cut to 80 columns where there is no terminal (cron, CI, ``kubectl logs``)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import ast
 
 from rich.table import Table
 
-from pipelines.consoles import output_console
+from pipelines.report.consoles import output_console
 from tests.conftest import REPO
 
 #: Where a bare rich Console is right: the factory itself, and the CLI's one-line error stream.
-ALLOWED = {"pipelines/consoles.py", "pipelines/cli.py"}
+ALLOWED = {"pipelines/report/consoles.py", "pipelines/cli.py"}
 
 
 def test_no_command_builds_a_bare_console() -> None:
@@ -26,7 +26,9 @@ def test_no_command_builds_a_bare_console() -> None:
                 and relative not in ALLOWED
             ):
                 found.append(f"{relative}:{node.lineno}")
-    assert found == [], f"use pipelines.consoles.output_console() instead of Console(): {found}"
+    assert found == [], (
+        f"use pipelines.report.consoles.output_console() instead of Console(): {found}"
+    )
 
 
 def test_a_table_is_whole_without_a_terminal(monkeypatch, capsys) -> None:

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.plan import Candidate
-from pipelines.selection import choose_best, objective_scores
+from pipelines.search.selection import choose_best, objective_scores
+from pipelines.spec.plan import Candidate
 from storage.errors import MergeInputError, SpecError
 from workers.finetune import LinearizedModel, TrainConfig, delta_between, linearized_forward, train
 from workers.merge import merge

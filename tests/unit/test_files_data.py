@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.specfile import validate_document
+from pipelines.spec.load import validate_document
 from storage.errors import DataError, SpecError
 from tests.conftest import TINY_SPEC
 from workers.data import load_dataset

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines.halving import survivors
-from pipelines.plan import Candidate
+from pipelines.search.halving import survivors
+from pipelines.spec.plan import Candidate
 from storage.errors import SpecError
 from workers.search.halving import (
     Rung,
@@ -113,7 +113,7 @@ def test_survivors_are_the_best_in_the_search_order_and_the_kept_one_takes_the_l
 def test_strategies_that_do_not_fit_the_search_are_refused(search: dict, message: str) -> None:
     import copy
 
-    from pipelines.specfile import validate_document
+    from pipelines.spec.load import validate_document
     from tests.conftest import TINY_SPEC
 
     document = copy.deepcopy(TINY_SPEC)
@@ -125,9 +125,9 @@ def test_strategies_that_do_not_fit_the_search_are_refused(search: dict, message
 def test_a_row_budget_too_small_for_the_plan_is_refused_before_fine_tuning() -> None:
     import copy
 
-    from pipelines.halving import check_budget
-    from pipelines.plan import make_plan
-    from pipelines.specfile import validate_document
+    from pipelines.search.halving import check_budget
+    from pipelines.spec.load import validate_document
+    from pipelines.spec.plan import make_plan
     from tests.conftest import TINY_SPEC
 
     document = copy.deepcopy(TINY_SPEC)  # 5 candidates: 5 on a subset, then 2 on the full split
@@ -141,9 +141,9 @@ def test_a_row_budget_too_small_for_the_plan_is_refused_before_fine_tuning() -> 
 def test_the_early_budget_check_counts_a_warm_start_champion() -> None:
     import copy
 
-    from pipelines.halving import check_budget
-    from pipelines.plan import make_plan
-    from pipelines.specfile import validate_document
+    from pipelines.search.halving import check_budget
+    from pipelines.spec.load import validate_document
+    from pipelines.spec.plan import make_plan
     from tests.conftest import TINY_SPEC
 
     document = copy.deepcopy(TINY_SPEC)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.specfile import validate_document
+from pipelines.spec.load import validate_document
 from storage.errors import DataError
 from tests.conftest import TINY_SPEC
 from tests.hf_fixtures import write_text_task

@@ -125,8 +125,8 @@ def test_no_import_cycle_between_modules() -> None:
 def test_the_cycle_finder_finds_a_cycle_hidden_in_a_function() -> None:
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": set()}
     assert cycles(graph) == [["a", "b", "c"]]
-    deferred = "def f():\n    from pipelines.run import search\n"
-    assert "pipelines.run" in imported_names(deferred)
+    deferred = "def f():\n    from pipelines.run.pipeline import search\n"
+    assert "pipelines.run.pipeline" in imported_names(deferred)
 
 
 def test_workers_import_no_service_client_and_no_storage_io() -> None:

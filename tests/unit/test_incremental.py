@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines.incremental import rebuilt_reasons
+from pipelines.run.incremental import rebuilt_reasons
 from storage.artifacts import invalidate_artifact
 from storage.objectstore import FsspecStore, open_store
 from storage.taskvectors import (

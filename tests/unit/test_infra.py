@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from pipelines.specfile import validate_document
+from pipelines.spec.load import validate_document
 from tests.conftest import REPO
 
 INFRA = REPO / "infra"

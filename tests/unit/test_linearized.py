@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipelines.search_settings import resolve_search
-from pipelines.specfile import validate_document
+from pipelines.spec.load import validate_document
+from pipelines.spec.search import resolve_search
 from storage.errors import ArtifactError, SpecError
 from tests.conftest import TINY_SPEC
 from workers.finetune import (

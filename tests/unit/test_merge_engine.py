@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from pipelines.merge_files import merge_files
+from pipelines.commands.merge_files import merge_files
 from storage.digest import digest_state
 from storage.errors import ArtifactError, MergeInputError
 from storage.shards import INDEX_NAME, SafetensorsReader, ShardedWriter, digest_model

@@ -14,10 +14,10 @@ import pytest
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from pipelines.plan import TALL_MASKS_LAMS, Candidate, make_plan, statistics_needs
-from pipelines.retrieval import per_task_lambda_candidates
-from pipelines.search_settings import resolve_search
-from pipelines.specfile import apply_overrides, validate_document
+from pipelines.search.retrieval import per_task_lambda_candidates
+from pipelines.spec.load import apply_overrides, validate_document
+from pipelines.spec.plan import TALL_MASKS_LAMS, Candidate, make_plan, statistics_needs
+from pipelines.spec.search import resolve_search
 from storage.names import Name
 from tests.conftest import REPO, TINY_SPEC
 from workers.merge import LinearForm, get_method, list_methods, merge, registry
@@ -113,7 +113,7 @@ def test_a_retrieval_registration_makes_one_model_per_task_with_its_own_lambda(p
 
 
 def test_each_task_of_a_retrieval_candidate_gets_its_own_params(probes) -> None:
-    from pipelines.retrieval import task_params
+    from pipelines.search.retrieval import task_params
 
     candidate = Candidate("probe_retrieval", {"lam": {"perm1": 0.2, "perm2": 0.3}}, 1.0)
     assert task_params(candidate, TASKS) == {

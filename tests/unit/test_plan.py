@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from pipelines.plan import Candidate, make_plan, task_vector_key
-from pipelines.selection import choose_best, decide_promotion
-from pipelines.specfile import apply_overrides, validate_document
+from pipelines.search.selection import choose_best, decide_promotion
+from pipelines.spec.load import apply_overrides, validate_document
+from pipelines.spec.plan import Candidate, make_plan, task_vector_key
 from storage.errors import SpecError
 from tests.conftest import REPO, TINY_SPEC
 
@@ -40,8 +40,8 @@ def test_candidates_expand_params_and_coefficients_with_stable_ids() -> None:
 
 def test_planning_does_not_need_ray() -> None:
     code = (
-        "import sys; from pipelines.plan import make_plan; "
-        "from pipelines.specfile import validate_document; from tests.conftest import TINY_SPEC; "
+        "import sys; from pipelines.spec.plan import make_plan; "
+        "from pipelines.spec.load import validate_document; from tests.conftest import TINY_SPEC; "
         "plan = make_plan(validate_document(TINY_SPEC)); "
         "print(len(plan.candidates), 'ray' in sys.modules)"
     )

@@ -3,7 +3,7 @@ same tasks and datasets."""
 
 from __future__ import annotations
 
-from pipelines.selection import champion_score, decide_promotion
+from pipelines.search.selection import champion_score, decide_promotion
 
 OBJECTIVE = "mean_normalized_accuracy"
 CHAMPION = {

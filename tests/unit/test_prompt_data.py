@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.specfile import validate_document
+from pipelines.spec.load import validate_document
 from storage.digest import digest_arrays
 from storage.errors import DataError, SpecError
 from tests.conftest import TINY_SPEC
@@ -347,8 +347,8 @@ def test_the_spec_accepts_prompt_and_messages_datasets() -> None:
 
 
 def test_the_cache_keys_digest_the_rendered_tokens(tmp_path: Path) -> None:
-    from pipelines.plan import make_plan
-    from pipelines.run import fingerprint_datasets, key_digests
+    from pipelines.run.pipeline import fingerprint_datasets, key_digests
+    from pipelines.spec.plan import make_plan
 
     data = write_jsonl(tmp_path / "t.jsonl", prompt_rows())
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.plan import make_plan
-from pipelines.resources import ResourceRequestError, check_requests, plan_requests
-from pipelines.specfile import apply_overrides, validate_document
+from pipelines.run.resources import ResourceRequestError, check_requests, plan_requests
+from pipelines.spec.load import apply_overrides, validate_document
+from pipelines.spec.plan import make_plan
 from tests.conftest import TINY_SPEC
 
 TWO_CPUS = {"CPU": 2.0, "memory": 8e9}

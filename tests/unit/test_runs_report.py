@@ -9,8 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from pipelines.cli import app
-from pipelines.report_plots import history_points
-from pipelines.runs_command import describe_candidate, list_runs, write_report
+from pipelines.commands.runs import describe_candidate, list_runs, write_report
+from pipelines.report.report_plots import history_points
 from storage.errors import ArtifactError, SpecError
 from storage.objectstore import FsspecStore, open_store
 from storage.runs import write_candidates

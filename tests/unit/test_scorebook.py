@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipelines.plan import Candidate
-from pipelines.scorebook import ScoreBook, score_context
+from pipelines.search.scorebook import ScoreBook, score_context
+from pipelines.spec.plan import Candidate
 
 BASE = {"digest": "b" * 64, "config": {"source": "builtin", "name": "mlp"}}
 EVALUATION = {"val_fraction": 0.1, "val_max": 5000, "split_seed": 0}

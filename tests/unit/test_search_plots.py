@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipelines.plots import draw_search_plots
+from pipelines.report.plots import draw_search_plots
 
 ROWS = [
     {

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.spec import CoefficientGrid, json_schema
-from pipelines.specfile import apply_overrides, load_spec, parse_override, validate_document
+from pipelines.spec.load import apply_overrides, load_spec, parse_override, validate_document
+from pipelines.spec.model import CoefficientGrid, json_schema
 from storage.errors import SpecError
 from tests.conftest import REPO, TINY_SPEC
 

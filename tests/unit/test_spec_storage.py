@@ -6,7 +6,7 @@ import copy
 
 import pytest
 
-from pipelines.specfile import validate_document
+from pipelines.spec.load import validate_document
 from storage.errors import SpecError
 from tests.conftest import TINY_SPEC
 

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from pipelines.merge_command import parse_coefficient
-from pipelines.spec import json_schema
-from pipelines.specfile import load_spec, parse_override, read_document
+from pipelines.commands.merge import parse_coefficient
+from pipelines.spec.load import load_spec, parse_override, read_document
+from pipelines.spec.model import json_schema
 from storage.errors import SpecError
 from tests.conftest import REPO
 

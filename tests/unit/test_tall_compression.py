@@ -10,11 +10,11 @@ import torch
 from rich.console import Console
 from torch import Tensor
 
-from pipelines.plan import TALL_MASKS_LAMS, make_plan
-from pipelines.retrieval import per_task_lambda_candidates
-from pipelines.scorebook import ScoreBook
-from pipelines.specfile import apply_overrides, validate_document
-from pipelines.strategies import TangentSearch
+from pipelines.search.retrieval import per_task_lambda_candidates
+from pipelines.search.scorebook import ScoreBook
+from pipelines.search.tangent import TangentSearch
+from pipelines.spec.load import apply_overrides, validate_document
+from pipelines.spec.plan import TALL_MASKS_LAMS, make_plan
 from storage.errors import ArtifactError
 from storage.objectstore import open_store
 from storage.tall import MASKS, read_tall_artifact, write_tall_artifact

@@ -7,9 +7,9 @@ import io
 
 from rich.console import Console
 
-from pipelines.plan import Candidate, make_plan
-from pipelines.specfile import validate_document
-from pipelines.warm_start import champion_candidate
+from pipelines.search.warm_start import champion_candidate
+from pipelines.spec.load import validate_document
+from pipelines.spec.plan import Candidate, make_plan
 from tests.conftest import TINY_SPEC
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipelines.plan import Plan
+from pipelines.spec.plan import Plan
 from storage.errors import SpecError
 
 #: Ray's retries of a fine-tune task whose worker died; each retry resumes from a checkpoint.

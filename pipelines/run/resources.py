@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from pipelines.plan import Plan
+from pipelines.spec.plan import Plan
 from storage.errors import MergelineError, SystemFailure
 
 _FIELDS = {"CPU": "num_cpus", "GPU": "num_gpus"}

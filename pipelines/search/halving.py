@@ -2,7 +2,8 @@
 
 The schedule and the row subsets are pure (:mod:`workers.search.halving`); this loop scores each
 rung's candidates on the scorer actors, ranks them by the search objective with
-:func:`~pipelines.selection.rank_candidates` (its deterministic tie-breaks), and keeps the best.
+:func:`~pipelines.search.selection.rank_candidates` (its deterministic tie-breaks), and keeps the
+best.
 
 Why not Ray Tune's ASHA scheduler: a rung here is "the same candidates on more validation rows",
 scored by actors that already hold θ0, the task vectors and the data; a Tune trial is a
@@ -16,11 +17,11 @@ from typing import Any
 
 from rich.console import Console
 
-from pipelines.plan import Candidate, Plan
-from pipelines.raysession import get
-from pipelines.scorebook import ScoreBook
-from pipelines.scoring import search
-from pipelines.selection import rank_candidates
+from pipelines.run.raysession import get
+from pipelines.run.scoring import search
+from pipelines.search.scorebook import ScoreBook
+from pipelines.search.selection import rank_candidates
+from pipelines.spec.plan import Candidate, Plan
 from workers.search.halving import Rung, halving_schedule
 
 

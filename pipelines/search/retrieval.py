@@ -6,8 +6,8 @@ task t depends only on λ_t. So the best per-task choice is read off the grid al
 evaluated: for each task, the λ_t with the highest validation accuracy on that task (ties: the
 smaller λ_t). That choice becomes one more candidate, ``lam: {task: λ_t}``, with exactly those
 accuracies; it is marked ``derived`` (it needs no evaluation of its own). Both search modes
-decide it here: the standard-mode grid (`pipelines.run`) and the tangent-space search
-(`pipelines.strategies.TangentSearch`, linear mode's linearized scores).
+decide it here: the standard-mode grid (`pipelines.run.pipeline`) and the tangent-space search
+(`pipelines.search.tangent.TangentSearch`, linear mode's linearized scores).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pipelines.plan import Candidate
-from pipelines.selection import objective_scores
+from pipelines.search.selection import objective_scores
+from pipelines.spec.plan import Candidate
 
 
 def is_retrieval(method: str) -> bool:

@@ -15,7 +15,7 @@ from typing import Any
 import ray
 from rich.console import Console
 
-from pipelines.raysession import get
+from pipelines.run.raysession import get
 from storage.artifacts import ArtifactRef, find_artifact, invalidate_artifact, verify_artifact
 from storage.objectstore import ObjectStore, open_store_from
 

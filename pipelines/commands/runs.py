@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.table import Table
 
-from pipelines.consoles import output_console
+from pipelines.report.consoles import output_console
 
 if TYPE_CHECKING:
     from storage.objectstore import ObjectStore
@@ -70,7 +70,7 @@ def report_command(
     endpoint_url: EndpointOpt = None,
 ) -> None:
     """Write an HTML report of one run with its plots (search, per task, history)."""
-    from pipelines.outputs import check_output_directory
+    from pipelines.commands.outputs import check_output_directory
 
     check_output_directory(out, "--out")
     page = write_report(open_named_store(store, endpoint_url), run_id, out)
@@ -164,8 +164,8 @@ def describe_candidate(best: dict[str, Any]) -> str | None:
 # ----------------------------------------------------------------------------- report
 def write_report(store: ObjectStore, run_id: str, out: Path) -> Path:
     """``out/index.html`` plus its PNGs for run ``run_id``; returns the page's path."""
-    from pipelines.plots import draw_search_plots
-    from pipelines.report_plots import plot_history, plot_task_accuracies
+    from pipelines.report.plots import draw_search_plots
+    from pipelines.report.report_plots import plot_history, plot_task_accuracies
     from storage.errors import ArtifactError
     from storage.runs import list_summaries, pipeline_name, read_candidates, read_summary
 
@@ -288,8 +288,8 @@ def open_named_store(store: str, endpoint_url: str | None) -> ObjectStore:
     malformed or does not exist."""
     from pydantic import ValidationError
 
-    from pipelines.spec import StorageSpec
-    from pipelines.specfile import describe_validation_error
+    from pipelines.spec.load import describe_validation_error
+    from pipelines.spec.model import StorageSpec
     from storage.errors import SpecError
     from storage.objectstore import open_store
 

@@ -10,8 +10,8 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-from pipelines.spec import Spec
-from pipelines.specfile import expand_params
+from pipelines.spec.load import expand_params
+from pipelines.spec.model import Spec
 from storage.digest import digest_json
 
 #: Bumped whenever the meaning of a stored artifact changes; part of every cache key.
@@ -152,7 +152,7 @@ def code_version() -> str:
     from pathlib import Path
 
     hasher = hashlib.sha256()
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     for package in ("pipelines", "workers", "storage"):
         for path in sorted((root / package).rglob("*.py")):
             hasher.update(path.relative_to(root).as_posix().encode())

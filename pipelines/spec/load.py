@@ -10,9 +10,9 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from pipelines.search_settings import check_search
-from pipelines.spec import Spec
-from pipelines.spec_yaml import DuplicateKeyError, load_yaml
+from pipelines.spec.model import Spec
+from pipelines.spec.search import check_search
+from pipelines.spec.yaml_reader import DuplicateKeyError, load_yaml
 from storage.errors import MergeInputError, SpecError
 from storage.quoting import QUOTE_LIMIT, cut, quoted
 

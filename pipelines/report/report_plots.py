@@ -2,7 +2,7 @@
 
 ``plot_task_accuracies``: one run's per-task test accuracy of the zero-shot, fine-tuned and
 merged models. ``plot_history``: the merged model's normalized accuracy over the past runs of
-one pipeline. The search's own plots (score versus coefficient) are :mod:`pipelines.plots`.
+one pipeline. The search's own plots (score versus coefficient) are :mod:`pipelines.report.plots`.
 """
 
 from __future__ import annotations

@@ -10,9 +10,9 @@ from typing import Any
 
 import ray
 
-from pipelines.plan import Candidate, Plan
-from pipelines.raysession import get
-from pipelines.selection import champion_score, decide_promotion
+from pipelines.run.raysession import get
+from pipelines.search.selection import champion_score, decide_promotion
+from pipelines.spec.plan import Candidate, Plan
 from pipelines.stages.base import kind_of
 from pipelines.stages.publish import merge_and_store_job
 from storage.artifacts import find_artifact
@@ -23,8 +23,8 @@ from storage.taskvectors import base_model_prefix, model_prefix
 from storage.tracking_guard import GuardedTracker
 from workers.kinds.registry import TRANSFORMERS
 
-SERVING_CODE = Path(__file__).with_name("serving.py")
-SERVING_TEXT_CODE = Path(__file__).with_name("serving_text.py")  # a Hugging Face base: texts in
+SERVING_CODE = Path(__file__).parents[1] / "serving.py"
+SERVING_TEXT_CODE = Path(__file__).parents[1] / "serving_text.py"  # a Hugging Face base: texts in
 
 
 def publish(

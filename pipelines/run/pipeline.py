@@ -12,10 +12,23 @@ from typing import Any
 import ray
 from rich.console import Console
 
-from pipelines.cache import trusted_artifacts
-from pipelines.halving import check_budget, successive_halving
-from pipelines.incremental import rebuilt_reasons
-from pipelines.plan import (
+from pipelines.report.progress import progress_bar
+from pipelines.report.summary import build_summary
+from pipelines.run.cache import trusted_artifacts
+from pipelines.run.incremental import rebuilt_reasons
+from pipelines.run.publish import publish
+from pipelines.run.raysession import LazyRay, check_reachable, get, wait_any
+from pipelines.run.recovery import run_key, task_failed, without_tasks
+from pipelines.run.resources import await_placement, refuse_impossible
+from pipelines.run.scheduling import actor_options, finetune_options
+from pipelines.run.scoring import Scorers, open_score_book, score_best, search, start_scorers
+from pipelines.search.halving import check_budget, successive_halving
+from pipelines.search.retrieval import best_by_method, per_task_lambda_candidates
+from pipelines.search.selection import choose_best
+from pipelines.search.tangent import TangentSearch, task_scores
+from pipelines.search.warm_start import champion_candidate
+from pipelines.spec.model import Spec
+from pipelines.spec.plan import (
     Candidate,
     Plan,
     base_model_key,
@@ -24,23 +37,10 @@ from pipelines.plan import (
     statistics_needs,
     task_vector_key,
 )
-from pipelines.progress import progress_bar
-from pipelines.publish import publish
-from pipelines.raysession import LazyRay, check_reachable, get, wait_any
-from pipelines.recovery import run_key, task_failed, without_tasks
-from pipelines.report import build_summary
-from pipelines.resources import await_placement, refuse_impossible
-from pipelines.retrieval import best_by_method, per_task_lambda_candidates
-from pipelines.scheduling import actor_options, finetune_options
-from pipelines.scoring import Scorers, open_score_book, score_best, search, start_scorers
-from pipelines.search_settings import resolve_search
-from pipelines.selection import choose_best
-from pipelines.spec import Spec
+from pipelines.spec.search import resolve_search
 from pipelines.stages.base import kind_of, pretrain_base_job
 from pipelines.stages.finetune import run_finetune_job
 from pipelines.stages.statistics import statistics_job
-from pipelines.strategies import TangentSearch, task_scores
-from pipelines.warm_start import champion_candidate
 from storage.errors import DataError, MergelineError, ModelError, SystemFailure
 from storage.objectstore import open_store, open_store_from
 from storage.runs import latest_summary, write_candidates, write_scores
@@ -274,7 +274,7 @@ def key_digests(plan: Plan, datasets: dict[str, Splits]) -> dict[str, str]:
     weights unchanged) gives another task vector instead of a stale one."""
     if not any(data.is_prompts for data in datasets.values()):
         return {name: data.digest() for name, data in datasets.items()}
-    from pipelines.model_dirs import resolve_model_dir
+    from pipelines.run.model_dirs import resolve_model_dir
     from workers.data.prompts import encode_splits
     from workers.models import huggingface as hf
 
@@ -314,7 +314,7 @@ def fingerprint_pretrain(plan: Plan, datasets: dict[str, Splits]) -> str:
     """Stage 1: the base model's cache key: its config and the digest of what it is made of
     (the pretraining data of a builtin base, the files of a Hugging Face one)."""
     if plan.base_model["source"] == "hf":
-        from pipelines.model_dirs import resolve_model_dir
+        from pipelines.run.model_dirs import resolve_model_dir
         from workers.models import huggingface as hf
 
         config = plan.base_model
@@ -553,7 +553,7 @@ def search_plots(
     directory: str,
 ) -> dict[str, str]:
     """PNGs for the search run: score vs coefficient, the best's per-task normalized accuracy."""
-    from pipelines.plots import draw_search_plots
+    from pipelines.report.plots import draw_search_plots
 
     best_row = next(row for row in rows if row["id"] == best.id)
     normalized = {

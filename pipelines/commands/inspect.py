@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from pipelines.consoles import output_console
+from pipelines.report.consoles import output_console
 
 DEFAULT_STORE = "file://.mergeline/store"
 DEFAULT_TRACKING = "sqlite:///.mergeline/mlflow.db"
@@ -32,8 +32,8 @@ def ls_command(
     json_: JsonOpt = False,
 ) -> None:
     """List the task vectors and merged models in a store."""
-    from pipelines.listing import list_store, print_listing
-    from pipelines.runs_command import open_named_store
+    from pipelines.commands.listing import list_store, print_listing
+    from pipelines.commands.runs import open_named_store
 
     listing = list_store(open_named_store(store, endpoint_url))
     if json_:
@@ -64,7 +64,7 @@ def lineage_command(
 ) -> None:
     """Walk a registered model back to its task vectors, datasets and base model, checking
     every file of each artifact (exit 2 if one is missing, corrupt or changed)."""
-    from pipelines.lineage import print_lineage, raise_unless_verified, trace_lineage
+    from pipelines.commands.lineage import print_lineage, raise_unless_verified, trace_lineage
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING
     lineage = trace_lineage(model_uri, uri, quick)

@@ -3,7 +3,7 @@
 Linear mode (scored as the linearized model; exact fast path where the method is linear in τ),
 per-task coefficient search (coordinate ascent, a full grid or Optuna's TPE, with a budget),
 the post-hoc linearization surrogate with verification of its best candidates, and task
-negation. The plain standard-mode grid keeps its own path in `pipelines.scoring`.
+negation. The plain standard-mode grid keeps its own path in `pipelines.run.scoring`.
 """
 
 from __future__ import annotations
@@ -14,15 +14,15 @@ from typing import Any
 
 from rich.console import Console
 
-from pipelines.plan import Candidate, Plan
-from pipelines.progress import progress_bar
-from pipelines.raysession import get, wait_any
-from pipelines.retrieval import per_task_lambda_candidates
-from pipelines.scorebook import ScoreBook
-from pipelines.search_settings import resolve_search
-from pipelines.selection import candidate_row, choose_best, objective_scores
-from pipelines.spec import Spec
-from pipelines.specfile import expand_params
+from pipelines.report.progress import progress_bar
+from pipelines.run.raysession import get, wait_any
+from pipelines.search.retrieval import per_task_lambda_candidates
+from pipelines.search.scorebook import ScoreBook
+from pipelines.search.selection import candidate_row, choose_best, objective_scores
+from pipelines.spec.load import expand_params
+from pipelines.spec.model import Spec
+from pipelines.spec.plan import Candidate, Plan
+from pipelines.spec.search import resolve_search
 from workers.search.fastpath import linear_weights
 from workers.search.strategies import STRATEGIES, Point
 

@@ -43,7 +43,7 @@ class StoredTaskVector:
 
 def parse_params(items: list[str]) -> dict[str, Any]:
     """``k=v`` items (values are YAML scalars, lists or mappings) -> params."""
-    from pipelines.specfile import parse_override
+    from pipelines.spec.load import parse_override
 
     params: dict[str, Any] = {}
     for item in items:
@@ -56,7 +56,7 @@ def parse_coefficient(text: str) -> float | dict[str, float]:
     """A float, or a YAML mapping ``{task: α_t}`` for per-task coefficients."""
     import yaml
 
-    from pipelines.spec_yaml import load_yaml
+    from pipelines.spec.yaml_reader import load_yaml
 
     try:
         value = load_yaml(text)
@@ -199,14 +199,14 @@ def run_merge(
     mmap: bool = False,
 ) -> dict[str, Any]:
     """Resolve, verify and merge; returns the merge's figures (see ``merge_files``)."""
-    from pipelines.merge_files import (
+    from pipelines.commands.merge_files import (
         AdapterReader,
         hf_side_files,
         merge_files,
         provenance,
         split_unmerged,
     )
-    from pipelines.plan import code_version
+    from pipelines.spec.plan import code_version
     from storage.localfiles import verified_paths
     from storage.objectstore import open_store
     from storage.shards import DEFAULT_SHARD_BYTES
@@ -268,7 +268,7 @@ def stored_statistics(
 ) -> dict[str, Any] | None:
     """A data-aware method's statistics of each task vector, as `mergeline run` stored them
     beside it (verified against their manifests); None for the other methods."""
-    from pipelines.merge_files import names_onto_files
+    from pipelines.commands.merge_files import names_onto_files
     from storage.objectstore import open_store
     from storage.taskvectors import find_statistics, read_statistics
     from workers.merge import get_method
@@ -300,7 +300,7 @@ def open_task_vectors(
 
     ``on_files``: a Hugging Face base, whose files name tensors without the pipeline's prefix.
     """
-    from pipelines.merge_files import factors_onto_files, onto_files
+    from pipelines.commands.merge_files import factors_onto_files, onto_files
     from storage.shards import SafetensorsReader
     from storage.taskvectors import is_adapter
     from storage.tensors import bytes_to_tensors
@@ -354,7 +354,7 @@ def merge_command(
     """Merge task vectors already in the store into a sharded model, without a pipeline."""
     import torch
 
-    from pipelines.consoles import output_console
+    from pipelines.report.consoles import output_console
 
     if threads is not None:
         torch.set_num_threads(threads)

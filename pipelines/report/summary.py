@@ -7,7 +7,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from pipelines.plan import Candidate, Plan
+from pipelines.spec.plan import Candidate, Plan
 
 #: The summary's ``model`` section; ``version`` is None when the model was not registered.
 MODEL_KEYS = ("uri", "mlflow_run_id", "registered_model", "version", "aliases", "promotion")

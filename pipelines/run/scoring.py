@@ -1,7 +1,8 @@
 """Stages 5-6 on the scorer actors: start them, fan candidates out over them, score the best.
 
-The grid search (`search`) is also each rung of successive halving (`pipelines.halving`); every
-score goes through the run's :class:`~pipelines.scorebook.ScoreBook`, so a stored one is reused.
+The grid search (`search`) is also each rung of successive halving
+(`pipelines.search.halving`); every score goes through the run's
+:class:`~pipelines.search.scorebook.ScoreBook`, so a stored one is reused.
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ from typing import Any
 import ray
 from rich.console import Console
 
-from pipelines.plan import Candidate, Plan
-from pipelines.progress import progress_bar
-from pipelines.raysession import get, wait_any
-from pipelines.scheduling import actor_options
-from pipelines.scorebook import ScoreBook, score_context
-from pipelines.search_settings import resolve_search
-from pipelines.selection import candidate_row, objective_scores
+from pipelines.report.progress import progress_bar
+from pipelines.run.raysession import get, wait_any
+from pipelines.run.scheduling import actor_options
+from pipelines.search.scorebook import ScoreBook, score_context
+from pipelines.search.selection import candidate_row, objective_scores
+from pipelines.spec.plan import Candidate, Plan
+from pipelines.spec.search import resolve_search
 from pipelines.stages.search import CandidateScorer
 from pipelines.stages.tangent_search import TangentScorer
 from storage.runs import read_scores

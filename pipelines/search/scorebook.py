@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipelines.plan import Candidate
+from pipelines.spec.plan import Candidate
 from storage.digest import digest_json
 
 FORMAT = 1

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipelines.plan import finetune_config_for_key
+from pipelines.spec.plan import finetune_config_for_key
 from storage.artifacts import read_manifest
 from storage.catalog import list_task_vectors
 from storage.objectstore import ObjectStore

@@ -1,13 +1,13 @@
 """Which search a spec asks for, resolved once (defaults depend on the mode), and its checks.
 
-Kept apart from `pipelines.strategies` so that validating a spec does not import Ray.
+Kept apart from `pipelines.search.tangent` so that validating a spec does not import Ray.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipelines.spec import Spec
+from pipelines.spec.model import Spec
 from storage.errors import SpecError
 from storage.quoting import quoted
 

@@ -2,7 +2,7 @@
 
 registered version → merged model and its candidate → task vectors (URI, sha256, mode) →
 datasets (content digest) and the base model (digest). The chain is read from the version's
-tags (written at publish, see :func:`pipelines.publish.lineage_tags`); each artifact is then
+tags (written at publish, see :func:`pipelines.run.publish.lineage_tags`); each artifact is then
 checked against its manifest in the store and the manifest against the files it lists:
 ``verified`` (the manifest's sha256 is the one the version recorded, and every file exists
 with its size and sha256), ``sizes match`` (the same, with ``quick``: sizes only, no file

@@ -1,7 +1,7 @@
 """``merge.search.warm_start: champion``: the serving champion's candidate joins the search.
 
 The registry version the ``champion`` alias points to records its method, params and
-coefficients as tags (:func:`pipelines.publish.lineage_tags`); scoring that candidate on this
+coefficients as tags (:func:`pipelines.run.publish.lineage_tags`); scoring that candidate on this
 run's validation data means promotion compares like with like.
 """
 
@@ -12,7 +12,7 @@ from typing import Any
 
 from rich.console import Console
 
-from pipelines.plan import Candidate, Plan
+from pipelines.spec.plan import Candidate, Plan
 
 
 def champion_candidate(

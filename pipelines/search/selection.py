@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from pipelines.plan import Candidate
+from pipelines.spec.plan import Candidate
 
 
 def objective_scores(per_task: dict[str, float], finetuned: dict[str, float]) -> dict[str, float]:

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from pipelines.consoles import output_console
+from pipelines.report.consoles import output_console
 from storage.errors import SpecError
 
 diagnose_app = typer.Typer(no_args_is_help=True, help="Diagnostics over a spec's task vectors.")
@@ -35,8 +35,8 @@ def disentanglement_command(
     split: Annotated[str, typer.Option(help="Split whose inputs are compared.")] = "val",
 ) -> None:
     """Weight disentanglement error heatmap (PNG) and CSV of two tasks over an (α1, α2) grid."""
-    from pipelines.outputs import check_output_directory
-    from pipelines.specfile import load_spec
+    from pipelines.commands.outputs import check_output_directory
+    from pipelines.spec.load import load_spec
 
     check_output_directory(out, "--out")
     loaded = load_spec(spec, set_ or [])
@@ -66,10 +66,15 @@ def compute_disentanglement(
     """The spec's fine-tune stage for the pair (cache hits when stored), then ξ on Ray."""
     import ray
 
-    from pipelines.plan import make_plan
-    from pipelines.raysession import get, ray_session
-    from pipelines.resources import await_placement, refuse_impossible
-    from pipelines.run import finetune_all, fingerprint_datasets, fingerprint_pretrain, prepare_base
+    from pipelines.run.pipeline import (
+        finetune_all,
+        fingerprint_datasets,
+        fingerprint_pretrain,
+        prepare_base,
+    )
+    from pipelines.run.raysession import get, ray_session
+    from pipelines.run.resources import await_placement, refuse_impossible
+    from pipelines.spec.plan import make_plan
     from pipelines.stages.tangent_search import disentanglement_job
     from storage.objectstore import open_store
 

@@ -1,0 +1,1 @@
+"""The `mergeline` commands other than `run`, one module per command."""

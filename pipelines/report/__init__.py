@@ -1,0 +1,1 @@
+"""What a person reads: the run summary, console tables, progress bars, plots."""

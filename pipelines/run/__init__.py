@@ -1,0 +1,1 @@
+"""`mergeline run`: the DAG over Ray, caching, recovery, publishing."""

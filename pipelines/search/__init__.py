@@ -1,0 +1,1 @@
+"""Choosing a candidate: strategies, selection, retrieval, the score cache."""

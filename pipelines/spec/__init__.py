@@ -1,0 +1,1 @@
+"""The validated spec, split by section, and the pure plan made from it."""
