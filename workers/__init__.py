@@ -1,1 +1,1 @@
-"""workers."""
+"""Pure computation over tensors, paths and bytes: merges, fine-tuning, models, data, search."""
