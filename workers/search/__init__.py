@@ -1,1 +1,1 @@
-"""workers/search."""
+"""Evaluation and the candidate search: metrics, exact fast paths, per-task strategies."""
