@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from pipelines.spec.model import Spec
+from pipelines.spec.pipeline import Spec
 from pipelines.spec.search import check_search
 from pipelines.spec.yaml_reader import DuplicateKeyError, load_yaml
 from storage.errors import MergeInputError, SpecError

@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from pipelines.spec.load import apply_overrides, load_spec, parse_override, validate_document
-from pipelines.spec.model import CoefficientGrid, json_schema
+from pipelines.spec.merge import CoefficientGrid
+from pipelines.spec.pipeline import json_schema
 from storage.errors import SpecError
 from tests.conftest import REPO, TINY_SPEC
 
