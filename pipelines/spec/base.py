@@ -23,9 +23,14 @@ def check_endpoint_url(value: str | None, what: str) -> str | None:
 def check_no_credentials(value: str, what: str) -> str:
     """``value`` if its host part holds no ``user:secret@``; S3 credentials come from the AWS
     environment only."""
-    if "@" in value.split("://", 1)[-1].split("/", 1)[0]:
+    if has_credentials(value):
         raise ValueError(
             f"{what} must not contain credentials (user:secret@): set AWS_ACCESS_KEY_ID and "
             "AWS_SECRET_ACCESS_KEY or AWS_PROFILE in the environment instead"
         )
     return value
+
+
+def has_credentials(value: str) -> bool:
+    """Whether the host part of a URI (or the first part of a path) holds ``user:secret@``."""
+    return "@" in value.split("://", 1)[-1].split("/", 1)[0]

@@ -71,17 +71,7 @@ class HFModel(SpecModel):
     @field_validator("model")
     @classmethod
     def _location(cls, value: str) -> str:
-        from pathlib import Path
-
-        value = check_no_credentials(value, "base_model.model")
-        if value.startswith(("package:", "s3://")):
-            return value
-        if value.startswith("file://"):
-            value = value[len("file://") :]
-        path = Path(value).expanduser()
-        if path.is_dir() or value.startswith(("/", ".", "~")):
-            return str(path.resolve())  # Ray workers do not share the driver's directory
-        return value  # a Hub id
+        return check_no_credentials(value, "base_model.model")
 
 
 ModelSpec = Annotated[BuiltinModel | HFModel, Field(discriminator="source")]

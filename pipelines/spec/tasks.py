@@ -109,11 +109,12 @@ class FilesDataset(InstructionColumns):
     @field_validator("train", "test", "val")
     @classmethod
     def _location(cls, value: str | None) -> str | None:
-        from storage.files import absolute_uri
+        from storage.files import local_path
 
         if value is None:
             return None
-        return absolute_uri(check_no_credentials(value, "dataset file URI"))
+        local_path(check_no_credentials(value, "dataset file URI"))  # a scheme it can read
+        return value
 
     @field_validator("endpoint_url")
     @classmethod
@@ -168,16 +169,12 @@ class HubDataset(InstructionColumns):
     @field_validator("data_files")
     @classmethod
     def _local_files(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        from storage.files import absolute_uri
+        from storage.files import local_path
 
-        if value is None:
-            return None
-        return {
-            split: [absolute_uri(f) for f in files]
-            if isinstance(files, list)
-            else absolute_uri(files)
-            for split, files in value.items()
-        }
+        for files in (value or {}).values():
+            for uri in files if isinstance(files, list) else [files]:
+                local_path(uri)  # a scheme it can read
+        return value
 
     @model_validator(mode="after")
     def _inputs(self) -> HubDataset:
