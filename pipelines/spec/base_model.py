@@ -70,7 +70,7 @@ class HFModel(SpecModel):
 
     @field_validator("model")
     @classmethod
-    def _location(cls, value: str) -> str:
+    def _no_credentials(cls, value: str) -> str:
         return check_no_credentials(value, "base_model.model")
 
 

@@ -108,7 +108,7 @@ class FilesDataset(InstructionColumns):
 
     @field_validator("train", "test", "val")
     @classmethod
-    def _location(cls, value: str | None) -> str | None:
+    def _readable_scheme(cls, value: str | None) -> str | None:
         from storage.files import local_path
 
         if value is None:
@@ -168,7 +168,7 @@ class HubDataset(InstructionColumns):
 
     @field_validator("data_files")
     @classmethod
-    def _local_files(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+    def _readable_schemes(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         from storage.files import local_path
 
         for files in (value or {}).values():
