@@ -80,7 +80,7 @@ app.command("report")(report_command)
 @app.command()
 def schema() -> None:
     """Print the spec's JSON schema."""
-    from pipelines.spec.model import json_schema
+    from pipelines.spec.pipeline import json_schema
 
     sys.stdout.write(json.dumps(json_schema(), indent=1) + "\n")
 

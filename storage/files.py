@@ -21,16 +21,23 @@ def absolute_uri(uri: str) -> str:
     """``uri`` with a relative local path made absolute (against the current directory).
 
     Ray workers do not share the driver's working directory, so a spec's relative paths are
-    resolved once, where the spec is validated. ``s3://`` URIs are returned unchanged.
+    resolved once, where the spec is loaded (:mod:`pipelines.spec.load`). ``s3://`` URIs are
+    returned unchanged.
     """
+    path = local_path(uri)
+    return uri if path is None else str(Path(path).expanduser().resolve())
+
+
+def local_path(uri: str) -> str | None:
+    """The local path ``uri`` names (``file://`` dropped), ``None`` for an ``s3://`` URI;
+    ``ValueError`` for any other scheme. Pure: nothing on disk is looked at."""
     match = _SCHEME.match(uri)
     scheme = match.group(1).lower() if match else None
     if scheme == "s3":
-        return uri
+        return None
     if scheme not in (None, "file"):
         raise ValueError(f"{uri!r}: use a local path, a file:// URI or an s3:// URI")
-    path = uri[len("file://") :] if scheme == "file" else uri
-    return str(Path(path).expanduser().resolve())
+    return uri[len("file://") :] if scheme == "file" else uri
 
 
 def read_bytes(

@@ -289,7 +289,7 @@ def open_named_store(store: str, endpoint_url: str | None) -> ObjectStore:
     from pydantic import ValidationError
 
     from pipelines.spec.load import describe_validation_error
-    from pipelines.spec.model import StorageSpec
+    from pipelines.spec.services import StorageSpec
     from storage.errors import SpecError
     from storage.objectstore import open_store
 

@@ -27,7 +27,7 @@ from pipelines.search.retrieval import best_by_method, per_task_lambda_candidate
 from pipelines.search.selection import choose_best
 from pipelines.search.tangent import TangentSearch, task_scores
 from pipelines.search.warm_start import champion_candidate
-from pipelines.spec.model import Spec
+from pipelines.spec.pipeline import Spec
 from pipelines.spec.plan import (
     Candidate,
     Plan,

@@ -16,7 +16,7 @@ from typing import Any
 import ray
 from pydantic import ValidationError
 
-from pipelines.spec.model import Spec
+from pipelines.spec.pipeline import Spec
 from pipelines.spec.plan import Plan, make_plan
 from storage.digest import digest_json
 from storage.errors import MergelineError, ServiceError, StorageError

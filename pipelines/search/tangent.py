@@ -20,7 +20,7 @@ from pipelines.search.retrieval import per_task_lambda_candidates
 from pipelines.search.scorebook import ScoreBook
 from pipelines.search.selection import candidate_row, choose_best, objective_scores
 from pipelines.spec.load import expand_params
-from pipelines.spec.model import Spec
+from pipelines.spec.pipeline import Spec
 from pipelines.spec.plan import Candidate, Plan
 from pipelines.spec.search import resolve_search
 from workers.search.fastpath import linear_weights

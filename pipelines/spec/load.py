@@ -10,7 +10,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from pipelines.spec.model import Spec
+from pipelines.spec.base import has_credentials
+from pipelines.spec.pipeline import Spec
 from pipelines.spec.search import check_search
 from pipelines.spec.yaml_reader import DuplicateKeyError, load_yaml
 from storage.errors import MergeInputError, SpecError
@@ -93,12 +94,79 @@ def read_document(path: str | Path) -> dict[str, Any]:
 
 def validate_document(document: dict[str, Any], origin: str = "spec") -> Spec:
     try:
-        spec = Spec.model_validate(document)
+        spec = Spec.model_validate(locate_files(document))
     except ValidationError as error:
         raise SpecError(f"{origin}: {describe_validation_error(error)}") from None
     check_candidates(spec, origin)
     check_search(spec, origin)
     return spec
+
+
+def locate_files(document: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``document`` whose local dataset files and model directory are absolute paths.
+
+    Ray workers do not share the driver's working directory, so relative paths are resolved
+    once, against the directory the spec is loaded in. A value the spec refuses is left as it
+    is, for validation to name its field.
+    """
+    if not isinstance(document, dict):
+        return document  # validation refuses it
+    result = copy.deepcopy(document)
+    tasks = result.get("tasks")
+    datasets = (
+        [task.get("dataset") for task in tasks if isinstance(task, dict)]
+        if isinstance(tasks, list)
+        else []
+    )
+    base_model = result.get("base_model")
+    if isinstance(base_model, dict):
+        pretrain = base_model.get("pretrain")
+        if isinstance(pretrain, dict):
+            datasets.append(pretrain.get("dataset"))
+        model = base_model.get("model")
+        if base_model.get("source") == "hf" and isinstance(model, str):
+            base_model["model"] = _model_location(model)
+    for dataset in datasets:
+        if not isinstance(dataset, dict):
+            continue
+        if dataset.get("source") == "files":
+            for split in ("train", "test", "val"):
+                uri = dataset.get(split)
+                if isinstance(uri, str) and not has_credentials(uri):
+                    dataset[split] = _file_location(uri)
+        elif dataset.get("source") == "huggingface" and isinstance(dataset.get("data_files"), dict):
+            dataset["data_files"] = {
+                split: _file_locations(files) for split, files in dataset["data_files"].items()
+            }
+    return result
+
+
+def _file_location(uri: str) -> str:
+    """A local path made absolute; an ``s3://`` URI, or one the spec refuses, unchanged."""
+    from storage.files import absolute_uri
+
+    try:
+        return absolute_uri(uri)
+    except ValueError:
+        return uri  # an unreadable scheme: the spec names it
+
+
+def _file_locations(files: Any) -> Any:
+    """One file or a list of files (a Hugging Face split's ``data_files``), located."""
+    if isinstance(files, list):
+        return [_file_location(f) if isinstance(f, str) else f for f in files]
+    return _file_location(files) if isinstance(files, str) else files
+
+
+def _model_location(value: str) -> str:
+    """A local model directory made absolute; a Hub id, ``package:`` or ``s3://`` unchanged."""
+    if has_credentials(value) or value.startswith(("package:", "s3://")):
+        return value
+    value = value.removeprefix("file://")
+    path = Path(value).expanduser()
+    if path.is_dir() or value.startswith(("/", ".", "~")):
+        return str(path.resolve())
+    return value  # a Hub id
 
 
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> Spec:

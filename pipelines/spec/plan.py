@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipelines.spec.load import expand_params
-from pipelines.spec.model import Spec
+from pipelines.spec.pipeline import Spec
 from storage.digest import digest_json
 
 #: Bumped whenever the meaning of a stored artifact changes; part of every cache key.

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipelines.spec.model import Spec
+from pipelines.spec.pipeline import Spec
 from storage.errors import SpecError
 from storage.quoting import quoted
 

@@ -16,7 +16,7 @@ import torch
 from pydantic import ValidationError
 from torch.nn import functional
 
-from pipelines.spec.model import FilesDataset, HubDataset
+from pipelines.spec.tasks import FilesDataset, HubDataset
 from storage.errors import DataError
 from tests.lm_fixtures import tiny_llama, tiny_tokenizer
 from tests.unit.test_prompt_data import EVAL, files, tokenizer, write_jsonl

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import pytest
 import yaml
 
+from pipelines.spec.base_model import HFModel
 from pipelines.spec.load import apply_overrides, load_spec, parse_override, validate_document
-from pipelines.spec.model import CoefficientGrid, json_schema
+from pipelines.spec.merge import CoefficientGrid
+from pipelines.spec.pipeline import json_schema
+from pipelines.spec.tasks import FilesDataset
 from storage.errors import SpecError
 from tests.conftest import REPO, TINY_SPEC
 
@@ -110,3 +114,22 @@ def test_set_on_the_file_is_applied_before_validation(tmp_path: Path) -> None:
     assert load_spec(path, ["finetune.steps=7"]).finetune.steps == 7
     with pytest.raises(SpecError):
         load_spec(path, ["finetune.steps=0"])
+
+
+def test_the_spec_models_look_at_no_file_and_the_loader_locates_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model").mkdir()
+    assert HFModel(model="model").model == "model"  # a directory here, but not looked at
+    assert FilesDataset(train="a.csv", test="s3://b/t.csv").train == "a.csv"
+    document = copy.deepcopy(TINY_SPEC)
+    document["base_model"] = {"source": "hf", "model": "model"}
+    files = {"source": "files", "train": "a.csv", "test": "s3://b/t.csv", "text_column": "x"}
+    document["tasks"] = [{"name": name, "dataset": dict(files)} for name in ("t1", "t2")]
+    given = copy.deepcopy(document)
+    spec = validate_document(document)
+    assert spec.base_model.model == str(tmp_path / "model")
+    assert spec.tasks[0].dataset.train == str(tmp_path / "a.csv")
+    assert spec.tasks[0].dataset.test == "s3://b/t.csv"
+    assert document == given  # the caller's document is left as it was

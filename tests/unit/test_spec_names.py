@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from pipelines.spec.load import load_spec
-from pipelines.spec.model import json_schema
+from pipelines.spec.pipeline import json_schema
 from storage.errors import ArtifactError, SpecError
 from storage.names import NAME_SCHEMA_KEY
 from storage.taskvectors import model_prefix

@@ -10,7 +10,7 @@ import pytest
 
 from pipelines.commands.merge import parse_coefficient
 from pipelines.spec.load import load_spec, parse_override, read_document
-from pipelines.spec.model import json_schema
+from pipelines.spec.pipeline import json_schema
 from storage.errors import SpecError
 from tests.conftest import REPO
 
