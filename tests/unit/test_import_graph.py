@@ -28,9 +28,8 @@ STORAGE_IO = (
     "storage.tracking_guard",
     "storage.mlflow_model",
 )
-#: (module, what it imports) still breaking "workers/ is pure" (issue 17's I/O rule): the
-#: files dataset source reads its URIs itself.
-KNOWN_IMPURE_WORKERS = {("workers.data.files", "storage.files")}
+#: (module, what it imports) still breaking "workers/ is pure" (issue 17's I/O rule): none.
+KNOWN_IMPURE_WORKERS: set[tuple[str, str]] = set()
 #: MLflow outside storage/: the pyfunc classes that serve a published model.
 KNOWN_MLFLOW_OUTSIDE_STORAGE = {
     ("pipelines.serving", "mlflow"),
