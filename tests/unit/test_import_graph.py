@@ -30,11 +30,8 @@ STORAGE_IO = (
 )
 #: (module, what it imports) still breaking "workers/ is pure" (issue 17's I/O rule): none.
 KNOWN_IMPURE_WORKERS: set[tuple[str, str]] = set()
-#: MLflow outside storage/: the pyfunc classes that serve a published model.
-KNOWN_MLFLOW_OUTSIDE_STORAGE = {
-    ("pipelines.serving", "mlflow"),
-    ("pipelines.serving_text", "mlflow"),
-}
+#: MLflow outside storage/: none (the pyfunc wrappers are storage/serving*.py).
+KNOWN_MLFLOW_OUTSIDE_STORAGE: set[tuple[str, str]] = set()
 
 
 def module_name(path: Path) -> str:

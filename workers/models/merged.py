@@ -1,9 +1,12 @@
-"""The MLflow pyfunc model of a published merge (logged as code: nothing is pickled).
+"""A published merge, loaded from its local model directory and run: paths in, labels out.
 
-``predict`` takes a 2-D array of features, or for a Hugging Face base a DataFrame with a
-``text`` column (:mod:`pipelines.serving_text`; what each MLflow signature asks for), and
-``params={"task": name}``, and returns that task's predicted class per row. The type hints
-of ``predict`` say which input each model gets.
+The directory holds ``config.json`` (the base model and, for a linear-mode merge, ``mode:
+linear``), ``model.safetensors`` (or the shards of ``mergeline merge``) with the backbone and
+each task's head as ``heads.<task>.<name>``, for a Hugging Face base its ``transformers/``
+files, and for a tall_masks merge τ_MTL and the per-task masks (:mod:`storage.modeldir`).
+:class:`MergedPredictor` picks a task's head (and, for tall_masks, that task's backbone
+θ0 + m_t ∘ τ_MTL) and returns one predicted class per row. No MLflow here: the pyfunc
+model that serves it is :mod:`storage.serving`, logged as code.
 """
 
 from __future__ import annotations
@@ -12,34 +15,35 @@ import json
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from storage.modeldir import read_tall_directory, split_merged_tensors
 from storage.shards import SafetensorsReader
-from storage.tall import read_tall_directory
-from storage.taskvectors import split_merged_tensors
 from workers.finetune.linearized import linearized_forward, unpack_linearized
 from workers.merge.compression import retrieve_task
 from workers.models import apply_head, build_backbone
 from workers.models import huggingface as hf
 
 
-class MergedModel(mlflow.pyfunc.PythonModel):
-    def load_context(self, context: Any) -> None:
-        directory = Path(context.artifacts["model"])
+class MergedPredictor:
+    """The merged model in ``directory``: :meth:`predict` gives a task's class per row."""
+
+    def __init__(self, directory: Path) -> None:
         self.backbone, self.state, self.heads = load_merged(directory)
         self.encode = input_encoder(directory)
         self.linear = isinstance(self.state, tuple)
         self.task_states = {} if self.linear else load_task_states(directory, self.state)
 
-    def predict(
-        self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None
-    ) -> np.ndarray:
-        """One predicted class per row of features (MLflow passes the signature's float32
-        matrix); ``params={"task": name}`` picks the head."""
-        task = (params or {}).get("task") or next(iter(self.heads))
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.heads)
+
+    def predict(self, model_input: Any, task: str | None = None) -> np.ndarray:
+        """One predicted class per row of ``model_input`` (features, or texts for a Hugging
+        Face base); ``task`` picks the head, the first task without it."""
+        task = task or next(iter(self.heads))
         if task not in self.heads:
             raise ValueError(f"unknown task {task!r}; this model serves {sorted(self.heads)}")
         x = torch.as_tensor(self.encode(model_input))
@@ -110,6 +114,3 @@ def load_task_states(directory: Path, base: dict[str, torch.Tensor]) -> dict[str
         return {}
     multi_task, masks = found
     return {task: retrieve_task(base, multi_task, packed) for task, packed in masks.items()}
-
-
-mlflow.models.set_model(MergedModel())
