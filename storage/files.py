@@ -1,7 +1,8 @@
 """Users' own files by URI (a local path, ``file://`` or ``s3://``): bytes in, nothing parsed.
 
-The ``files`` dataset source reads its train / val / test files through :func:`read_bytes` and
-parses them in :mod:`workers.data.files`; only this module talks to fsspec for them. S3
+The edge (``pipelines.run.datasets``) reads a ``files`` dataset's train / val / test files
+through :func:`read_bytes` and hands the bytes to :mod:`workers.data.files`, which parses them;
+only this module talks to fsspec for them. S3
 credentials come only from the standard AWS chain; ``endpoint_url`` names an S3-compatible
 server (MinIO) for the files (``AWS_ENDPOINT_URL`` in the environment works too).
 """

@@ -13,21 +13,18 @@ A published tall_masks model also holds ``model.safetensors`` (θ0 backbone + he
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from storage.artifacts import ArtifactRef, find_artifact, read_file, write_artifact
 from storage.errors import ArtifactError
+from storage.modeldir import MASKS, MULTI_TASK, Masks, split_masks
+
+# Re-exported: the serving code of models published before it moved imports it from here.
+from storage.modeldir import read_tall_directory as read_tall_directory
 from storage.objectstore import ObjectStore
 from storage.tensors import bytes_to_tensors, tensors_to_bytes
-
-MULTI_TASK = "multi_task.safetensors"
-MASKS = "masks.safetensors"
-
-Masks = dict[str, dict[str, torch.Tensor]]
 
 
 def tall_files(multi_task: dict[str, torch.Tensor], masks: Masks) -> dict[str, bytes]:
@@ -57,15 +54,6 @@ def write_tall_artifact(
     return write_artifact(store, prefix, files, full)
 
 
-def split_masks(flat: dict[str, torch.Tensor]) -> Masks:
-    """``{"<task>/<name>": packed}`` -> ``{task: {name: packed}}``."""
-    masks: Masks = {}
-    for key, packed in flat.items():
-        task, name = key.split("/", 1)
-        masks.setdefault(task, {})[name] = packed
-    return masks
-
-
 def read_tall_artifact(
     store: ObjectStore, prefix: str
 ) -> tuple[dict[str, torch.Tensor], Masks, dict[str, Any]]:
@@ -77,10 +65,3 @@ def read_tall_artifact(
     multi_task = bytes_to_tensors(read_file(store, prefix, MULTI_TASK), where)
     masks = split_masks(bytes_to_tensors(read_file(store, prefix, MASKS), where))
     return multi_task, masks, dict(ref.meta["tall_masks"])
-
-
-def read_tall_directory(directory: Path) -> tuple[dict[str, torch.Tensor], Masks] | None:
-    """(τ_MTL, masks) from a local model directory, or None when it holds no masks."""
-    if not (directory / MASKS).is_file():
-        return None
-    return load_file(str(directory / MULTI_TASK)), split_masks(load_file(str(directory / MASKS)))

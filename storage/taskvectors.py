@@ -23,6 +23,9 @@ from storage.artifacts import (
     write_artifact,
 )
 from storage.errors import ArtifactError
+
+# Re-exported: the serving code of models published before it moved imports it from here.
+from storage.modeldir import split_merged_tensors as split_merged_tensors
 from storage.names import NAME_ADVICE, is_name
 from storage.objectstore import ObjectStore
 from storage.quoting import quoted
@@ -188,22 +191,6 @@ def write_merged_model(
         **(extra_files or {}),
     }
     return write_artifact(store, model_prefix(name, run_id), files, meta)
-
-
-def split_merged_tensors(
-    tensors: dict[str, torch.Tensor],
-) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
-    """Inverse of the merged-model layout: backbone tensors and ``heads.<task>.<name>``."""
-    backbone: dict[str, torch.Tensor] = {}
-    heads: dict[str, dict[str, torch.Tensor]] = {}
-    for name, tensor in tensors.items():
-        if name.startswith("heads."):
-            _, rest = name.split(".", 1)
-            task, part = rest.rsplit(".", 1)
-            heads.setdefault(task, {})[part] = tensor
-        else:
-            backbone[name] = tensor
-    return backbone, heads
 
 
 def write_summary(store: ObjectStore, run_id: str, summary: dict[str, Any]) -> str:

@@ -326,7 +326,7 @@ def open_task_vectors(
 
 
 def store_config(base_meta: dict[str, Any], vectors: list[StoredTaskVector], info: dict) -> bytes:
-    """The pipeline's merged-model config.json, so ``pipelines.serving.load_merged`` reads it."""
+    """The pipeline's merged-model config.json, read by ``workers.models.merged.load_merged``."""
     config = {
         "format_version": 1,
         "kind": "merged_model",

@@ -15,6 +15,7 @@ from rich.console import Console
 from pipelines.report.progress import progress_bar
 from pipelines.report.summary import build_summary
 from pipelines.run.cache import trusted_artifacts
+from pipelines.run.datasets import load_dataset
 from pipelines.run.incremental import rebuilt_reasons
 from pipelines.run.publish import publish
 from pipelines.run.raysession import LazyRay, check_reachable, get, wait_any
@@ -54,7 +55,7 @@ from storage.taskvectors import (
 )
 from storage.tracking import DatasetInfo, MlflowTracker
 from storage.tracking_guard import GuardedTracker
-from workers.data import Splits, load_dataset
+from workers.data import Splits
 
 
 def new_run_id() -> str:

@@ -23,8 +23,9 @@ from storage.taskvectors import base_model_prefix, model_prefix
 from storage.tracking_guard import GuardedTracker
 from workers.kinds.registry import TRANSFORMERS
 
-SERVING_CODE = Path(__file__).parents[1] / "serving.py"
-SERVING_TEXT_CODE = Path(__file__).parents[1] / "serving_text.py"  # a Hugging Face base: texts in
+# The MLflow models-from-code files (storage/ is the only package that touches MLflow).
+SERVING_CODE = Path(__file__).parents[2] / "storage" / "serving.py"
+SERVING_TEXT_CODE = Path(__file__).parents[2] / "storage" / "serving_text.py"  # HF base: texts in
 
 
 def publish(

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipelines.run.datasets import load_dataset
 from pipelines.run.model_dirs import resolve_model_dir
 from storage.artifacts import find_artifact
 from storage.digest import digest_state
@@ -34,7 +35,7 @@ from storage.taskvectors import (
     write_base_model,
 )
 from workers.adapters import LoraDelta, factors_from_tensors
-from workers.data import Splits, load_dataset
+from workers.data import Splits
 from workers.finetune import TrainConfig, train
 from workers.kinds import TaskKind, get_kind
 from workers.kinds.registry import TRANSFORMERS  # the base artifact's folder of HF files

@@ -13,7 +13,6 @@ import torch
 from rich.console import Console
 
 from pipelines.run.pipeline import run_pipeline
-from pipelines.serving import load_merged
 from pipelines.spec.load import validate_document
 from storage.artifacts import find_artifact, write_artifact
 from storage.objectstore import open_store
@@ -27,6 +26,7 @@ from storage.taskvectors import (
 from storage.tensors import tensors_to_bytes
 from workers.adapters.factors import Factor, LoraDelta, factors_from_tensors, factors_to_tensors
 from workers.merge import merge
+from workers.models.merged import load_merged
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.run.datasets import load_dataset
 from storage.errors import DataError
 from storage.files import read_bytes
 from tests.conftest import REPO
 from tests.conftest_s3 import BUCKET, S3Server
 from tests.unit.test_files_data import EVAL, files_config
-from workers.data import load_dataset
 
 pytestmark = pytest.mark.integration
 

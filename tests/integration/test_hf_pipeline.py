@@ -18,10 +18,10 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
+from pipelines.run.datasets import load_dataset
 from pipelines.run.pipeline import run_pipeline
 from pipelines.spec.load import validate_document
 from tests.hf_fixtures import write_text_task, write_tiny_bert
-from workers.data import load_dataset
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("local_ray")]
 transformers = pytest.importorskip("transformers")

@@ -11,12 +11,12 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
+from pipelines.run.datasets import load_dataset
 from pipelines.run.pipeline import run_pipeline
 from pipelines.spec.load import validate_document
 from storage.objectstore import open_store
 from storage.taskvectors import read_task_vector
 from tests.conftest import BEST_KEYS, SUMMARY_KEYS
-from workers.data import load_dataset
 from workers.finetune import delta_between, linearized_forward, unpack_linearized
 from workers.merge import merge
 from workers.models import apply_head, build_backbone

@@ -16,11 +16,11 @@ import torch
 from pydantic import ValidationError
 from torch.nn import functional
 
+from pipelines.run.datasets import load_dataset
 from pipelines.spec.tasks import FilesDataset, HubDataset
 from storage.errors import DataError
 from tests.lm_fixtures import tiny_llama, tiny_tokenizer
 from tests.unit.test_prompt_data import EVAL, files, tokenizer, write_jsonl
-from workers.data import load_dataset
 from workers.data.conversations import pair_choices, prompt_messages
 from workers.data.files import Columns, examples_from_table
 from workers.data.prompts import encode_prompts

@@ -11,10 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipelines.run.datasets import load_dataset
 from pipelines.spec.load import validate_document
 from storage.errors import DataError, SpecError
 from tests.conftest import TINY_SPEC
-from workers.data import load_dataset
 
 EVAL = {"val_fraction": 0.2, "val_max": 5000, "split_seed": 0}
 
@@ -149,10 +149,25 @@ def test_a_label_typo_is_a_data_error_naming_the_file_and_row(tmp_path: Path) ->
         load_dataset(config | {"num_classes": 2}, EVAL, "t")
 
 
+def test_the_worker_parses_bytes_it_is_given_and_opens_no_uri(tmp_path: Path) -> None:
+    """Workers take bytes: the edge (pipelines.run.datasets) reads the files, the worker parses
+    them, and the digest is the same whichever way the bytes arrive."""
+    from workers.data import load_dataset as parse_dataset
+
+    config = files_config(tmp_path, ".csv")
+    contents = {split: Path(config[split]).read_bytes() for split in ("train", "test")}
+    gone = config | {"train": "s3://nowhere/train.csv", "test": str(tmp_path / "no/test.csv")}
+    parsed = parse_dataset(gone, EVAL, "t", contents)
+    assert parsed.digest() == load_dataset(config, EVAL, "t").digest()
+    with pytest.raises(DataError, match=r"^t\.train s3://nowhere/train\.csv: not read"):
+        parse_dataset(gone, EVAL, "t")
+
+
 def test_missing_files_and_columns_name_the_file(tmp_path: Path) -> None:
     config = files_config(tmp_path, ".csv")
-    with pytest.raises(DataError, match=r"nope\.csv does not exist"):
+    with pytest.raises(DataError, match=r"nope\.csv does not exist") as missing:
         load_dataset(config | {"test": str(tmp_path / "nope.csv")}, EVAL, "t")
+    assert "\n" not in str(missing.value)  # one line, naming the URI
     with pytest.raises(DataError, match=r"train\.csv: no column 'target'.*label_column"):
         load_dataset(config | {"label_column": "target"}, EVAL, "t")
     with pytest.raises(DataError, match=r"train\.csv: no column 'pixels'"):

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.run.datasets import load_dataset
 from pipelines.spec.load import validate_document
 from storage.errors import DataError
 from tests.conftest import TINY_SPEC
 from tests.hf_fixtures import write_text_task
-from workers.data import load_dataset
 
 pytest.importorskip("datasets")
 EVAL = {"val_fraction": 0.2, "val_max": 5000, "split_seed": 0}

@@ -13,15 +13,15 @@ from tests.conftest import REPO
 
 
 def test_predict_is_typed_for_the_input_its_signature_gives() -> None:
-    from pipelines.serving import MergedModel
-    from pipelines.serving_text import MergedTextModel
+    from storage.serving import MergedModel
+    from storage.serving_text import MergedTextModel
 
     assert typing.get_type_hints(MergedModel.predict)["model_input"] is np.ndarray
     assert typing.get_type_hints(MergedTextModel.predict)["model_input"] is pd.DataFrame
 
 
 def test_defining_the_served_models_gives_no_mlflow_warning() -> None:
-    code = "import pipelines.serving, pipelines.serving_text"
+    code = "import storage.serving, storage.serving_text"
     done = subprocess.run(
         [sys.executable, "-W", "always::UserWarning", "-c", code],
         cwd=REPO,
@@ -31,3 +31,12 @@ def test_defining_the_served_models_gives_no_mlflow_warning() -> None:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "type hint" not in done.stderr.lower(), done.stderr[-2000:]
+
+
+def test_a_text_model_published_before_the_move_still_finds_its_base_class() -> None:
+    """The serving_text.py copy inside models logged before serving moved to storage/ does
+    ``from pipelines.serving import MergedModel`` (commit 598116d and earlier)."""
+    from pipelines.serving import MergedModel as Old
+    from storage.serving import MergedModel
+
+    assert Old is MergedModel

@@ -1,26 +1,27 @@
 """The ``files`` dataset source: labelled examples in JSONL, CSV, Parquet or NPZ files.
 
-Parsing is pure (bytes in, arrays out); the bytes come from :func:`storage.files.read_bytes`,
-so a file may live on a local disk or on S3. Tabular files name their label column and their
-inputs: ``features_column`` is one column (list-valued, or a single number per row) or a list
-of columns, concatenated in order; without it every column but the label is a feature. NPZ
-files hold the arrays ``x`` (rows of features) and ``y`` (labels). Labels are integers in
-``[0, num_classes)``. Instruction data for a causal language model names a prompt and a
-completion column, or a messages column, instead (:mod:`workers.data.conversations`), and has
-no labels. The dataset digest hashes the parsed arrays, so the same content gives the same
-digest wherever it lives.
+Parsing is pure (bytes in, arrays out): the caller reads each split's file (a local path,
+``file://`` or ``s3://``) through :func:`storage.files.read_bytes` and hands the bytes in
+(``pipelines.run.datasets.load_dataset`` does both), so this module does no I/O. Tabular
+files name their label column and their inputs: ``features_column`` is one column
+(list-valued, or a single number per row) or a list of columns, concatenated in order; without
+it every column but the label is a feature. NPZ files hold the arrays ``x`` (rows of features)
+and ``y`` (labels). Labels are integers in ``[0, num_classes)``. Instruction data for a causal
+language model names a prompt and a completion column, or a messages column, instead
+(:mod:`workers.data.conversations`), and has no labels. The dataset digest hashes the parsed
+arrays, so the same content gives the same digest wherever it lives.
 """
 
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from storage.errors import DataError
-from storage.files import read_bytes
 from workers.data.conversations import pairs_from_table
 from workers.data.labels import count_classes
 from workers.data.sources import register_source
@@ -285,19 +286,34 @@ def columns_of(config: dict[str, Any]) -> Columns:
     )
 
 
+SPLITS = ("train", "val", "test")
+
+
+def split_uris(config: dict[str, Any]) -> dict[str, str]:
+    """The URI of each split file a ``files`` dataset names, by split (val is optional)."""
+    return {split: config[split] for split in SPLITS if config.get(split) is not None}
+
+
 @register_source("files")
-def load_files(config: dict[str, Any], evaluation: dict[str, Any], what: str) -> Splits:
-    """Train and test (and optionally val) files; without val, val comes out of train."""
+def load_files(
+    config: dict[str, Any],
+    evaluation: dict[str, Any],
+    what: str,
+    contents: Mapping[str, bytes] | None = None,
+) -> Splits:
+    """Train and test (and optionally val) files, from ``contents``: the bytes of each split's
+    file, already read by the caller; without val, val comes out of train."""
     columns = columns_of(config)
     parts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for split in ("train", "val", "test"):
-        uri = config.get(split)
-        if uri is None:
-            continue
+    for split, uri in split_uris(config).items():
         where = f"{what}.{split} {uri}"
-        data = read_bytes(uri, config.get("endpoint_url"))
+        if contents is None or split not in contents:
+            raise DataError(
+                f"{where}: not read: the files source parses bytes its caller read "
+                "(pipelines.run.datasets.load_dataset reads them)"
+            )
         parts[split] = parse_examples(
-            data, infer_format(uri, config.get("format", "auto")), columns, where
+            contents[split], infer_format(uri, config.get("format", "auto")), columns, where
         )
     return assemble_splits(parts, config, evaluation, what)
 

@@ -8,6 +8,7 @@ the same content gives the same cached task vectors whichever source reads it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,12 @@ from workers.data.splits import Splits
 
 
 @register_source("huggingface")
-def load_hub(config: dict[str, Any], evaluation: dict[str, Any], what: str) -> Splits:
+def load_hub(
+    config: dict[str, Any],
+    evaluation: dict[str, Any],
+    what: str,
+    contents: Mapping[str, bytes] | None = None,
+) -> Splits:
     try:
         import datasets
     except ImportError:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import numpy as np
@@ -16,7 +16,13 @@ _STD_FLOOR = 0.1  # constant pixels (digits' borders) stay 0 instead of dividing
 
 
 class DatasetSource(Protocol):
-    def __call__(self, config: dict[str, Any], evaluation: dict[str, Any], what: str) -> Splits: ...
+    def __call__(
+        self,
+        config: dict[str, Any],
+        evaluation: dict[str, Any],
+        what: str,
+        contents: Mapping[str, bytes] | None = None,
+    ) -> Splits: ...
 
 
 _SOURCES: dict[str, DatasetSource] = {}
@@ -32,12 +38,22 @@ def register_source(name: str) -> Callable[[DatasetSource], DatasetSource]:
     return decorator
 
 
-def load_dataset(config: dict[str, Any], evaluation: dict[str, Any], what: str) -> Splits:
-    """Materialise a dataset from its spec (a plain dict, as it travels to Ray workers)."""
+def load_dataset(
+    config: dict[str, Any],
+    evaluation: dict[str, Any],
+    what: str,
+    contents: Mapping[str, bytes] | None = None,
+) -> Splits:
+    """Materialise a dataset from its spec (a plain dict, as it travels to Ray workers).
+
+    ``contents``: the bytes of the files the spec names, by split, read by the caller (the
+    ``files`` source needs them; workers read no URI): ``pipelines.run.datasets.load_dataset``
+    reads them and calls this.
+    """
     source = config.get("source")
     if source not in _SOURCES:
         raise DataError(f"{what}: unknown dataset source {source!r}; known: {sorted(_SOURCES)}")
-    return _SOURCES[source](config, evaluation, what)
+    return _SOURCES[source](config, evaluation, what, contents)
 
 
 def _sklearn_arrays(name: str, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -72,7 +88,12 @@ def pool_indices(count: int, pool: str, pretrain_fraction: float) -> np.ndarray:
 
 
 @register_source("sklearn")
-def load_sklearn(config: dict[str, Any], evaluation: dict[str, Any], what: str) -> Splits:
+def load_sklearn(
+    config: dict[str, Any],
+    evaluation: dict[str, Any],
+    what: str,
+    contents: Mapping[str, bytes] | None = None,
+) -> Splits:
     """A scikit-learn bundled dataset, optionally one fixed pool, a class subset, a transform."""
     x, y = _sklearn_arrays(config["name"], what)
     order = pool_indices(len(y), config.get("pool", "all"), config.get("pretrain_fraction", 0.4))

@@ -1,6 +1,6 @@
 """The MLflow pyfunc model of a published merge over a Hugging Face base: texts in.
 
-The same model as :mod:`pipelines.serving`, logged from this file so that ``predict`` is typed
+The same model as :mod:`storage.serving`, logged from this file so that ``predict`` is typed
 for what MLflow passes it under the text signature: a DataFrame with a ``text`` column.
 """
 
@@ -12,7 +12,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from pipelines.serving import MergedModel
+from storage.serving import MergedModel
 
 
 class MergedTextModel(MergedModel):
