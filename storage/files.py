@@ -1,6 +1,6 @@
 """Users' own files by URI (a local path, ``file://`` or ``s3://``): bytes in, nothing parsed.
 
-The edge (``pipelines.run.datasets``) reads a ``files`` dataset's train / val / test files
+The edge (``pipelines.stages.datasets``) reads a ``files`` dataset's train / val / test files
 through :func:`read_bytes` and hands the bytes to :mod:`workers.data.files`, which parses them;
 only this module talks to fsspec for them. S3
 credentials come only from the standard AWS chain; ``endpoint_url`` names an S3-compatible

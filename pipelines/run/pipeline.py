@@ -15,7 +15,6 @@ from rich.console import Console
 from pipelines.report.progress import progress_bar
 from pipelines.report.summary import build_summary
 from pipelines.run.cache import trusted_artifacts
-from pipelines.run.datasets import load_dataset
 from pipelines.run.incremental import rebuilt_reasons
 from pipelines.run.publish import publish
 from pipelines.run.raysession import LazyRay, check_reachable, get, wait_any
@@ -40,6 +39,7 @@ from pipelines.spec.plan import (
 )
 from pipelines.spec.search import resolve_search
 from pipelines.stages.base import kind_of, pretrain_base_job
+from pipelines.stages.datasets import load_dataset
 from pipelines.stages.finetune import run_finetune_job
 from pipelines.stages.statistics import statistics_job
 from storage.errors import DataError, MergelineError, ModelError, SystemFailure

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.run.datasets import load_dataset
+from pipelines.stages.datasets import load_dataset
 from storage.errors import DataError
 from storage.files import read_bytes
 from tests.conftest import REPO

@@ -18,9 +18,9 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
-from pipelines.run.datasets import load_dataset
 from pipelines.run.pipeline import run_pipeline
 from pipelines.spec.load import validate_document
+from pipelines.stages.datasets import load_dataset
 from tests.hf_fixtures import write_text_task, write_tiny_bert
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("local_ray")]

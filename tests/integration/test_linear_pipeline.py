@@ -11,9 +11,9 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
-from pipelines.run.datasets import load_dataset
 from pipelines.run.pipeline import run_pipeline
 from pipelines.spec.load import validate_document
+from pipelines.stages.datasets import load_dataset
 from storage.objectstore import open_store
 from storage.taskvectors import read_task_vector
 from tests.conftest import BEST_KEYS, SUMMARY_KEYS

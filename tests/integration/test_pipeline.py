@@ -88,7 +88,7 @@ def test_published_model_serves_the_evaluated_predictions(tiny_spec: dict, tmp_p
     import mlflow
     import numpy as np
 
-    from pipelines.run.datasets import load_dataset
+    from pipelines.stages.datasets import load_dataset
 
     summary = _run(tiny_spec, tmp_path)
     mlflow.set_tracking_uri(tiny_spec["tracking"]["uri"])

@@ -19,9 +19,9 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from pipelines.cli import app
-from pipelines.run.datasets import load_dataset
 from pipelines.run.pipeline import run_pipeline
 from pipelines.spec.load import validate_document
+from pipelines.stages.datasets import load_dataset
 from storage.errors import ArtifactError
 from tests.conftest_s3 import BUCKET, S3Server
 from tests.hf_fixtures import write_text_task, write_tiny_bert

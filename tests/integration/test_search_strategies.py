@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from pipelines.run.datasets import load_dataset
 from pipelines.run.pipeline import run_pipeline
 from pipelines.spec.load import validate_document
+from pipelines.stages.datasets import load_dataset
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("local_ray")]
 

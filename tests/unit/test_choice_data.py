@@ -16,8 +16,8 @@ import torch
 from pydantic import ValidationError
 from torch.nn import functional
 
-from pipelines.run.datasets import load_dataset
 from pipelines.spec.tasks import FilesDataset, HubDataset
+from pipelines.stages.datasets import load_dataset
 from storage.errors import DataError
 from tests.lm_fixtures import tiny_llama, tiny_tokenizer
 from tests.unit.test_prompt_data import EVAL, files, tokenizer, write_jsonl

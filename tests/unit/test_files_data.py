@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.run.datasets import load_dataset
 from pipelines.spec.load import validate_document
+from pipelines.stages.datasets import load_dataset
 from storage.errors import DataError, SpecError
 from tests.conftest import TINY_SPEC
 
@@ -150,7 +150,7 @@ def test_a_label_typo_is_a_data_error_naming_the_file_and_row(tmp_path: Path) ->
 
 
 def test_the_worker_parses_bytes_it_is_given_and_opens_no_uri(tmp_path: Path) -> None:
-    """Workers take bytes: the edge (pipelines.run.datasets) reads the files, the worker parses
+    """Workers take bytes: the edge (pipelines.stages.datasets) reads the files, the worker parses
     them, and the digest is the same whichever way the bytes arrive."""
     from workers.data import load_dataset as parse_dataset
 

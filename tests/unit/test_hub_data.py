@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.run.datasets import load_dataset
 from pipelines.spec.load import validate_document
+from pipelines.stages.datasets import load_dataset
 from storage.errors import DataError
 from tests.conftest import TINY_SPEC
 from tests.hf_fixtures import write_text_task

@@ -19,7 +19,16 @@ from pathlib import Path
 from tests.conftest import REPO
 
 PACKAGES = ("pipelines", "workers", "storage")
-SERVICE_CLIENTS = ("ray", "mlflow", "fsspec", "s3fs", "boto3", "botocore", "huggingface_hub")
+SERVICE_CLIENTS = (
+    "ray",
+    "mlflow",
+    "fsspec",
+    "s3fs",
+    "boto3",
+    "botocore",
+    "huggingface_hub",
+    "datasets",
+)
 STORAGE_IO = (
     "storage.objectstore",
     "storage.files",

@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.run.datasets import load_dataset
 from pipelines.spec.load import validate_document
+from pipelines.stages.datasets import load_dataset
 from storage.digest import digest_arrays
 from storage.errors import DataError, SpecError
 from tests.conftest import TINY_SPEC

@@ -2,7 +2,7 @@
 
 Parsing is pure (bytes in, arrays out): the caller reads each split's file (a local path,
 ``file://`` or ``s3://``) through :func:`storage.files.read_bytes` and hands the bytes in
-(``pipelines.run.datasets.load_dataset`` does both), so this module does no I/O. Tabular
+(``pipelines.stages.datasets.load_dataset`` does both), so this module does no I/O. Tabular
 files name their label column and their inputs: ``features_column`` is one column
 (list-valued, or a single number per row) or a list of columns, concatenated in order; without
 it every column but the label is a feature. NPZ files hold the arrays ``x`` (rows of features)
@@ -299,7 +299,7 @@ def load_files(
     config: dict[str, Any],
     evaluation: dict[str, Any],
     what: str,
-    contents: Mapping[str, bytes] | None = None,
+    contents: Mapping[str, Any] | None = None,
 ) -> Splits:
     """Train and test (and optionally val) files, from ``contents``: the bytes of each split's
     file, already read by the caller; without val, val comes out of train."""
@@ -310,7 +310,7 @@ def load_files(
         if contents is None or split not in contents:
             raise DataError(
                 f"{where}: not read: the files source parses bytes its caller read "
-                "(pipelines.run.datasets.load_dataset reads them)"
+                "(pipelines.stages.datasets.load_dataset reads them)"
             )
         parts[split] = parse_examples(
             contents[split], infer_format(uri, config.get("format", "auto")), columns, where

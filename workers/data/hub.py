@@ -1,7 +1,8 @@
-"""The ``huggingface`` dataset source: splits through Hugging Face ``datasets``.
+"""The ``huggingface`` dataset source: examples from the Arrow tables ``datasets`` loaded.
 
-A Hub dataset by name needs network access the first time (``datasets`` caches it); the
-packaged builders ``json``, ``csv`` and ``parquet`` over local ``data_files`` need none. Rows
+The edge reads the tables (:mod:`storage.hubdata`; a Hub dataset by name needs network access
+the first time, the packaged builders ``json``, ``csv`` and ``parquet`` over local
+``data_files`` need none) and hands them here. Rows
 become examples exactly as in the ``files`` source (the same columns, checks and digest), so
 the same content gives the same cached task vectors whichever source reads it.
 """
@@ -24,47 +25,22 @@ def load_hub(
     config: dict[str, Any],
     evaluation: dict[str, Any],
     what: str,
-    contents: Mapping[str, bytes] | None = None,
+    contents: Mapping[str, Any] | None = None,
 ) -> Splits:
-    try:
-        import datasets
-    except ImportError:
-        raise DataError(
-            f"{what}: source 'huggingface' needs the datasets package: pip install datasets"
-        ) from None
+    """Examples from the Arrow table of each split (``contents``, read by
+    :func:`storage.hubdata.read_hub_splits` at the edge: workers fetch nothing)."""
     path = config["path"]
-    try:
-        loaded = datasets.load_dataset(
-            path,
-            config.get("name"),
-            revision=config.get("revision"),
-            data_files=config.get("data_files"),
-        )
-    except Exception as error:  # offline, unknown name, bad files: one line, no traceback
-        first = (str(error).splitlines() or [""])[0][:200]
-        raise DataError(
-            f"{what}: cannot load the Hugging Face dataset {path!r} ({type(error).__name__}: "
-            f"{first})"
-        ) from None
-    wanted = {
-        "train": config.get("train_split", "train"),
-        "test": config.get("test_split", "test"),
-        "val": config.get("val_split"),
-    }
+    if contents is None:
+        raise DataError(f"{what}: the {path!r} dataset was not read (the caller reads it)")
     columns = columns_of(config)
+    names = {"train": config.get("train_split", "train"), "test": config.get("test_split", "test")}
+    names["val"] = config.get("val_split")
     parts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     origins: dict[str, str] = {}
-    for split, name in wanted.items():
-        if name is None:
-            continue
-        if name not in loaded:
-            raise DataError(
-                f"{what}.{split}_split: {path!r} has no split {name!r}; it has {sorted(loaded)}"
-            )
-        table = loaded[name].data.table
+    for split, table in contents.items():
         if config.get("max_examples"):
             table = table.slice(0, int(config["max_examples"]))
-        origins[split] = f"{path}[{name}]"
+        origins[split] = f"{path}[{names[split]}]"
         parts[split] = examples_from_table(table, columns, f"{what}.{split} {origins[split]}")
     return assemble_splits(
         parts, origins | {"num_classes": config.get("num_classes")}, evaluation, what

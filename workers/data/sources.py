@@ -21,7 +21,7 @@ class DatasetSource(Protocol):
         config: dict[str, Any],
         evaluation: dict[str, Any],
         what: str,
-        contents: Mapping[str, bytes] | None = None,
+        contents: Mapping[str, Any] | None = None,
     ) -> Splits: ...
 
 
@@ -42,13 +42,13 @@ def load_dataset(
     config: dict[str, Any],
     evaluation: dict[str, Any],
     what: str,
-    contents: Mapping[str, bytes] | None = None,
+    contents: Mapping[str, Any] | None = None,
 ) -> Splits:
     """Materialise a dataset from its spec (a plain dict, as it travels to Ray workers).
 
-    ``contents``: the bytes of the files the spec names, by split, read by the caller (the
-    ``files`` source needs them; workers read no URI): ``pipelines.run.datasets.load_dataset``
-    reads them and calls this.
+    ``contents``: what the caller read, by split: the bytes of a ``files`` dataset's files, the
+    Arrow tables of a ``huggingface`` one (workers fetch nothing):
+    ``pipelines.stages.datasets.load_dataset`` reads them and calls this.
     """
     source = config.get("source")
     if source not in _SOURCES:
@@ -92,7 +92,7 @@ def load_sklearn(
     config: dict[str, Any],
     evaluation: dict[str, Any],
     what: str,
-    contents: Mapping[str, bytes] | None = None,
+    contents: Mapping[str, Any] | None = None,
 ) -> Splits:
     """A scikit-learn bundled dataset, optionally one fixed pool, a class subset, a transform."""
     x, y = _sklearn_arrays(config["name"], what)
