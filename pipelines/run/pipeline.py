@@ -274,7 +274,7 @@ def key_digests(plan: Plan, datasets: dict[str, Splits]) -> dict[str, str]:
     weights unchanged) gives another task vector instead of a stale one."""
     if not any(data.is_prompts for data in datasets.values()):
         return {name: data.digest() for name, data in datasets.items()}
-    from pipelines.run.model_dirs import resolve_model_dir
+    from pipelines.stages.model_dirs import resolve_model_dir
     from workers.data.prompts import encode_splits
     from workers.models import huggingface as hf
 
@@ -314,7 +314,7 @@ def fingerprint_pretrain(plan: Plan, datasets: dict[str, Splits]) -> str:
     """Stage 1: the base model's cache key: its config and the digest of what it is made of
     (the pretraining data of a builtin base, the files of a Hugging Face one)."""
     if plan.base_model["source"] == "hf":
-        from pipelines.run.model_dirs import resolve_model_dir
+        from pipelines.stages.model_dirs import resolve_model_dir
         from workers.models import huggingface as hf
 
         config = plan.base_model
