@@ -10,8 +10,7 @@ from typing import Any
 
 import torch
 
-from pipelines.search.retrieval import task_params
-from pipelines.spec.plan import Candidate
+from pipelines.spec.plan import Candidate, task_params
 from pipelines.stages.base import load_task_data, open_base, open_task_vector
 from pipelines.stages.statistics import statistics_params
 from workers.merge.engine import merge_state
