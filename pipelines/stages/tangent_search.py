@@ -1,11 +1,11 @@
-"""Stages 5-6 in the tangent space: linearized scoring and the exact fast path, on Ray actors.
+"""Stages 5-6 in the tangent space: the evaluator for linearized scoring and the exact fast path.
 
-A :class:`TangentEvaluator` is the evaluator a
-:class:`~pipelines.stages.search.CandidateScorer` holds when it knows the fine-tuning mode: in
-linear mode a candidate is scored as the linearized model f(x; θ0) + J f(x; θ0)·(θ − θ0), which
-is how it is served. Its fast path caches the head-projected f(X_t; θ0) and J(X_t) τ_s
-once per split, then scores coefficient vectors by matrix sums: exact for linear-mode task
-vectors, a post-hoc linearization surrogate for standard-mode ones.
+:class:`TangentEvaluator` is what a :class:`~pipelines.stages.search.CandidateScorer` holds when
+the search runs in the tangent space: in linear mode a candidate is scored as the linearized
+model f(x; θ0) + J f(x; θ0)·(θ − θ0), which is how it is served. Its fast path caches the
+head-projected f(X_t; θ0) and J(X_t) τ_s once per split, then scores coefficient vectors by
+matrix sums: exact for linear-mode task vectors, a post-hoc linearization surrogate for
+standard-mode ones.
 """
 
 from __future__ import annotations
