@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,8 @@ from pipelines.spec.load import load_spec  # noqa: E402
 from pipelines.spec.plan import Candidate, make_plan, task_vector_key  # noqa: E402
 from pipelines.stages.base import pretrain_base_job  # noqa: E402
 from pipelines.stages.finetune import run_finetune_job  # noqa: E402
-from pipelines.stages.tangent_search import TangentScorer  # noqa: E402
+from pipelines.stages.search import CandidateScorer  # noqa: E402
+from pipelines.stages.tangent_search import TangentEvaluator  # noqa: E402
 from storage.objectstore import open_store_from  # noqa: E402
 from storage.taskvectors import find_task_vector  # noqa: E402
 
@@ -60,7 +62,7 @@ def permuted_tasks(count: int) -> str:
     return "tasks=[" + ", ".join(items) + "]"
 
 
-def prepare(example: str, store: Path, overrides: list[str]) -> tuple[TangentScorer, dict, Any]:
+def prepare(example: str, store: Path, overrides: list[str]) -> tuple[CandidateScorer, dict, Any]:
     """Pretrain + fine-tune in-process (the stage functions), then a scorer over the vectors."""
     spec = load_spec(REPO / "examples" / example, [f"storage.uri=file://{store}", *overrides])
     plan = make_plan(spec)
@@ -81,9 +83,8 @@ def prepare(example: str, store: Path, overrides: list[str]) -> tuple[TangentSco
         run_finetune_job(store_cfg, key, *args)
         reference[task.name] = find_task_vector(open_store_from(store_cfg), key).meta
         specs[task.name] = {"key": key, "dataset": task.dataset}
-    scorer = TangentScorer(
-        store_cfg, base_key, base_meta, specs, plan.evaluation, plan.finetune["mode"]
-    )
+    evaluator = partial(TangentEvaluator, mode=plan.finetune["mode"])
+    scorer = CandidateScorer(store_cfg, base_key, base_meta, specs, plan.evaluation, evaluator)
     return scorer, reference, plan
 
 
@@ -92,12 +93,12 @@ def rows_for(results: list[dict], reference: dict) -> dict[str, dict[str, float]
     return {row["id"]: objective_scores(row["accuracy"], finetuned) for row in results}
 
 
-def bench_fast_path(scorer: TangentScorer, reference: dict) -> dict[str, Any]:
+def bench_fast_path(scorer: CandidateScorer, reference: dict) -> dict[str, Any]:
     candidates = [Candidate("task_arithmetic", {}, lam) for lam in GRID]
     timings: dict[str, list[float]] = {"fast": [], "off": []}
     results: dict[str, list[dict]] = {}
     for _ in range(3):  # alternate, keep the fastest of each (the machine is shared)
-        scorer._fast_paths.clear()
+        scorer.evaluator._fast_paths.clear()
         started = time.perf_counter()
         results["fast"] = scorer.fast_score(candidates, "val")
         timings["fast"].append(time.perf_counter() - started)
@@ -124,16 +125,16 @@ def bench_fast_path(scorer: TangentScorer, reference: dict) -> dict[str, Any]:
     }
 
 
-def bench_per_task(scorer: TangentScorer, reference: dict) -> dict[str, Any]:
+def bench_per_task(scorer: CandidateScorer, reference: dict) -> dict[str, Any]:
     finetuned = {t: reference[t]["finetuned"]["val"] for t in reference}
-    scorer.fast_path("val")
+    scorer.evaluator.fast_path("val")
     rounds, points, started = 0, 0, time.perf_counter()
     while time.perf_counter() - started < 5.0 or rounds < 3:
         found = scorer.fast_per_task_search("coordinate_ascent", GRID, None, OBJECTIVE, finetuned)
         points, rounds = points + len(found), rounds + 1
     elapsed = time.perf_counter() - started
     best = max(found, key=lambda item: objective_scores(item[1], finetuned)[OBJECTIVE])
-    fast = scorer.fast_path("val")
+    fast = scorer.evaluator.fast_path("val")
     batch = torch.rand(20_480, len(fast.sources))
     t0 = time.perf_counter()
     for chunk in batch.split(512):

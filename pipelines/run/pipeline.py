@@ -21,7 +21,8 @@ from pipelines.run.raysession import LazyRay, check_reachable, get, wait_any
 from pipelines.run.recovery import run_key, task_failed, without_tasks
 from pipelines.run.resources import await_placement, refuse_impossible
 from pipelines.run.scheduling import actor_options, finetune_options
-from pipelines.run.scoring import Scorers, open_score_book, score_best, search, start_scorers
+from pipelines.run.scoring import Scorers, open_score_book, score_best, start_scorers
+from pipelines.search.grid import grid_search
 from pipelines.search.halving import check_budget, successive_halving
 from pipelines.search.retrieval import best_by_method, per_task_lambda_candidates
 from pipelines.search.selection import choose_best
@@ -145,7 +146,7 @@ def run_pipeline(spec: Spec, console: Console, summary_path: Path | None = None)
             cluster.ensure()
             return start_scorers(plan, store_cfg, base_key, base_meta, tasks)
 
-        scorers = Scorers(start_actors)
+        scorers = Scorers(start_actors, console)
         reference = {t: info["meta"] for t, info in tasks.items()}
         search_info: dict[str, Any] = {}
         extra: list[Candidate] = []
@@ -153,7 +154,7 @@ def run_pipeline(spec: Spec, console: Console, summary_path: Path | None = None)
             champion, search_info["warm_start"] = champion_candidate(plan, tracker, console)
             extra = [champion] if champion is not None else []
         if resolve_search(spec).tangent:  # linear mode, per-task, surrogate or negation
-            outcome = TangentSearch(plan, scorers, reference, console, extra, book).run()
+            outcome = TangentSearch(plan, scorers, reference, extra, book).run()
             rows, best, search_info = outcome.rows, outcome.best, search_info | outcome.info
         else:
             ids = {c.id for c in plan.candidates}
@@ -165,7 +166,7 @@ def run_pipeline(spec: Spec, console: Console, summary_path: Path | None = None)
                 )
                 search_info |= info
             else:
-                rows = search(plan, scorers, finetuned_val, console, candidates, book=book)
+                rows = grid_search(plan, scorers, finetuned_val, candidates, book=book)
             full = [row for row in rows if row.get("full_split", True)]
             derived = per_task_lambda_candidates(full, finetuned_val)
             rows += [row for _, row in derived]
@@ -275,7 +276,7 @@ def key_digests(plan: Plan, datasets: dict[str, Splits]) -> dict[str, str]:
     weights unchanged) gives another task vector instead of a stale one."""
     if not any(data.is_prompts for data in datasets.values()):
         return {name: data.digest() for name, data in datasets.items()}
-    from pipelines.run.model_dirs import resolve_model_dir
+    from pipelines.stages.model_dirs import resolve_model_dir
     from workers.data.prompts import encode_splits
     from workers.models import huggingface as hf
 
@@ -315,7 +316,7 @@ def fingerprint_pretrain(plan: Plan, datasets: dict[str, Splits]) -> str:
     """Stage 1: the base model's cache key: its config and the digest of what it is made of
     (the pretraining data of a builtin base, the files of a Hugging Face one)."""
     if plan.base_model["source"] == "hf":
-        from pipelines.run.model_dirs import resolve_model_dir
+        from pipelines.stages.model_dirs import resolve_model_dir
         from workers.models import huggingface as hf
 
         config = plan.base_model

@@ -1,14 +1,16 @@
 """Stages 5-6 on the scorer actors: start them, fan candidates out over them, score the best.
 
-The grid search (`search`) is also each rung of successive halving
-(`pipelines.search.halving`); every score goes through the run's
-:class:`~pipelines.search.scorebook.ScoreBook`, so a stored one is reused.
+:class:`Scorers` is the :class:`~pipelines.search.pool.ScorerPool` the search calls: it holds
+the Ray handles, waits on them and turns remote failures into mergeline errors, so the search
+itself never touches Ray.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import ray
@@ -17,12 +19,12 @@ from rich.console import Console
 from pipelines.report.progress import progress_bar
 from pipelines.run.raysession import get, wait_any
 from pipelines.run.scheduling import actor_options
+from pipelines.search.pool import ChunkDone, ScorerPool
 from pipelines.search.scorebook import ScoreBook, score_context
-from pipelines.search.selection import candidate_row, objective_scores
 from pipelines.spec.plan import Candidate, Plan
 from pipelines.spec.search import resolve_search
-from pipelines.stages.search import CandidateScorer
-from pipelines.stages.tangent_search import TangentScorer
+from pipelines.stages.search import CandidateScorer, Evaluator, ForwardEvaluator, ScoringInputs
+from pipelines.stages.tangent_search import TangentEvaluator
 from storage.runs import read_scores
 
 
@@ -33,6 +35,8 @@ def start_scorers(
     base_meta: dict[str, Any],
     tasks: dict[str, dict[str, Any]],
 ) -> list[Any]:
+    """The scorer actors: as many as the spec asks for, the cluster's CPUs and the candidates
+    allow, each holding the evaluator the search needs."""
     specs = {
         name: {"key": info["key"], "dataset": plan.tasks[plan.task_names.index(name)].dataset}
         for name, info in tasks.items()
@@ -42,69 +46,22 @@ def start_scorers(
     cpus = int(ray.cluster_resources().get("CPU", 1))
     count = max(1, min(plan.spec.merge.num_actors, len(plan.candidates), cpus))
     settings = resolve_search(plan.spec)
+    evaluator: Callable[[ScoringInputs], Evaluator] = ForwardEvaluator
     if settings.tangent:
         count = 1 if settings.all_fast else count
-        actor = ray.remote(**actor_options(plan))(TangentScorer)
-        args = (store_cfg, base_key, base_meta, specs, plan.evaluation, plan.finetune["mode"])
-    else:
-        actor = ray.remote(**actor_options(plan))(CandidateScorer)
-        args = (store_cfg, base_key, base_meta, specs, plan.evaluation)
+        evaluator = partial(TangentEvaluator, mode=plan.finetune["mode"])
+    actor = ray.remote(**actor_options(plan))(CandidateScorer)
+    args = (store_cfg, base_key, base_meta, specs, plan.evaluation, evaluator)
     return [actor.remote(*args) for _ in range(count)]
 
 
-def search(
-    plan: Plan,
-    scorers: list[Any],
-    finetuned_val: dict[str, float],
-    console: Console,
-    candidates: list[Candidate] | None = None,
-    rows: dict[str, int] | None = None,
-    label: str = "merge search",
-    book: ScoreBook | None = None,
-) -> list[dict[str, Any]]:
-    """Stage 5: fan candidates (default: the plan's) out over the scorer actors in small chunks;
-    ``rows``: score on that many validation rows per task (a successive-halving rung). Scores
-    in ``book`` are reused; only the candidates without one are scored (and added to it)."""
-    candidates = list(plan.candidates) if candidates is None else candidates
-    seed = plan.spec.merge.search.seed
-    book = book or ScoreBook("")
-    how = {"split": "val", "rows": rows, "seed": seed}
-    found, missing = book.split(candidates, **how)
-    by_id: dict[str, dict[str, Any]] = {}
-    for candidate in candidates:
-        if candidate.id in found:
-            accuracy = found[candidate.id]
-            by_id[candidate.id] = candidate_row(
-                candidate, accuracy, objective_scores(accuracy, finetuned_val)
-            )
-    if not missing:
-        return [by_id[c.id] for c in candidates]
-    size = max(1, math.ceil(len(missing) / (len(scorers) * 4)))
-    chunks = [missing[i : i + size] for i in range(0, len(missing), size)]
-    pending = {
-        scorers[i % len(scorers)].score.remote(chunk, "val", None, rows, seed): chunk
-        for i, chunk in enumerate(chunks)
-    }
-    with progress_bar(console) as progress:
-        bar = progress.add_task(label, total=len(candidates), completed=len(found))
-        while pending:
-            done = wait_any(list(pending))
-            chunk = pending.pop(done[0])
-            scored = [row["accuracy"] for row in get(done[0], "merge search")]
-            book.put_many(chunk, scored, **how)
-            for candidate, accuracy in zip(chunk, scored, strict=True):
-                by_id[candidate.id] = candidate_row(
-                    candidate, accuracy, objective_scores(accuracy, finetuned_val)
-                )
-            progress.advance(bar, len(chunk))
-    return [by_id[c.id] for c in candidates]
-
-
 class Scorers:
-    """The scorer actors, started (with Ray) the first time a score is not in the book."""
+    """The scorer actors as the search's :class:`~pipelines.search.pool.ScorerPool`, started
+    (with Ray) the first time a score is not in the book."""
 
-    def __init__(self, start: Callable[[], list[Any]]) -> None:
+    def __init__(self, start: Callable[[], list[Any]], console: Console) -> None:
         self._start, self._actors = start, None
+        self.console = console
 
     @property
     def actors(self) -> list[Any]:
@@ -112,11 +69,66 @@ class Scorers:
             self._actors = self._start()
         return self._actors
 
-    def __len__(self) -> int:
-        return len(self.actors)
+    def score(
+        self,
+        candidates: list[Candidate],
+        split: str = "val",
+        metric: str | None = None,
+        rows: dict[str, int] | None = None,
+        seed: int = 0,
+        *,
+        what: str = "merge search",
+        progress: str | None = None,
+        completed: int = 0,
+        done: ChunkDone | None = None,
+    ) -> list[dict[str, Any]]:
+        """Small chunks of ``candidates`` spread round-robin over the actors, each recorded
+        (``done``) as soon as it is back; rows in the candidates' order."""
+        if not candidates:
+            return []
+        actors = self.actors
+        size = max(1, math.ceil(len(candidates) / (len(actors) * 4)))
+        chunks = [candidates[i : i + size] for i in range(0, len(candidates), size)]
+        pending = {
+            actors[i % len(actors)].score.remote(chunk, split, metric, rows, seed): i
+            for i, chunk in enumerate(chunks)
+        }
+        scored: list[list[dict[str, Any]]] = [[] for _ in chunks]
+        bar = progress_bar(self.console) if progress is not None else None
+        with bar if bar is not None else contextlib.nullcontext():
+            if bar is not None:
+                task = bar.add_task(
+                    progress, total=completed + len(candidates), completed=completed
+                )
+            while pending:
+                ready = wait_any(list(pending))
+                index = pending.pop(ready[0])
+                scored[index] = get(ready[0], what)
+                if done is not None:
+                    done(chunks[index], scored[index])
+                if bar is not None:
+                    bar.advance(task, len(chunks[index]))
+        return [row for chunk in scored for row in chunk]
 
-    def __getitem__(self, index: int) -> Any:
-        return self.actors[index]
+    def split_rows(self, split: str = "val") -> dict[str, int]:
+        return get(self.actors[0].split_rows.remote(split), "merge search")
+
+    def fast_score(self, candidates: list[Candidate], split: str = "val") -> list[dict[str, Any]]:
+        return get(self.actors[0].fast_score.remote(candidates, split), "merge search")
+
+    def fast_per_task_search(
+        self,
+        strategy: str,
+        grid: list[float],
+        budget: int | None,
+        objective: str,
+        finetuned: dict[str, float],
+        seed: int = 0,
+    ) -> list[tuple[dict[str, float], dict[str, float]]]:
+        remote = self.actors[0].fast_per_task_search.remote(
+            strategy, grid, budget, objective, finetuned, seed
+        )
+        return get(remote, "merge search")
 
     def close(self) -> None:
         for actor in self._actors or []:
@@ -125,14 +137,14 @@ class Scorers:
 
 
 def score_best(
-    scorers: Scorers, book: ScoreBook, best: Candidate, metric: str | None, what: str
+    pool: ScorerPool, book: ScoreBook, best: Candidate, metric: str | None, what: str
 ) -> dict[str, float]:
     """Stage 6: the chosen candidate's per-task score on test (the search metric, or
     ``metric``), from the book if it holds it."""
     key = book.candidate_key(best, "test", metric)
     accuracy = book.get(key)
     if accuracy is None:
-        accuracy = get(scorers[0].score.remote([best], "test", metric), what)[0]["accuracy"]
+        accuracy = pool.score([best], "test", metric, what=what)[0]["accuracy"]
         book.put(key, accuracy)
     return accuracy
 

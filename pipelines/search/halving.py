@@ -1,7 +1,7 @@
 """Stage 5 by successive halving (``merge.search.strategy: successive_halving``).
 
 The schedule and the row subsets are pure (:mod:`workers.search.halving`); this loop scores each
-rung's candidates on the scorer actors, ranks them by the search objective with
+rung's candidates with the grid search on the scorer pool, ranks them by the search objective with
 :func:`~pipelines.search.selection.rank_candidates` (its deterministic tie-breaks), and keeps the
 best.
 
@@ -17,8 +17,8 @@ from typing import Any
 
 from rich.console import Console
 
-from pipelines.run.raysession import get
-from pipelines.run.scoring import search
+from pipelines.search.grid import grid_search
+from pipelines.search.pool import ScorerPool
 from pipelines.search.scorebook import ScoreBook
 from pipelines.search.selection import rank_candidates
 from pipelines.spec.plan import Candidate, Plan
@@ -27,7 +27,7 @@ from workers.search.halving import Rung, halving_schedule
 
 def successive_halving(
     plan: Plan,
-    scorers: list[Any],
+    pool: ScorerPool,
     finetuned_val: dict[str, float],
     console: Console,
     candidates: list[Candidate],
@@ -45,7 +45,7 @@ def successive_halving(
     key = book.key("split_rows", split="val")
     full = book.get(key)
     if full is None:
-        full = get(scorers[0].split_rows.remote("val"), "merge search")
+        full = pool.split_rows("val")
         book.put(key, full)
     rungs = halving_schedule(len(candidates), full, settings.eta, settings.budget)
     alive = list(candidates)
@@ -55,7 +55,7 @@ def successive_halving(
         last = index == len(rungs) - 1
         label = f"merge search: rung {index + 1}/{len(rungs)}, {sum(rung.rows.values())} rows"
         subset = None if last else rung.rows
-        rows = search(plan, scorers, finetuned_val, console, alive, subset, label, book)
+        rows = grid_search(plan, pool, finetuned_val, alive, subset, label, book)
         for row in rows:
             history[row["id"]].append(
                 {"rows": sum(rung.rows.values()), "objective": row["objective"][objective]}

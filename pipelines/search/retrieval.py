@@ -1,12 +1,12 @@
 """Retrieval methods (registered with ``retrieval=True``, e.g. tall_masks): one model per task.
 
 A retrieval candidate scores each task with that task's own model (tall_masks: θ0 + m_t ∘ τ_MTL),
-built with the params ``task=t`` and that task's λ_t (:func:`task_params`), and the model of
-task t depends only on λ_t. So the best per-task choice is read off the grid already
+built with the params ``task=t`` and that task's λ_t (:func:`~pipelines.spec.plan.task_params`), and
+the model of task t depends only on λ_t. So the best per-task choice is read off the grid already
 evaluated: for each task, the λ_t with the highest validation accuracy on that task (ties: the
 smaller λ_t). That choice becomes one more candidate, ``lam: {task: λ_t}``, with exactly those
-accuracies; it is marked ``derived`` (it needs no evaluation of its own). Both search modes
-decide it here: the standard-mode grid (`pipelines.run.pipeline`) and the tangent-space search
+accuracies; it is marked ``derived`` (it needs no evaluation of its own). Both search modes decide
+it here: the standard-mode grid (`pipelines.run.pipeline`) and the tangent-space search
 (`pipelines.search.tangent.TangentSearch`, linear mode's linearized scores).
 """
 
@@ -16,28 +16,7 @@ import json
 from typing import Any
 
 from pipelines.search.selection import objective_scores
-from pipelines.spec.plan import Candidate
-
-
-def is_retrieval(method: str) -> bool:
-    """Whether the registered method `method` gives one model per task."""
-    from workers.merge import get_method
-
-    return get_method(method).retrieval
-
-
-def task_params(candidate: Candidate, tasks: list[str]) -> dict[str, dict[str, Any]] | None:
-    """Each task's own params for a retrieval candidate (``task`` set, its λ_t picked from a
-    per-task ``lam``), or None: the candidate is one merged model for every task."""
-    if not is_retrieval(candidate.method):
-        return None
-    by_task = {}
-    for task in tasks:
-        params = dict(candidate.params) | {"task": task}
-        if isinstance(params.get("lam"), dict):  # λ_t chosen per task on validation
-            params["lam"] = params["lam"][task]
-        by_task[task] = params
-    return by_task
+from pipelines.spec.plan import Candidate, is_retrieval
 
 
 def per_task_lambda_candidates(

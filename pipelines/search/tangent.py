@@ -3,19 +3,15 @@
 Linear mode (scored as the linearized model; exact fast path where the method is linear in τ),
 per-task coefficient search (coordinate ascent, a full grid or Optuna's TPE, with a budget),
 the post-hoc linearization surrogate with verification of its best candidates, and task
-negation. The plain standard-mode grid keeps its own path in `pipelines.run.scoring`.
+negation. The plain standard-mode grid keeps its own path in `pipelines.search.grid`.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from rich.console import Console
-
-from pipelines.report.progress import progress_bar
-from pipelines.run.raysession import get, wait_any
+from pipelines.search.pool import ScorerPool
 from pipelines.search.retrieval import per_task_lambda_candidates
 from pipelines.search.scorebook import ScoreBook
 from pipelines.search.selection import candidate_row, choose_best, objective_scores
@@ -53,23 +49,23 @@ def task_scores(
 
 
 class TangentSearch:
-    """Runs one search over ``scorers`` (TangentScorer actors) and chooses the best candidate."""
+    """Runs one search over ``pool`` (scorers holding the tangent evaluator) and chooses the
+    best candidate."""
 
     def __init__(
         self,
         plan: Plan,
-        scorers: list[Any],
+        pool: ScorerPool,
         reference: dict[str, dict[str, Any]],
-        console: Console,
         extra: list[Candidate] | None = None,
         book: ScoreBook | None = None,
     ) -> None:
         """``extra``: candidates always scored and considered (the champion's warm start);
         ``book``: stored scores to reuse (and to add this search's to)."""
-        self.plan, self.spec, self.scorers = plan, plan.spec, scorers
+        self.plan, self.spec, self.pool = plan, plan.spec, pool
         self.book = book or ScoreBook("")
         self.extra = list(extra or [])
-        self.reference, self.console = reference, console
+        self.reference = reference
         self.settings = resolve_search(plan.spec)
         self.tasks = plan.task_names
 
@@ -128,7 +124,7 @@ class TangentSearch:
             label = "surrogate" if self.settings.surrogate else "fast_path"
             found, missing = self.book.split(fast, split="val", by=label)
             if missing:
-                scored = get(self.scorers[0].fast_score.remote(missing, "val"), "merge search")
+                scored = self.pool.fast_score(missing, "val")
                 accuracy = [row["accuracy"] for row in scored]
                 self.book.put_many(missing, accuracy, split="val", by=label)
                 found |= {row["id"]: row["accuracy"] for row in scored}
@@ -138,28 +134,18 @@ class TangentSearch:
         return [self._row(c, results[c.id]) for c in candidates], candidates
 
     def _forward(self, candidates: list[Candidate], split: str) -> dict[str, dict[str, float]]:
-        """Real (linearized, in linear mode) forward passes fanned out over the actors; stored
+        """Real (linearized, in linear mode) forward passes fanned out over the pool; stored
         scores are reused."""
-
         results, candidates = self.book.split(candidates, split=split)
         if not candidates:
             return results
-        size = max(1, math.ceil(len(candidates) / (len(self.scorers) * 4)))
-        chunks = [candidates[i : i + size] for i in range(0, len(candidates), size)]
-        pending = {
-            self.scorers[i % len(self.scorers)].score.remote(chunk, split): chunk
-            for i, chunk in enumerate(chunks)
-        }
-        with progress_bar(self.console) as progress:
-            bar = progress.add_task("merge search", total=len(candidates))
-            while pending:
-                done = wait_any(list(pending))
-                chunk = pending.pop(done[0])
-                scored = get(done[0], "merge search")
-                self.book.put_many(chunk, [row["accuracy"] for row in scored], split=split)
-                for row in scored:
-                    results[row["id"]] = row["accuracy"]
-                progress.advance(bar, len(chunk))
+
+        def record(chunk: list[Candidate], scored: list[dict[str, Any]]) -> None:
+            self.book.put_many(chunk, [row["accuracy"] for row in scored], split=split)
+            for row in scored:
+                results[row["id"]] = row["accuracy"]
+
+        self.pool.score(candidates, split, progress="merge search", done=record)
         return results
 
     def _row(self, candidate: Candidate, accuracy: dict[str, Any]) -> dict[str, Any]:
@@ -193,8 +179,7 @@ class TangentSearch:
                     )
                     found = self.book.get(key)
                     if found is None:
-                        remote = self.scorers[0].fast_per_task_search.remote(*arguments)
-                        found = get(remote, "merge search")
+                        found = self.pool.fast_per_task_search(*arguments)
                         self.book.put(key, found)
                     for coefficients, accuracy in found:
                         candidate = Candidate(spec_candidate.method, params, coefficients)

@@ -95,6 +95,27 @@ def make_plan(spec: Spec) -> Plan:
     )
 
 
+def is_retrieval(method: str) -> bool:
+    """Whether the registered method ``method`` gives one model per task (tall_masks)."""
+    from workers.merge import get_method
+
+    return get_method(method).retrieval
+
+
+def task_params(candidate: Candidate, tasks: list[str]) -> dict[str, dict[str, Any]] | None:
+    """Each task's own params for a retrieval candidate (``task`` set, its λ_t picked from a
+    per-task ``lam``), or None: the candidate is one merged model for every task."""
+    if not is_retrieval(candidate.method):
+        return None
+    by_task = {}
+    for task in tasks:
+        params = dict(candidate.params) | {"task": task}
+        if isinstance(params.get("lam"), dict):  # λ_t chosen per task on validation
+            params["lam"] = params["lam"][task]
+        by_task[task] = params
+    return by_task
+
+
 def statistics_needs(candidates: tuple[Candidate, ...]) -> list[tuple[str, int]]:
     """The (statistic, rows) pairs the candidates' data-aware methods read, sorted."""
     from workers.merge import get_method

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipelines.run.model_dirs import resolve_model_dir
 from pipelines.stages.datasets import load_dataset
+from pipelines.stages.model_dirs import resolve_model_dir
 from storage.artifacts import find_artifact
 from storage.digest import digest_state
 from storage.errors import DataError

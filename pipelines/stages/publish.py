@@ -16,8 +16,7 @@ from typing import Any
 
 import torch
 
-from pipelines.search.retrieval import is_retrieval
-from pipelines.spec.plan import Candidate
+from pipelines.spec.plan import Candidate, is_retrieval
 from pipelines.stages.base import base_files, kind_of, load_base, open_task_vector
 from pipelines.stages.publish_tall import write_tall_model
 from pipelines.stages.statistics import statistics_params

@@ -1,26 +1,29 @@
-"""Stages 5-6 in the tangent space: linearized scoring and the exact fast path, on Ray actors.
+"""Stages 5-6 in the tangent space: the evaluator for linearized scoring and the exact fast path.
 
-A :class:`TangentScorer` is a :class:`CandidateScorer` that also knows the fine-tuning mode:
-in linear mode a candidate is scored as the linearized model f(x; θ0) + J f(x; θ0)·(θ − θ0),
-which is how it is served. Its fast path caches the head-projected f(X_t; θ0) and J(X_t) τ_s
-once per split, then scores coefficient vectors by matrix sums: exact for linear-mode task
-vectors, a post-hoc linearization surrogate for standard-mode ones.
+:class:`TangentEvaluator` is what a :class:`~pipelines.stages.search.CandidateScorer` holds when
+the search runs in the tangent space: in linear mode a candidate is scored as the linearized
+model f(x; θ0) + J f(x; θ0)·(θ − θ0), which is how it is served. Its fast path caches the
+head-projected f(X_t; θ0) and J(X_t) τ_s once per split, then scores coefficient vectors by
+matrix sums: exact for linear-mode task vectors, a post-hoc linearization surrogate for
+standard-mode ones.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
 
 from pipelines.spec.plan import Candidate
-from pipelines.stages.search import CandidateScorer
+from pipelines.stages.search import CandidateScorer, ScoringInputs
 from storage.errors import MergeInputError
 from workers.finetune import delta_between
 from workers.merge.engine import merge_state
 from workers.models import apply_head
 from workers.search.disentanglement import disentanglement_errors
-from workers.search.evaluate import features_at, linearized_at
+from workers.search.evaluate import at_state, features_at, linearized_at
 from workers.search.fastpath import FastPath, linear_weights
 from workers.search.strategies import STRATEGIES, Point
 
@@ -28,31 +31,32 @@ from workers.search.strategies import STRATEGIES, Point
 FAST_BATCH = 16
 
 
-class TangentScorer(CandidateScorer):
-    def __init__(
-        self,
-        store_cfg: dict[str, Any],
-        base_key: str,
-        base_meta: dict[str, Any],
-        tasks: dict[str, dict[str, Any]],
-        evaluation: dict[str, Any],
-        mode: str = "standard",
-    ) -> None:
-        super().__init__(store_cfg, base_key, base_meta, tasks, evaluation)
-        self.mode = mode
+class TangentEvaluator:
+    """A merged state in the tangent space: the linearized model in linear mode (a forward pass
+    in standard mode), and the fast path for linear-in-τ merges."""
+
+    def __init__(self, inputs: ScoringInputs, mode: str = "standard") -> None:
+        self.inputs, self.mode = inputs, mode
         self._fast_paths: dict[str, FastPath] = {}
 
-    def _forward(self, state: dict[str, torch.Tensor]):
+    def model_at(self, state: dict[str, torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
         """In linear mode a merged state is scored as the linearized model it is served as."""
+        inputs = self.inputs
         if self.mode != "linear":
-            return super()._forward(state)
-        return linearized_at(self.backbone, self.base, delta_between(state, self.base))
+            return at_state(inputs.backbone, state)
+        return linearized_at(inputs.backbone, inputs.base, delta_between(state, inputs.base))
 
     def fast_path(self, split: str = "val") -> FastPath:
         if split not in self._fast_paths:
-            splits = {t: s.split(split) for t, s in self.splits.items()}
-            self._fast_paths[split] = self.kind.fast_path(
-                self.backbone, self.base, self.task_vectors, self.heads, splits, self.settings
+            inputs = self.inputs
+            splits = {t: s.split(split) for t, s in inputs.splits.items()}
+            self._fast_paths[split] = inputs.kind.fast_path(
+                inputs.backbone,
+                inputs.base,
+                inputs.task_vectors,
+                inputs.heads,
+                splits,
+                inputs.settings,
             )
         return self._fast_paths[split]
 
@@ -126,13 +130,14 @@ class TangentScorer(CandidateScorer):
         if self.mode == "linear":
             fast = self.fast_path(split)
             return fast.logits(torch.tensor(points, dtype=torch.float32), task).argmax(dim=2)
-        x = torch.as_tensor(self.splits[task].split(split)[0])
+        inputs = self.inputs
+        x = torch.as_tensor(inputs.splits[task].split(split)[0])
         labels = []
         for point in points:
-            coefficients = dict(zip(self.task_vectors, point, strict=True))
-            state = merge_state("task_arithmetic", self.base, self.task_vectors, coefficients)
+            coefficients = dict(zip(inputs.task_vectors, point, strict=True))
+            state = merge_state("task_arithmetic", inputs.base, inputs.task_vectors, coefficients)
             labels.append(
-                apply_head(self.heads[task], features_at(self.backbone, state, x)).argmax(1)
+                apply_head(inputs.heads[task], features_at(inputs.backbone, state, x)).argmax(1)
             )
         return torch.stack(labels)
 
@@ -148,7 +153,8 @@ def disentanglement_job(
     split: str,
 ) -> list[list[float]]:
     """ξ(α1, α2) over ``alphas``² for the two tasks of ``tasks`` (see workers.search)."""
-    scorer = TangentScorer(store_cfg, base_key, base_meta, tasks, evaluation, mode)
+    evaluator = partial(TangentEvaluator, mode=mode)
+    scorer = CandidateScorer(store_cfg, base_key, base_meta, tasks, evaluation, evaluator)
     pair = tuple(tasks)
     errors = disentanglement_errors(
         lambda task, points: scorer.predict_labels(task, points, split), pair, alphas

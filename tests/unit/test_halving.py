@@ -1,4 +1,5 @@
-"""Successive halving: the rung schedule and the seeded, stratified row subsets (pure)."""
+"""Successive halving: the rung schedule, the seeded, stratified row subsets and the loop over a
+scorer pool (all without Ray)."""
 
 from __future__ import annotations
 
@@ -152,3 +153,55 @@ def test_the_early_budget_check_counts_a_warm_start_champion() -> None:
     document["merge"]["search"]["warm_start"] = "champion"
     with pytest.raises(SpecError, match="at least 56"):  # 6 × (1 + 1) + 2 × 22
         check_budget(make_plan(validate_document(document)), {"perm1": 10, "perm2": 12})
+
+
+class PlantedPool:
+    """A scorer pool without Ray: each task's accuracy peaks at coefficient 0.5, a little lower
+    on a rung's row subset; it counts the candidates it is asked to score."""
+
+    def __init__(self) -> None:
+        self.scored: list[str] = []
+
+    def score(self, candidates, split="val", metric=None, rows=None, seed=0, *, done=None, **_):
+        scored = []
+        for candidate in candidates:
+            accuracy = 1.0 - abs(candidate.coefficient - 0.5) - (0.01 if rows else 0.0)
+            scored.append({"id": candidate.id, "accuracy": {"perm1": accuracy, "perm2": accuracy}})
+        self.scored += [c.id for c in candidates]
+        for start in range(0, len(candidates), 2):  # in chunks, as the Ray pool reports them
+            if done is not None:
+                done(candidates[start : start + 2], scored[start : start + 2])
+        return scored
+
+    def split_rows(self, split="val"):
+        return {"perm1": 30, "perm2": 24}
+
+
+def test_successive_halving_runs_on_any_scorer_pool_and_reuses_the_book() -> None:
+    import copy
+    import io
+
+    from rich.console import Console
+
+    from pipelines.search.halving import successive_halving
+    from pipelines.search.scorebook import ScoreBook
+    from pipelines.spec.load import validate_document
+    from pipelines.spec.plan import make_plan
+    from tests.conftest import TINY_SPEC
+
+    document = copy.deepcopy(TINY_SPEC)  # coefficients 0, 0.25, 0.5, 0.75, 1
+    document["merge"]["search"] = {"strategy": "successive_halving", "eta": 3}
+    plan = make_plan(validate_document(document))
+    console, book, pool = Console(file=io.StringIO()), ScoreBook("halving"), PlantedPool()
+    finetuned = {"perm1": 1.0, "perm2": 1.0}
+    candidates = list(plan.candidates)
+    rows, info = successive_halving(plan, pool, finetuned, console, candidates, book=book)
+    assert [row["id"] for row in rows] == [c.id for c in candidates]
+    full = [row for row in rows if row["full_split"]]
+    # 5 on a subset, then the best 2 on the full split (a tie with 0.75 keeps the smaller 0.25)
+    assert [row["coefficient"] for row in full] == [0.25, 0.5]
+    assert full[1]["accuracy"] == {"perm1": 1.0, "perm2": 1.0}
+    assert len(pool.scored) == 5 + 2 and [r["candidates"] for r in info["rungs"]] == [5, 2]
+    again = PlantedPool()
+    assert successive_halving(plan, again, finetuned, console, candidates, book=book)[0] == rows
+    assert again.scored == []  # every score, and the split's row counts, came from the book

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.run.model_dirs import resolve_model_dir
 from pipelines.spec.load import validate_document
+from pipelines.stages.model_dirs import resolve_model_dir
 from storage.errors import DataError, ModelError, SpecError
 from tests.conftest import TINY_SPEC
 from tests.hf_fixtures import write_text_task, write_tiny_bert

@@ -5,6 +5,10 @@
 - `workers/` is pure: it imports no service client (Ray, MLflow, fsspec, S3, the Hub) and none
   of the I/O modules of `storage/`.
 - MLflow is touched only in `storage/`.
+- The subpackages of `pipelines/` are floors and every import points down: `spec/` at the
+  ground, `report/` and `stages/` above it (neither imports the other), then `search/`, `run/`,
+  `commands/` and `cli.py` at the top. `spec/`, `report/` and `search/` import no Ray: the run
+  holds the actor handles and hands the search a scorer pool it calls synchronously.
 
 Where today's code still breaks a rule, the exception is listed below with the module that
 breaks it; the test fails on any new break and on a listed one that has gone (so the list only
@@ -41,6 +45,16 @@ STORAGE_IO = (
 KNOWN_IMPURE_WORKERS: set[tuple[str, str]] = set()
 #: MLflow outside storage/: none (the pyfunc wrappers are storage/serving*.py).
 KNOWN_MLFLOW_OUTSIDE_STORAGE: set[tuple[str, str]] = set()
+#: The floors of `pipelines/`, lowest first: a module imports only its own subpackage and the
+#: floors below its own. `pipelines.serving` (kept for old models) is in no floor: unchecked.
+FLOORS = (
+    ("pipelines.spec",),
+    ("pipelines.report", "pipelines.stages"),
+    ("pipelines.search",),
+    ("pipelines.run",),
+    ("pipelines.commands",),
+    ("pipelines.cli",),
+)
 
 
 def module_name(path: Path) -> str:
@@ -79,6 +93,32 @@ def external_imports(prefix: str, forbidden: tuple[str, ...]) -> set[tuple[str, 
                 if name == banned or name.startswith(banned + "."):
                     hits.add((module_name(path), banned))
     return hits
+
+
+def place(module: str, floors: tuple[tuple[str, ...], ...]) -> tuple[int, str] | None:
+    """(floor, subpackage) of ``module``, or None when no floor names it."""
+    for level, packages in enumerate(floors):
+        for package in packages:
+            if module == package or module.startswith(package + "."):
+                return level, package
+    return None
+
+
+def upward_imports(
+    graph: dict[str, set[str]], floors: tuple[tuple[str, ...], ...]
+) -> set[tuple[str, str]]:
+    """(module, import) for each import of a module on the same floor in another subpackage,
+    or on a higher floor."""
+    found = set()
+    for module, imports in graph.items():
+        here = place(module, floors)
+        if here is None:
+            continue
+        for name in imports:
+            there = place(name, floors)
+            if there is not None and there[1] != here[1] and there[0] >= here[0]:
+                found.add((module, name))
+    return found
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -132,6 +172,31 @@ def test_the_cycle_finder_finds_a_cycle_hidden_in_a_function() -> None:
     assert cycles(graph) == [["a", "b", "c"]]
     deferred = "def f():\n    from pipelines.run.pipeline import search\n"
     assert "pipelines.run.pipeline" in imported_names(deferred)
+
+
+def test_the_floors_of_pipelines_import_only_downwards() -> None:
+    assert sorted(upward_imports(import_graph(), FLOORS)) == []
+
+
+def test_the_spec_the_report_and_the_search_import_no_ray() -> None:
+    # stages/ may: its work runs inside Ray (train_ray.py drives Ray Train from its stage).
+    packages = ("spec", "report", "search")
+    assert set().union(*(external_imports(f"pipelines/{p}", ("ray",)) for p in packages)) == set()
+
+
+def test_the_floor_checker_flags_upward_and_sideways_imports() -> None:
+    graph = {
+        "pipelines.search.halving": {"pipelines.run.raysession", "pipelines.spec.plan"},
+        "pipelines.stages.base": {"pipelines.report.progress", "pipelines.stages.statistics"},
+        "pipelines.run.scoring": {"pipelines.search.pool", "pipelines.stages.search"},
+        "pipelines.cli": {"pipelines.commands.merge", "pipelines.serving"},
+        "pipelines.serving": {"pipelines.run.pipeline"},
+    }
+    assert upward_imports(graph, FLOORS) == {
+        ("pipelines.search.halving", "pipelines.run.raysession"),
+        ("pipelines.stages.base", "pipelines.report.progress"),
+    }
+    assert place("pipelines.runner", FLOORS) is None  # a prefix match needs the dot
 
 
 def test_workers_import_no_service_client_and_no_storage_io() -> None:

@@ -113,7 +113,7 @@ def test_a_retrieval_registration_makes_one_model_per_task_with_its_own_lambda(p
 
 
 def test_each_task_of_a_retrieval_candidate_gets_its_own_params(probes) -> None:
-    from pipelines.search.retrieval import task_params
+    from pipelines.spec.plan import task_params
 
     candidate = Candidate("probe_retrieval", {"lam": {"perm1": 0.2, "perm2": 0.3}}, 1.0)
     assert task_params(candidate, TASKS) == {

