@@ -144,3 +144,26 @@ def test_the_base_refuses_inputs_it_cannot_read(tiny_bert: Path) -> None:
         with_tokenizer.inputs(numeric, "tasks[0].dataset")
     with pytest.raises(DataError, match="no tokenizer"):
         Base(backbone, {}, get_kind("classification")).inputs(textual, "tasks[0].dataset")
+
+
+def test_the_model_digest_covers_every_shard_of_a_sharded_model(tmp_path: Path) -> None:
+    """A base model above a few GB ships as shards + ``model.safetensors.index.json``: a change
+    in any shard must change the digest (and so the base key), or a stale θ0 is reused."""
+    import json
+
+    from transformers import AutoModel
+
+    sharded = tmp_path / "sharded"
+    model = AutoModel.from_pretrained(str(write_tiny_bert(tmp_path / "one")))
+    model.save_pretrained(str(sharded), max_shard_size="20KB", safe_serialization=True)
+    weight_map = json.loads((sharded / hf.SHARD_INDEX).read_text())["weight_map"]
+    shards = sorted(set(weight_map.values()))
+    assert len(shards) >= 2 and not (sharded / hf.WEIGHTS).exists()
+    before = hf.directory_digest(sharded)
+    assert hf.weight_files(sharded) == (hf.SHARD_INDEX, *shards)
+
+    last = sharded / shards[-1]  # change one weight in the last shard, same file size
+    data = bytearray(last.read_bytes())
+    data[-1] ^= 0xFF
+    last.write_bytes(bytes(data))
+    assert hf.directory_digest(sharded) != before

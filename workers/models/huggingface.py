@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ CONFIG_FILES = (
     "sentencepiece.bpe.model",
 )
 WEIGHTS = "model.safetensors"
+SHARD_INDEX = "model.safetensors.index.json"  # a sharded model: the index names its shards
 #: The backbone holds the encoder as ``encoder``: task vectors name its tensors ``encoder.<name>``.
 BACKBONE_PREFIX = "encoder."
 #: Part of a stored base's key: a base stored under an older :func:`weights_digest` is rebuilt.
@@ -177,11 +179,26 @@ def config_and_tokenizer_files(directory: Path) -> dict[str, bytes]:
     return {n: (directory / n).read_bytes() for n in CONFIG_FILES if (directory / n).is_file()}
 
 
+def weight_files(directory: Path) -> tuple[str, ...]:
+    """The files that hold a directory's weights: ``model.safetensors``, or a sharded model's
+    ``model.safetensors.index.json`` and every shard its ``weight_map`` names."""
+    index = directory / SHARD_INDEX
+    if (directory / WEIGHTS).is_file() or not index.is_file():
+        return (WEIGHTS,)
+    try:
+        shards = set(json.loads(index.read_text())["weight_map"].values())
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise ModelError(f"base_model: {str(index)!r} is not a safetensors index") from None
+    return (SHARD_INDEX, *sorted(shards))
+
+
 def directory_digest(directory: Path, gguf_file: str | None = None) -> str:
-    """sha256 over a model directory's config, tokenizer and weights files (name and bytes);
-    with ``gguf_file``, over that file (it holds the weights and the tokenizer)."""
+    """sha256 over a model directory's config, tokenizer and weights files (name and bytes;
+    every shard of a sharded model); with ``gguf_file``, over that file (it holds the weights
+    and the tokenizer)."""
     hasher = hashlib.sha256()
-    for name in sorted((gguf_file,) if gguf_file else (*CONFIG_FILES, WEIGHTS)):
+    names = (gguf_file,) if gguf_file else (*CONFIG_FILES, *weight_files(directory))
+    for name in sorted(names):
         path = directory / name
         if not path.is_file():
             continue
