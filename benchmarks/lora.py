@@ -229,7 +229,7 @@ def rss_child(store: str, which: str, steps: int) -> None:
 
 def base_store(directory: Path) -> str:
     """A store holding SmolLM2's θ0 (as the example's first stage writes it) and the data."""
-    from pipelines.stages.base import pretrain_base_job
+    from pipelines.stages.base import PretrainJob, pretrain_base_job
 
     subprocess.run(
         [sys.executable, str(REPO / "examples" / "make_lm_data.py")]
@@ -246,7 +246,7 @@ def base_store(directory: Path) -> str:
         "max_length": 64,
         "attn_implementation": "eager",
     }
-    pretrain_base_job({"uri": store}, "smollm2", config, {}, 0)
+    pretrain_base_job(PretrainJob({"uri": store}, "smollm2", config, {}, 0))
     return store
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from pipelines.run.model_dirs import resolve_model_dir
+from pipelines.spec.refs import BaseModelRef
 from storage.artifacts import find_artifact
 from storage.digest import digest_state
 from storage.errors import DataError
@@ -42,34 +43,41 @@ from workers.models import build_backbone
 from workers.models import huggingface as hf
 
 
-def pretrain_base_job(
-    store_cfg: dict[str, Any],
-    key: str,
-    base_model: dict[str, Any],
-    evaluation: dict[str, Any],
-    input_dim: int,
-) -> dict[str, Any]:
-    """Build (and pretrain, if the spec asks) the base; returns its manifest meta."""
-    store = open_store_from(store_cfg)
-    existing = find_artifact(store, base_model_prefix(key))
+@dataclass(frozen=True)
+class PretrainJob:
+    """What the base model's job needs: the store, the base's cache key and spec section."""
+
+    store: dict[str, Any]  # open_store_from's config
+    key: str
+    base_model: dict[str, Any]
+    evaluation: dict[str, Any]
+    input_dim: int
+
+
+def pretrain_base_job(job: PretrainJob) -> tuple[BaseModelRef, bool]:
+    """Build (and pretrain, if the spec asks) the base; returns it and whether it was stored
+    already (a cache hit)."""
+    store = open_store_from(job.store)
+    existing = find_artifact(store, base_model_prefix(job.key))
     if existing is not None:
-        return existing.meta | {"cache_hit": True}
+        return BaseModelRef.from_artifact(job.key, existing), True
     started = time.perf_counter()
+    base_model = job.base_model
     if base_model["source"] == "hf":
         state, extra, metrics, digest = _load_hf(base_model)
     else:
-        state, metrics = _build_builtin(base_model, evaluation, input_dim)
+        state, metrics = _build_builtin(base_model, job.evaluation, job.input_dim)
         extra, digest = {}, digest_state(state)
     meta = {
         "kind": "base_model",
         "digest": digest,
         "config": base_model,
-        "input_dim": input_dim,
+        "input_dim": job.input_dim,
         "metrics": metrics,
         "seconds": time.perf_counter() - started,
     }
-    write_base_model(store, key, state, meta, extra)
-    return meta | {"cache_hit": False}
+    written = write_base_model(store, job.key, state, meta, extra)
+    return BaseModelRef(job.key, written.uri, written.sha256, meta), False
 
 
 def _build_builtin(

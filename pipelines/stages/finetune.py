@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from pipelines.spec.plan import finetune_config_for_key
+from pipelines.spec.refs import BaseModelRef, DatasetRef
 from pipelines.stages.base import load_task_data, open_base
 from pipelines.stages.training import TrainRequest, build_model, train_task
 from storage.checkpoints import count_attempts, delete_checkpoints
@@ -20,30 +22,39 @@ from workers.search.evaluate import at_state, linearized_at
 SPLITS = ("val", "test")
 
 
-def run_finetune_job(
-    store_cfg: dict[str, Any],
-    key: str,
-    task: str,
-    dataset: dict[str, Any],
-    evaluation: dict[str, Any],
-    base_key: str,
-    base_meta: dict[str, Any],
-    finetune: dict[str, Any],
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class FinetuneJob:
+    """What one task's fine-tune needs: the store, the task vector's cache key, the task's data,
+    the stored base and the spec's ``finetune`` and ``evaluation`` sections."""
+
+    store: dict[str, Any]  # open_store_from's config
+    key: str
+    dataset: DatasetRef
+    base: BaseModelRef
+    finetune: dict[str, Any]
+    evaluation: dict[str, Any]
+
+    @property
+    def task(self) -> str:
+        return self.dataset.task
+
+
+def run_finetune_job(job: FinetuneJob) -> dict[str, Any]:
     """Fine-tune one task and store its task vector; returns how it ran (see `execution`).
 
     Resumes from the task vector's newest checkpoint when an earlier attempt (a killed worker,
     a killed driver) left one. With ``resources.num_workers > 1`` the training itself runs on
     a Ray Train worker group that this task coordinates.
     """
-    store = open_store_from(store_cfg)
+    store = open_store_from(job.store)
+    key, task, finetune, evaluation = job.key, job.task, job.finetune, job.evaluation
     existing = find_task_vector(store, key)
     if existing is not None:  # another run finished it meanwhile
         return execution(existing.meta, attempts=0, resumed_from_step=0)
     started = time.perf_counter()
-    base = open_base(store_cfg, base_key, base_meta)
+    base = open_base(job.store, job.base.key, job.base.meta)
     backbone, theta0 = base.backbone, base.theta0
-    data = load_task_data(base, dataset, evaluation, f"tasks[{task}].dataset")
+    data = load_task_data(base, job.dataset.source, evaluation, job.dataset.what)
 
     kind, settings = base.kind, base.settings(evaluation)
     metric = settings["metric"]
@@ -58,7 +69,15 @@ def run_finetune_job(
     zero_shot = scores(at_theta0)
 
     request = TrainRequest(
-        store_cfg, key, task, dataset, evaluation, base_key, base_meta, finetune, head
+        job.store,
+        key,
+        task,
+        job.dataset.source,
+        evaluation,
+        job.base.key,
+        job.base.meta,
+        finetune,
+        head,
     )
     workers = finetune["resources"].get("num_workers", 1)
     if workers > 1:
@@ -102,7 +121,7 @@ def run_finetune_job(
         "mode": finetune["mode"],
         "engine": outcome.engine,
         "workers": workers,
-        "base_digest": base_meta["digest"],
+        "base_digest": job.base.digest,
         "dataset_digest": data.digest(),
         "num_classes": data.num_classes,
         "finetune": finetune_config_for_key(finetune),  # what made it, not how it ran
