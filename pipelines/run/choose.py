@@ -82,7 +82,7 @@ def choose_merge(
             row["warm_start"] = "champion"
     test = score_best(scorers, book, best, None, "final evaluation")
     kind = kind_of(plan.base_model)
-    metric = plan.evaluation.get("metric") or kind.metrics[0]
+    metric = plan.spec.evaluation.metric or kind.metrics[0]
     report = {  # the kind's report metrics of the chosen merge (a causal LM's exact match)
         m: score_best(scorers, book, best, m, "final report")
         for m in kind.report_metrics

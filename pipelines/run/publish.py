@@ -149,7 +149,7 @@ def publish(
             {f"test_{k}": v for k, v in test_scores.items()},
             serving=(base.input_dim, {"task": plan.task_names[0]}),
             transformers_dir=str(hf_dir) if flavor else None,
-            generation={"max_new_tokens": plan.evaluation["max_new_tokens"], "do_sample": False},
+            generation={"max_new_tokens": plan.spec.evaluation.max_new_tokens, "do_sample": False},
         )
     if published is None:  # tracking failed just now, under tracking.on_error: warn
         reason = f"not registered: {tracker.disabled}"
