@@ -68,17 +68,7 @@ def run_finetune_job(job: FinetuneJob) -> dict[str, Any]:
     at_theta0 = at_state(backbone, theta0)
     zero_shot = scores(at_theta0)
 
-    request = TrainRequest(
-        job.store,
-        key,
-        task,
-        job.dataset.source,
-        evaluation,
-        job.base.key,
-        job.base.meta,
-        finetune,
-        head,
-    )
+    request = TrainRequest(job, head)
     workers = finetune["resources"].get("num_workers", 1)
     if workers > 1:
         from pipelines.stages.train_ray import train_with_ray_train
