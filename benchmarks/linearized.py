@@ -40,8 +40,9 @@ from pipelines.search.selection import choose_best, objective_scores  # noqa: E4
 from pipelines.spec.load import load_spec  # noqa: E402
 from pipelines.spec.plan import Candidate, make_plan, task_vector_key  # noqa: E402
 from pipelines.spec.refs import DatasetRef  # noqa: E402
-from pipelines.stages.base import PretrainJob, pretrain_base_job  # noqa: E402
-from pipelines.stages.finetune import FinetuneJob, run_finetune_job  # noqa: E402
+from pipelines.stages.base import pretrain_base_job  # noqa: E402
+from pipelines.stages.finetune import run_finetune_job  # noqa: E402
+from pipelines.stages.jobs import FinetuneJob, PretrainJob  # noqa: E402
 from pipelines.stages.tangent_search import TangentScorer  # noqa: E402
 from storage.objectstore import open_store_from  # noqa: E402
 from storage.taskvectors import find_task_vector  # noqa: E402

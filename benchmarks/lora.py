@@ -166,7 +166,7 @@ def rss_child(store: str, which: str, steps: int) -> None:
 
     from pipelines.spec.refs import BaseModelRef, DatasetRef
     from pipelines.stages.base import load_task_data, open_base
-    from pipelines.stages.finetune import FinetuneJob
+    from pipelines.stages.jobs import FinetuneJob
     from pipelines.stages.training import TrainRequest, build_model, make_engine, train_config
     from storage.artifacts import find_artifact
     from storage.objectstore import open_store
@@ -236,7 +236,8 @@ def rss_child(store: str, which: str, steps: int) -> None:
 
 def base_store(directory: Path) -> str:
     """A store holding SmolLM2's θ0 (as the example's first stage writes it) and the data."""
-    from pipelines.stages.base import PretrainJob, pretrain_base_job
+    from pipelines.stages.base import pretrain_base_job
+    from pipelines.stages.jobs import PretrainJob
 
     subprocess.run(
         [sys.executable, str(REPO / "examples" / "make_lm_data.py")]

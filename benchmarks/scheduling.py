@@ -43,8 +43,9 @@ from pipelines.run.fingerprint import fingerprint_datasets, fingerprint_pretrain
 from pipelines.spec.load import validate_document  # noqa: E402
 from pipelines.spec.plan import make_plan, task_vector_key  # noqa: E402
 from pipelines.spec.refs import DatasetRef  # noqa: E402
-from pipelines.stages.base import PretrainJob, pretrain_base_job  # noqa: E402
-from pipelines.stages.finetune import FinetuneJob, run_finetune_job  # noqa: E402
+from pipelines.stages.base import pretrain_base_job  # noqa: E402
+from pipelines.stages.finetune import run_finetune_job  # noqa: E402
+from pipelines.stages.jobs import FinetuneJob, PretrainJob  # noqa: E402
 from storage.objectstore import open_store  # noqa: E402
 from workers.data import load_dataset  # noqa: E402
 from workers.finetune import TrainConfig  # noqa: E402

@@ -17,10 +17,11 @@ from ray import ObjectRef
 from pipelines.run.scheduling import actor_options, finetune_options
 from pipelines.spec.plan import Plan
 from pipelines.spec.refs import BaseModelRef
-from pipelines.stages.base import PretrainJob, pretrain_base_job
-from pipelines.stages.finetune import FinetuneJob, run_finetune_job
-from pipelines.stages.publish import PublishJob, merge_and_store_job
-from pipelines.stages.statistics import StatisticsJob, statistics_job
+from pipelines.stages.base import pretrain_base_job
+from pipelines.stages.finetune import run_finetune_job
+from pipelines.stages.jobs import FinetuneJob, PretrainJob, PublishJob, StatisticsJob
+from pipelines.stages.publish import merge_and_store_job
+from pipelines.stages.statistics import statistics_job
 from pipelines.stages.tangent_search import disentanglement_job
 from storage.artifacts import verify_artifact
 from storage.objectstore import open_store_from

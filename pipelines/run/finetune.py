@@ -15,8 +15,8 @@ from pipelines.run.raysession import get, wait_any
 from pipelines.run.recovery import task_failed
 from pipelines.spec.plan import Plan, task_vector_key
 from pipelines.spec.refs import BaseModelRef, DatasetRef, TaskVectorRef
-from pipelines.stages.base import PretrainJob, kind_of
-from pipelines.stages.finetune import FinetuneJob
+from pipelines.stages.base import kind_of
+from pipelines.stages.jobs import FinetuneJob, PretrainJob
 from storage.errors import MergelineError, SystemFailure
 from storage.objectstore import ObjectStore, open_store_from
 from storage.taskvectors import base_model_prefix, find_task_vector, task_vector_prefix

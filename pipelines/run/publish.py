@@ -14,7 +14,7 @@ from pipelines.search.selection import champion_score, decide_promotion
 from pipelines.spec.plan import Candidate, Plan
 from pipelines.spec.refs import BaseModelRef, MergedModelRef, TaskVectorRef
 from pipelines.stages.base import kind_of
-from pipelines.stages.publish import PublishJob
+from pipelines.stages.jobs import PublishJob
 from storage.artifacts import find_artifact
 from storage.digest import digest_json
 from storage.localfiles import copy_artifact

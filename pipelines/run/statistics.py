@@ -12,7 +12,7 @@ from pipelines.run.dag import submit_statistics
 from pipelines.run.raysession import get, wait_any
 from pipelines.spec.plan import Plan, statistics_needs
 from pipelines.spec.refs import BaseModelRef, DatasetRef, TaskVectorRef
-from pipelines.stages.statistics import StatisticsJob
+from pipelines.stages.jobs import StatisticsJob
 from storage.objectstore import ObjectStore
 from storage.taskvectors import find_statistics
 

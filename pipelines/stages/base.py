@@ -20,6 +20,7 @@ from torch import nn
 
 from pipelines.run.model_dirs import resolve_model_dir
 from pipelines.spec.refs import BaseModelRef
+from pipelines.stages.jobs import PretrainJob
 from storage.artifacts import find_artifact
 from storage.digest import digest_state
 from storage.errors import DataError
@@ -41,17 +42,6 @@ from workers.kinds import TaskKind, get_kind
 from workers.kinds.registry import TRANSFORMERS  # the base artifact's folder of HF files
 from workers.models import build_backbone
 from workers.models import huggingface as hf
-
-
-@dataclass(frozen=True)
-class PretrainJob:
-    """What the base model's job needs: the store, the base's cache key and spec section."""
-
-    store: dict[str, Any]  # open_store_from's config
-    key: str
-    base_model: dict[str, Any]
-    evaluation: dict[str, Any]
-    input_dim: int
 
 
 def pretrain_base_job(job: PretrainJob) -> tuple[BaseModelRef, bool]:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from pipelines.spec.plan import finetune_config_for_key
-from pipelines.spec.refs import BaseModelRef, DatasetRef
 from pipelines.stages.base import load_task_data, open_base
+from pipelines.stages.jobs import FinetuneJob
 from pipelines.stages.training import TrainRequest, build_model, train_task
 from storage.checkpoints import count_attempts, delete_checkpoints
 from storage.objectstore import open_store_from
@@ -20,23 +19,6 @@ from workers.finetune.engine import Classifier, load_trained
 from workers.search.evaluate import at_state, linearized_at
 
 SPLITS = ("val", "test")
-
-
-@dataclass(frozen=True)
-class FinetuneJob:
-    """What one task's fine-tune needs: the store, the task vector's cache key, the task's data,
-    the stored base and the spec's ``finetune`` and ``evaluation`` sections."""
-
-    store: dict[str, Any]  # open_store_from's config
-    key: str
-    dataset: DatasetRef
-    base: BaseModelRef
-    finetune: dict[str, Any]
-    evaluation: dict[str, Any]
-
-    @property
-    def task(self) -> str:
-        return self.dataset.task
 
 
 def run_finetune_job(job: FinetuneJob) -> dict[str, Any]:

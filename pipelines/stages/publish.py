@@ -12,15 +12,15 @@ weights, and are served through the MLflow model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from pipelines.search.retrieval import is_retrieval
 from pipelines.spec.plan import Candidate
-from pipelines.spec.refs import BaseModelRef, MergedModelRef, TaskVectorRef
+from pipelines.spec.refs import BaseModelRef, MergedModelRef
 from pipelines.stages.base import base_files, kind_of, load_base, open_task_vector
+from pipelines.stages.jobs import PublishJob
 from pipelines.stages.publish_tall import write_tall_model
 from pipelines.stages.statistics import statistics_params
 from storage.objectstore import open_store_from
@@ -33,21 +33,6 @@ from workers.search.fastpath import linear_weights
 
 Tensors = dict[str, torch.Tensor]
 PEFT = "peft"  # the folder of a published adapter merge that PeftModel.from_pretrained loads
-
-
-@dataclass(frozen=True)
-class PublishJob:
-    """What the publish job needs: the store, the stored base and task vectors, the chosen
-    candidate, the registered name and run, and the merged model's manifest config and meta."""
-
-    store: dict[str, Any]  # open_store_from's config
-    base: BaseModelRef
-    vectors: dict[str, TaskVectorRef]
-    candidate: Candidate
-    name: str
-    run_id: str
-    config: dict[str, Any]
-    meta: dict[str, Any]
 
 
 def merge_and_store_job(job: PublishJob) -> MergedModelRef:

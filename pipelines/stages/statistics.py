@@ -9,33 +9,17 @@ Cached task vectors get theirs without a new fine-tune; unchanged ones reuse sto
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from pipelines.spec.refs import BaseModelRef, DatasetRef, TaskVectorRef
 from pipelines.stages.base import load_task_data, open_base, open_task_vector
+from pipelines.stages.jobs import Need, StatisticsJob
 from storage.objectstore import open_store_from
 from storage.taskvectors import find_statistics, read_statistics, write_statistics
 from workers.adapters import LoraDelta
 from workers.finetune.statistics import diagonal_fisher, gram_matrices
 from workers.search.evaluate import at_state
-
-Need = tuple[str, int]  # (statistic, rows)
-
-
-@dataclass(frozen=True)
-class StatisticsJob:
-    """What one task vector's statistics need: the store, the task vector, its task's data,
-    the stored base, the spec's ``evaluation`` section and the (statistic, rows) to compute."""
-
-    store: dict[str, Any]  # open_store_from's config
-    vector: TaskVectorRef
-    dataset: DatasetRef
-    base: BaseModelRef
-    evaluation: dict[str, Any]
-    needs: tuple[Need, ...]
 
 
 def statistics_job(job: StatisticsJob) -> dict[str, float]:

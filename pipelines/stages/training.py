@@ -8,11 +8,12 @@ the newest checkpoint of the task vector's key; rank 0 alone writes checkpoints.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from pipelines.stages.base import kind_of, load_task_data, open_base
+from pipelines.stages.jobs import FinetuneJob
 from pipelines.stages.pause import pause_point
 from storage.checkpoints import latest_checkpoint, record_attempt, write_checkpoint
 from storage.objectstore import open_store_from
@@ -21,9 +22,6 @@ from workers.finetune import LinearizedModel, TrainConfig
 from workers.finetune.checkpoint import decode_state, encode_state
 from workers.finetune.engine import Engine, StateDict, TorchEngine, TrainState
 from workers.finetune.loop import fit
-
-if TYPE_CHECKING:
-    from pipelines.stages.finetune import FinetuneJob
 
 
 @dataclass(frozen=True)

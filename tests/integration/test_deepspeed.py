@@ -21,8 +21,8 @@ from pipelines.run.fingerprint import fingerprint_datasets, fingerprint_pretrain
 from pipelines.spec.load import validate_document
 from pipelines.spec.plan import make_plan, task_vector_key
 from pipelines.spec.refs import DatasetRef
-from pipelines.stages.base import PretrainJob, pretrain_base_job
-from pipelines.stages.finetune import FinetuneJob
+from pipelines.stages.base import pretrain_base_job
+from pipelines.stages.jobs import FinetuneJob, PretrainJob
 from storage.objectstore import open_store
 from storage.taskvectors import read_task_vector
 from workers.finetune import LinearizedModel, TrainConfig

@@ -29,7 +29,8 @@ from pipelines.run.recovery import run_key
 from pipelines.spec.load import validate_document
 from pipelines.spec.plan import make_plan
 from pipelines.spec.refs import BaseModelRef, DatasetRef
-from pipelines.stages.finetune import FinetuneJob, run_finetune_job
+from pipelines.stages.finetune import run_finetune_job
+from pipelines.stages.jobs import FinetuneJob
 from storage.artifacts import find_artifact
 from storage.objectstore import open_store
 from storage.runstate import begin_run, read_run_state

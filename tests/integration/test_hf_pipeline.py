@@ -150,7 +150,8 @@ def test_a_model_directory_on_s3_is_the_same_base_as_its_local_copy(
 ) -> None:
     """An s3:// model prefix is copied once into the cache; its digest is its content's."""
     from pipelines.run.model_dirs import resolve_model_dir
-    from pipelines.stages.base import PretrainJob, open_base, pretrain_base_job
+    from pipelines.stages.base import open_base, pretrain_base_job
+    from pipelines.stages.jobs import PretrainJob
     from storage.objectstore import open_store
     from workers.models.huggingface import directory_digest
 
