@@ -36,12 +36,14 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipelines.run.pipeline import fingerprint_datasets, fingerprint_pretrain  # noqa: E402
+from pipelines.run.fingerprint import fingerprint_datasets, fingerprint_pretrain  # noqa: E402
 from pipelines.search.selection import choose_best, objective_scores  # noqa: E402
 from pipelines.spec.load import load_spec  # noqa: E402
 from pipelines.spec.plan import Candidate, make_plan, task_vector_key  # noqa: E402
+from pipelines.spec.refs import DatasetRef  # noqa: E402
 from pipelines.stages.base import pretrain_base_job  # noqa: E402
 from pipelines.stages.finetune import run_finetune_job  # noqa: E402
+from pipelines.stages.jobs import FinetuneJob, PretrainJob  # noqa: E402
 from pipelines.stages.search import CandidateScorer  # noqa: E402
 from pipelines.stages.tangent_search import TangentEvaluator  # noqa: E402
 from storage.objectstore import open_store_from  # noqa: E402
@@ -74,17 +76,17 @@ def prepare(example: str, store: Path, overrides: list[str]) -> tuple[CandidateS
     datasets = fingerprint_datasets(plan)
     base_key = fingerprint_pretrain(plan, datasets)
     input_dim = next(iter(datasets.values())).input_dim
-    base_meta = pretrain_base_job(store_cfg, base_key, plan.base_model, plan.evaluation, input_dim)
-    base_meta.pop("cache_hit", None)
+    job = PretrainJob(store_cfg, base_key, plan.base_model, plan.evaluation, input_dim)
+    base, _ = pretrain_base_job(job)
     specs, reference = {}, {}
     for task in plan.tasks:
-        key = task_vector_key(base_meta["digest"], datasets[task.name].digest(), plan.finetune)
-        args = (task.name, task.dataset, plan.evaluation, base_key, base_meta, plan.finetune)
-        run_finetune_job(store_cfg, key, *args)
+        key = task_vector_key(base.digest, datasets[task.name].digest(), plan.finetune)
+        dataset = DatasetRef(task.name, task.dataset)
+        run_finetune_job(FinetuneJob(store_cfg, key, dataset, base, plan.finetune, plan.evaluation))
         reference[task.name] = find_task_vector(open_store_from(store_cfg), key).meta
         specs[task.name] = {"key": key, "dataset": task.dataset}
     evaluator = partial(TangentEvaluator, mode=plan.finetune["mode"])
-    scorer = CandidateScorer(store_cfg, base_key, base_meta, specs, plan.evaluation, evaluator)
+    scorer = CandidateScorer(store_cfg, base_key, base.meta, specs, plan.evaluation, evaluator)
     return scorer, reference, plan
 
 

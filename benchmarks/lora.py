@@ -164,8 +164,11 @@ def rss_child(store: str, which: str, steps: int) -> None:
     """One fine-tune's training in this fresh process; prints its peak RSS in bytes."""
     import numpy as np
 
+    from pipelines.spec.refs import BaseModelRef, DatasetRef
     from pipelines.stages.base import load_task_data, open_base
+    from pipelines.stages.jobs import FinetuneJob
     from pipelines.stages.training import TrainRequest, build_model, make_engine, train_config
+    from storage.artifacts import find_artifact
     from storage.objectstore import open_store
 
     opened = open_store(store)
@@ -192,9 +195,13 @@ def rss_child(store: str, which: str, steps: int) -> None:
     }
     if which != "full":
         finetune["adapter"] = {"kind": "lora", "r": 16, "alpha": 32.0}
-    request = TrainRequest(
-        store_cfg, "rss", "to-french", dataset, evaluation, base_dir.name, meta, finetune, {}
+    stored = BaseModelRef.from_artifact(
+        base_dir.name, find_artifact(opened, f"base-models/{base_dir.name}")
     )
+    job = FinetuneJob(
+        store_cfg, "rss", DatasetRef("to-french", dataset), stored, finetune, evaluation
+    )
+    request = TrainRequest(job, {})
     model = build_model(base.backbone, base.theta0, request, private=True)
     engine = make_engine(model, request)
     from workers.finetune.loop import fit
@@ -230,6 +237,7 @@ def rss_child(store: str, which: str, steps: int) -> None:
 def base_store(directory: Path) -> str:
     """A store holding SmolLM2's θ0 (as the example's first stage writes it) and the data."""
     from pipelines.stages.base import pretrain_base_job
+    from pipelines.stages.jobs import PretrainJob
 
     subprocess.run(
         [sys.executable, str(REPO / "examples" / "make_lm_data.py")]
@@ -246,7 +254,7 @@ def base_store(directory: Path) -> str:
         "max_length": 64,
         "attn_implementation": "eager",
     }
-    pretrain_base_job({"uri": store}, "smollm2", config, {}, 0)
+    pretrain_base_job(PretrainJob({"uri": store}, "smollm2", config, {}, 0))
     return store
 
 

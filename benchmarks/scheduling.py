@@ -39,11 +39,13 @@ sys.path.insert(0, str(REPO))
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from pipelines.run.pipeline import fingerprint_datasets, fingerprint_pretrain  # noqa: E402
+from pipelines.run.fingerprint import fingerprint_datasets, fingerprint_pretrain  # noqa: E402
 from pipelines.spec.load import validate_document  # noqa: E402
 from pipelines.spec.plan import make_plan, task_vector_key  # noqa: E402
+from pipelines.spec.refs import DatasetRef  # noqa: E402
 from pipelines.stages.base import pretrain_base_job  # noqa: E402
 from pipelines.stages.finetune import run_finetune_job  # noqa: E402
+from pipelines.stages.jobs import FinetuneJob, PretrainJob  # noqa: E402
 from storage.objectstore import open_store  # noqa: E402
 from workers.data import load_dataset  # noqa: E402
 from workers.finetune import TrainConfig  # noqa: E402
@@ -80,25 +82,21 @@ class Bench:
         self.base_key = fingerprint_pretrain(self.plan, datasets)
         self.store = open_store(f"file://{directory}/store")
         input_dim = next(iter(datasets.values())).input_dim
-        meta = pretrain_base_job(
+        job = PretrainJob(
             {"uri": self.store.uri}, self.base_key, self.plan.base_model, {}, input_dim
         )
-        self.base_meta = {k: v for k, v in meta.items() if k != "cache_hit"}
+        self.base, _ = pretrain_base_job(job)
         self.digest = datasets["digits"].digest()
 
-    def args(self, seed: int) -> tuple:
+    def args(self, seed: int) -> tuple[FinetuneJob]:
         finetune = copy.deepcopy(self.plan.finetune) | {"seed": seed}  # a distinct task vector
         task = self.plan.tasks[0]
-        key = task_vector_key(self.base_meta["digest"], self.digest, finetune)
+        key = task_vector_key(self.base.digest, self.digest, finetune)
+        dataset = DatasetRef(task.name, task.dataset, self.digest)
         return (
-            {"uri": self.store.uri},
-            key,
-            task.name,
-            task.dataset,
-            self.plan.evaluation,
-            self.base_key,
-            self.base_meta,
-            finetune,
+            FinetuneJob(
+                {"uri": self.store.uri}, key, dataset, self.base, finetune, self.plan.evaluation
+            ),
         )
 
 

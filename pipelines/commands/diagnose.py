@@ -64,18 +64,12 @@ def compute_disentanglement(
     spec: Any, pair: tuple[str, str], alphas: list[float], split: str, console: Console
 ) -> list[list[float]]:
     """The spec's fine-tune stage for the pair (cache hits when stored), then ξ on Ray."""
-    import ray
-
-    from pipelines.run.pipeline import (
-        finetune_all,
-        fingerprint_datasets,
-        fingerprint_pretrain,
-        prepare_base,
-    )
+    from pipelines.run.dag import submit_disentanglement
+    from pipelines.run.finetune import finetune_all, prepare_base
+    from pipelines.run.fingerprint import fingerprint_datasets, fingerprint_pretrain
     from pipelines.run.raysession import get, ray_session
     from pipelines.run.resources import await_placement, refuse_impossible
     from pipelines.spec.plan import make_plan
-    from pipelines.stages.tangent_search import disentanglement_job
     from storage.objectstore import open_store
 
     subset = spec.model_copy(update={"tasks": [t for t in spec.tasks if t.name in pair]})
@@ -94,30 +88,17 @@ def compute_disentanglement(
     input_dim = next(iter(datasets.values())).input_dim
     with ray_session(compute.ray_address, compute.num_cpus):
         await_placement(requests, compute.ray_address, compute.placement_timeout_s)
-        base_key, base_meta = prepare_base(plan, store_cfg, base_key, input_dim, console)
-        done = finetune_all(plan, store, store_cfg, base_key, base_meta, datasets, console)
+        base = prepare_base(plan, store_cfg, base_key, input_dim, console)
+        done = finetune_all(plan, store, store_cfg, base, datasets, console)
         specs = {
-            name: {
-                "key": done[name]["key"],
-                "dataset": plan.tasks[plan.task_names.index(name)].dataset,
-            }
-            for name in pair
+            name: {"key": done[name]["key"], "dataset": plan.task(name).dataset} for name in pair
         }
-        job = ray.remote(disentanglement_job).options(num_cpus=1)
+        mode = plan.spec.finetune.mode
         with console.status(f"disentanglement error over {len(alphas)}² points"):
-            return get(
-                job.remote(
-                    store_cfg,
-                    base_key,
-                    base_meta,
-                    specs,
-                    plan.evaluation,
-                    plan.finetune["mode"],
-                    alphas,
-                    split,
-                ),
-                "diagnose disentanglement",
+            job = submit_disentanglement(
+                store_cfg, base, specs, plan.evaluation, mode, alphas, split
             )
+            return get(job, "diagnose disentanglement")
 
 
 def write_disentanglement(

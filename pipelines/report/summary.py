@@ -46,7 +46,7 @@ def build_summary(
             "objective": plan.spec.merge.objective,
             "metric": scoring["metric"],
         },
-        "mode": plan.finetune["mode"],
+        "mode": plan.spec.finetune.mode,
         "tasks": {
             name: {
                 "task_vector_uri": info["ref"].uri,

@@ -15,14 +15,10 @@ from typing import Any
 import ray
 from rich.console import Console
 
+from pipelines.run.dag import submit_verify, verify_job
 from pipelines.run.raysession import get
-from storage.artifacts import ArtifactRef, find_artifact, invalidate_artifact, verify_artifact
-from storage.objectstore import ObjectStore, open_store_from
-
-
-def verify_job(store_cfg: dict[str, Any], prefix: str) -> str | None:
-    """None if the artifact at ``prefix`` is intact, else what failed its checksum."""
-    return verify_artifact(open_store_from(store_cfg), prefix)
+from storage.artifacts import ArtifactRef, find_artifact, invalidate_artifact
+from storage.objectstore import ObjectStore
 
 
 def trusted_artifacts(
@@ -37,8 +33,7 @@ def trusted_artifacts(
     found = {name: ref for name, ref in found.items() if ref is not None}
     problems: dict[str, str | None] = {}
     if ray.is_initialized():
-        job = ray.remote(verify_job).options(num_cpus=0.5, max_retries=2)
-        checks = {name: job.remote(store_cfg, ref.prefix) for name, ref in found.items()}
+        checks = {name: submit_verify(store_cfg, ref.prefix) for name, ref in found.items()}
         for name, check in checks.items():
             problems[name] = get(check, f"verify cached {what} '{name}'")
     elif found:

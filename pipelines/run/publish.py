@@ -8,18 +8,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import ray
-
+from pipelines.run.dag import submit_publish
 from pipelines.run.raysession import get
 from pipelines.search.selection import champion_score, decide_promotion
 from pipelines.spec.plan import Candidate, Plan
+from pipelines.spec.refs import BaseModelRef, MergedModelRef, TaskVectorRef
 from pipelines.stages.base import kind_of
-from pipelines.stages.publish import merge_and_store_job
+from pipelines.stages.jobs import PublishJob
 from storage.artifacts import find_artifact
 from storage.digest import digest_json
 from storage.localfiles import copy_artifact
 from storage.objectstore import FsspecStore
-from storage.taskvectors import base_model_prefix, model_prefix
+from storage.taskvectors import model_prefix
 from storage.tracking_guard import GuardedTracker
 from workers.kinds.registry import TRANSFORMERS
 
@@ -34,9 +34,8 @@ def publish(
     store: FsspecStore,
     store_cfg: dict[str, Any],
     tracker: GuardedTracker,
-    base_key: str,
-    base_meta: dict[str, Any],
-    tasks: dict[str, dict[str, Any]],
+    base: BaseModelRef,
+    vectors: dict[str, TaskVectorRef],
     best: Candidate,
     test_scores: dict[str, float],
     version: str,
@@ -51,11 +50,12 @@ def publish(
     config = {
         "format_version": 1,
         "kind": "merged_model",
-        "mode": plan.finetune["mode"],
-        "base_model": base_meta["config"],
-        "input_dim": base_meta["input_dim"],
+        "mode": plan.spec.finetune.mode,
+        "base_model": base.config,
+        "input_dim": base.input_dim,
         "tasks": {
-            t: {"num_classes": int(info["meta"].get("num_classes", 0))} for t, info in tasks.items()
+            t: {"num_classes": int(vector.meta.get("num_classes", 0))}
+            for t, vector in vectors.items()
         },
         "candidate": {
             "method": best.method,
@@ -65,17 +65,17 @@ def publish(
     }
     meta = {
         "run_id": run_id,
-        "base_digest": base_meta["digest"],
+        "base_digest": base.digest,
         "code_version": version,
         "candidate": {"id": best.id, **config["candidate"]},
         "task_vectors": {
             t: {
-                "uri": info["ref"].uri,
-                "sha256": info["ref"].sha256,
-                "mode": info["meta"].get("mode"),
-                "dataset_digest": info["meta"]["dataset_digest"],
+                "uri": vector.uri,
+                "sha256": vector.sha256,
+                "mode": vector.mode,
+                "dataset_digest": vector.dataset_digest,
             }
-            for t, info in tasks.items()
+            for t, vector in vectors.items()
         },
         "test": test_scores,
     }
@@ -84,32 +84,19 @@ def publish(
     )
     previous = previous_model(store, previous_run, name, meta["inputs"])
     if previous is not None:
-        stored = previous["stored"]
+        stored = previous
     else:
         ready()
-        job = ray.remote(merge_and_store_job).options(num_cpus=1)
-        stored = get(
-            job.remote(
-                store_cfg,
-                base_key,
-                base_meta,
-                {t: i["key"] for t, i in tasks.items()},
-                best,
-                name,
-                run_id,
-                config,
-                meta,
-            ),
-            "publish",
-        )
+        job = PublishJob(store_cfg, base, vectors, best, name, run_id, config, meta)
+        stored = get(submit_publish(job), "publish")
 
-    tags = lineage_tags(plan, run_id, store, store_cfg, base_key, base_meta, tasks, best, version)
-    tags |= {"mergeline.model_uri": stored["uri"], "mergeline.model_sha256": stored["sha256"]}
+    tags = lineage_tags(plan, run_id, store, store_cfg, base, vectors, best, version)
+    tags |= {"mergeline.model_uri": stored.uri, "mergeline.model_sha256": stored.sha256}
     score = test_scores[objective]
     tags["mergeline.test_objective"] = repr(float(score))  # exact: promotion compares it later
     result: dict[str, Any] = {
-        "uri": stored["uri"],
-        "sha256": stored["sha256"],
+        "uri": stored.uri,
+        "sha256": stored.sha256,
         "mlflow_run_id": None,
         "registered_model": name,
         "version": None,
@@ -127,7 +114,7 @@ def publish(
         tags["mergeline.tasks"],
         champion_tags,
         plan.spec.publish.min_improvement,
-        {t: info["meta"]["dataset_digest"] for t, info in tasks.items()},
+        {t: vector.dataset_digest for t, vector in vectors.items()},
     )
     previous_score = champion_score(champion_tags)
     promotion = _promotion(promote, reason, previous_score, score)
@@ -147,23 +134,23 @@ def publish(
     if registered is not None:  # this run registered it before it was interrupted: reuse it
         return result | _registered_before(tracker, registered, aliases, promotion)
     if previous is not None:  # nothing changed: the previous run's version stands as it is
-        earlier = tracker.find_run_version(name, previous["run_id"])
+        earlier = tracker.find_run_version(name, previous.run_id)
         if earlier is not None:
-            return result | _unchanged(earlier, previous["run_id"], previous_score, score)
-    kind = kind_of(base_meta["config"])
-    with _local_copy(store, stored["prefix"]) as model_dir:
+            return result | _unchanged(earlier, previous.run_id, previous_score, score)
+    kind = kind_of(base.config)
+    with _local_copy(store, stored.prefix) as model_dir:
         hf_dir = model_dir / TRANSFORMERS
         flavor = kind.mlflow_task is not None and any(hf_dir.glob("*.safetensors"))
         published = tracker.publish(
             str(model_dir),
-            str(SERVING_TEXT_CODE if base_meta["input_dim"] == 0 else SERVING_CODE),
+            str(SERVING_TEXT_CODE if base.input_dim == 0 else SERVING_CODE),
             name,
             tags,
             aliases,
             {f"test_{k}": v for k, v in test_scores.items()},
-            serving=(base_meta["input_dim"], {"task": plan.task_names[0]}),
+            serving=(base.input_dim, {"task": plan.task_names[0]}),
             transformers_dir=str(hf_dir) if flavor else None,
-            generation={"max_new_tokens": plan.evaluation["max_new_tokens"], "do_sample": False},
+            generation={"max_new_tokens": plan.spec.evaluation.max_new_tokens, "do_sample": False},
         )
     if published is None:  # tracking failed just now, under tracking.on_error: warn
         reason = f"not registered: {tracker.disabled}"
@@ -182,45 +169,44 @@ def lineage_tags(
     run_id: str,
     store: FsspecStore,
     store_cfg: dict[str, Any],
-    base_key: str,
-    base_meta: dict[str, Any],
-    tasks: dict[str, dict[str, Any]],
+    base: BaseModelRef,
+    vectors: dict[str, TaskVectorRef],
     best: Candidate,
     version: str,
 ) -> dict[str, str]:
     """The registry version's tags: enough to walk back to every input without the runs."""
-    base = find_artifact(store, base_model_prefix(base_key))
+    mode = plan.spec.finetune.mode
     tags = {
         "mergeline.run_id": run_id,
         "mergeline.spec_digest": plan.spec_digest,
         "mergeline.code_version": version,
         "mergeline.store": store.uri,
         "mergeline.store_endpoint_url": store_cfg.get("endpoint_url") or "",
-        "mergeline.base_digest": base_meta["digest"],
-        "mergeline.base_model_uri": base.uri if base else "",
-        "mergeline.base_model_sha256": base.sha256 if base else "",
-        "mergeline.base_model": json.dumps(base_meta["config"], sort_keys=True),
+        "mergeline.base_digest": base.digest,
+        "mergeline.base_model_uri": base.uri,
+        "mergeline.base_model_sha256": base.sha256,
+        "mergeline.base_model": json.dumps(base.config, sort_keys=True),
         "mergeline.method": best.method,
         "mergeline.candidate": best.id,
         "mergeline.candidate.params": json.dumps(best.params, sort_keys=True),
         "mergeline.candidate.coefficient": json.dumps(best.coefficient, sort_keys=True),
         "mergeline.objective": plan.spec.merge.objective,
-        "mergeline.tasks": ",".join(sorted(tasks)),
-        "mergeline.mode": plan.finetune["mode"],
+        "mergeline.tasks": ",".join(sorted(vectors)),
+        "mergeline.mode": mode,
     }
-    for task, info in tasks.items():
-        dataset = plan.tasks[plan.task_names.index(task)].dataset
-        tags[f"mergeline.task.{task}.task_vector_uri"] = info["ref"].uri
-        tags[f"mergeline.task.{task}.task_vector_sha256"] = info["ref"].sha256
-        tags[f"mergeline.task.{task}.mode"] = info["meta"].get("mode", plan.finetune["mode"])
-        tags[f"mergeline.task.{task}.dataset_digest"] = info["meta"]["dataset_digest"]
+    for task, vector in vectors.items():
+        dataset = plan.task(task).dataset
+        tags[f"mergeline.task.{task}.task_vector_uri"] = vector.uri
+        tags[f"mergeline.task.{task}.task_vector_sha256"] = vector.sha256
+        tags[f"mergeline.task.{task}.mode"] = vector.meta.get("mode", mode)
+        tags[f"mergeline.task.{task}.dataset_digest"] = vector.dataset_digest
         tags[f"mergeline.task.{task}.dataset_source"] = json.dumps(dataset, sort_keys=True)
     return tags
 
 
 def previous_model(
     store: FsspecStore, previous_run: str | None, name: str, inputs: str
-) -> dict[str, Any] | None:
+) -> MergedModelRef | None:
     """The model run ``previous_run`` published, if it was made from ``inputs`` (the digest
     :func:`publish` writes in every merged model's meta) and is still in the store."""
     if previous_run is None:
@@ -228,10 +214,7 @@ def previous_model(
     ref = find_artifact(store, model_prefix(name, previous_run))
     if ref is None or ref.meta.get("inputs") != inputs:
         return None
-    return {
-        "run_id": previous_run,
-        "stored": {"uri": ref.uri, "prefix": ref.prefix, "sha256": ref.sha256},
-    }
+    return MergedModelRef.from_artifact(name, previous_run, ref)
 
 
 def _unchanged(

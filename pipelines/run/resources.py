@@ -51,12 +51,12 @@ class PlacementTimeout(SystemFailure):
 def plan_requests(plan: Plan) -> list[Request]:
     """Every placement the run asks Ray for: each fine-tune (its Ray Train workers, all at
     once), the base model's pretraining, and each search actor."""
-    resources = plan.finetune["resources"]
-    bundle = {"CPU": float(resources["num_cpus"])}
-    if resources["num_gpus"] > 0:
-        bundle["GPU"] = float(resources["num_gpus"])
+    resources = plan.spec.finetune.resources
+    bundle = {"CPU": float(resources.num_cpus)}
+    if resources.num_gpus > 0:
+        bundle["GPU"] = float(resources.num_gpus)
     return [
-        Request("finetune.resources", bundle, int(resources.get("num_workers", 1))),
+        Request("finetune.resources", bundle, resources.num_workers),
         Request("base model pretraining", {"CPU": 1.0}),
         Request("merge.num_actors (one search actor)", {"CPU": 1.0}),
     ]

@@ -18,18 +18,18 @@ def finetune_options(plan: Plan) -> dict[str, Any]:
     CPUs and GPUs; the job itself asks for none, so it cannot starve its own workers. Raises
     :class:`SpecError` for a ZeRO stage the engine cannot consolidate (3), before any work.
     """
-    deepspeed = plan.finetune.get("deepspeed")
-    if deepspeed is not None and deepspeed["zero_stage"] not in (0, 1, 2):
+    deepspeed = plan.spec.finetune.deepspeed
+    if deepspeed is not None and deepspeed.zero_stage not in (0, 1, 2):
         raise SpecError(
-            f"finetune.deepspeed.zero_stage {deepspeed['zero_stage']} is not supported for "
+            f"finetune.deepspeed.zero_stage {deepspeed.zero_stage} is not supported for "
             "fine-tuning yet: use 0, 1 or 2 (ZeRO-2 already shards gradients and optimizer "
             "state over the workers)"
         )
-    resources = plan.finetune["resources"]
-    coordinator = resources.get("num_workers", 1) > 1
+    resources = plan.spec.finetune.resources
+    coordinator = resources.num_workers > 1
     return {
-        "num_cpus": 0 if coordinator else resources["num_cpus"],
-        "num_gpus": 0 if coordinator else resources["num_gpus"],
+        "num_cpus": 0 if coordinator else resources.num_cpus,
+        "num_gpus": 0 if coordinator else resources.num_gpus,
         "max_retries": FINETUNE_RETRIES,
         "retry_exceptions": False,  # a task's own error is final; a dead worker is retried
         **_strategy(plan),

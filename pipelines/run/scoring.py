@@ -1,4 +1,4 @@
-"""Stages 5-6 on the scorer actors: start them, fan candidates out over them, score the best.
+"""Stages 5-6 on the scorer actors (started by the DAG): fan candidates out, score the best.
 
 :class:`Scorers` is the :class:`~pipelines.search.pool.ScorerPool` the search calls: it holds
 the Ray handles, waits on them and turns remote failures into mergeline errors, so the search
@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 import ray
@@ -18,41 +17,10 @@ from rich.console import Console
 
 from pipelines.report.progress import progress_bar
 from pipelines.run.raysession import get, wait_any
-from pipelines.run.scheduling import actor_options
 from pipelines.search.pool import ChunkDone, ScorerPool
 from pipelines.search.scorebook import ScoreBook, score_context
 from pipelines.spec.plan import Candidate, Plan
-from pipelines.spec.search import resolve_search
-from pipelines.stages.search import CandidateScorer, Evaluator, ForwardEvaluator, ScoringInputs
-from pipelines.stages.tangent_search import TangentEvaluator
 from storage.runs import read_scores
-
-
-def start_scorers(
-    plan: Plan,
-    store_cfg: dict[str, Any],
-    base_key: str,
-    base_meta: dict[str, Any],
-    tasks: dict[str, dict[str, Any]],
-) -> list[Any]:
-    """The scorer actors: as many as the spec asks for, the cluster's CPUs and the candidates
-    allow, each holding the evaluator the search needs."""
-    specs = {
-        name: {"key": info["key"], "dataset": plan.tasks[plan.task_names.index(name)].dataset}
-        for name, info in tasks.items()
-    }
-    # Never more one-CPU actors than the cluster has CPUs: the extra ones would never start,
-    # and the candidates handed to them would wait forever.
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    count = max(1, min(plan.spec.merge.num_actors, len(plan.candidates), cpus))
-    settings = resolve_search(plan.spec)
-    evaluator: Callable[[ScoringInputs], Evaluator] = ForwardEvaluator
-    if settings.tangent:
-        count = 1 if settings.all_fast else count
-        evaluator = partial(TangentEvaluator, mode=plan.finetune["mode"])
-    actor = ray.remote(**actor_options(plan))(CandidateScorer)
-    args = (store_cfg, base_key, base_meta, specs, plan.evaluation, evaluator)
-    return [actor.remote(*args) for _ in range(count)]
 
 
 class Scorers:

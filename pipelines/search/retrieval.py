@@ -6,7 +6,7 @@ the model of task t depends only on λ_t. So the best per-task choice is read of
 evaluated: for each task, the λ_t with the highest validation accuracy on that task (ties: the
 smaller λ_t). That choice becomes one more candidate, ``lam: {task: λ_t}``, with exactly those
 accuracies; it is marked ``derived`` (it needs no evaluation of its own). Both search modes decide
-it here: the standard-mode grid (`pipelines.run.pipeline`) and the tangent-space search
+it here: the standard-mode grid (`pipelines.run.choose`) and the tangent-space search
 (`pipelines.search.tangent.TangentSearch`, linear mode's linearized scores).
 """
 

@@ -66,6 +66,10 @@ class Plan:
     def task_names(self) -> list[str]:
         return [task.name for task in self.tasks]
 
+    def task(self, name: str) -> TaskPlan:
+        """The task called ``name``."""
+        return next(task for task in self.tasks if task.name == name)
+
 
 def make_plan(spec: Spec) -> Plan:
     from workers.merge import get_method

@@ -18,7 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipelines.spec.refs import BaseModelRef
 from pipelines.stages.datasets import load_dataset
+from pipelines.stages.jobs import PretrainJob
 from pipelines.stages.model_dirs import resolve_model_dir
 from storage.artifacts import find_artifact
 from storage.digest import digest_state
@@ -43,34 +45,30 @@ from workers.models import build_backbone
 from workers.models import huggingface as hf
 
 
-def pretrain_base_job(
-    store_cfg: dict[str, Any],
-    key: str,
-    base_model: dict[str, Any],
-    evaluation: dict[str, Any],
-    input_dim: int,
-) -> dict[str, Any]:
-    """Build (and pretrain, if the spec asks) the base; returns its manifest meta."""
-    store = open_store_from(store_cfg)
-    existing = find_artifact(store, base_model_prefix(key))
+def pretrain_base_job(job: PretrainJob) -> tuple[BaseModelRef, bool]:
+    """Build (and pretrain, if the spec asks) the base; returns it and whether it was stored
+    already (a cache hit)."""
+    store = open_store_from(job.store)
+    existing = find_artifact(store, base_model_prefix(job.key))
     if existing is not None:
-        return existing.meta | {"cache_hit": True}
+        return BaseModelRef.from_artifact(job.key, existing), True
     started = time.perf_counter()
+    base_model = job.base_model
     if base_model["source"] == "hf":
         state, extra, metrics, digest = _load_hf(base_model)
     else:
-        state, metrics = _build_builtin(base_model, evaluation, input_dim)
+        state, metrics = _build_builtin(base_model, job.evaluation, job.input_dim)
         extra, digest = {}, digest_state(state)
     meta = {
         "kind": "base_model",
         "digest": digest,
         "config": base_model,
-        "input_dim": input_dim,
+        "input_dim": job.input_dim,
         "metrics": metrics,
         "seconds": time.perf_counter() - started,
     }
-    write_base_model(store, key, state, meta, extra)
-    return meta | {"cache_hit": False}
+    written = write_base_model(store, job.key, state, meta, extra)
+    return BaseModelRef(job.key, written.uri, written.sha256, meta), False
 
 
 def _build_builtin(

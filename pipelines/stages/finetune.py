@@ -9,6 +9,7 @@ import torch
 
 from pipelines.spec.plan import finetune_config_for_key
 from pipelines.stages.base import load_task_data, open_base
+from pipelines.stages.jobs import FinetuneJob
 from pipelines.stages.training import TrainRequest, build_model, train_task
 from storage.checkpoints import count_attempts, delete_checkpoints
 from storage.objectstore import open_store_from
@@ -20,30 +21,22 @@ from workers.search.evaluate import at_state, linearized_at
 SPLITS = ("val", "test")
 
 
-def run_finetune_job(
-    store_cfg: dict[str, Any],
-    key: str,
-    task: str,
-    dataset: dict[str, Any],
-    evaluation: dict[str, Any],
-    base_key: str,
-    base_meta: dict[str, Any],
-    finetune: dict[str, Any],
-) -> dict[str, Any]:
+def run_finetune_job(job: FinetuneJob) -> dict[str, Any]:
     """Fine-tune one task and store its task vector; returns how it ran (see `execution`).
 
     Resumes from the task vector's newest checkpoint when an earlier attempt (a killed worker,
     a killed driver) left one. With ``resources.num_workers > 1`` the training itself runs on
     a Ray Train worker group that this task coordinates.
     """
-    store = open_store_from(store_cfg)
+    store = open_store_from(job.store)
+    key, task, finetune, evaluation = job.key, job.task, job.finetune, job.evaluation
     existing = find_task_vector(store, key)
     if existing is not None:  # another run finished it meanwhile
         return execution(existing.meta, attempts=0, resumed_from_step=0)
     started = time.perf_counter()
-    base = open_base(store_cfg, base_key, base_meta)
+    base = open_base(job.store, job.base.key, job.base.meta)
     backbone, theta0 = base.backbone, base.theta0
-    data = load_task_data(base, dataset, evaluation, f"tasks[{task}].dataset")
+    data = load_task_data(base, job.dataset.source, evaluation, job.dataset.what)
 
     kind, settings = base.kind, base.settings(evaluation)
     metric = settings["metric"]
@@ -57,9 +50,7 @@ def run_finetune_job(
     at_theta0 = at_state(backbone, theta0)
     zero_shot = scores(at_theta0)
 
-    request = TrainRequest(
-        store_cfg, key, task, dataset, evaluation, base_key, base_meta, finetune, head
-    )
+    request = TrainRequest(job, head)
     workers = finetune["resources"].get("num_workers", 1)
     if workers > 1:
         from pipelines.stages.train_ray import train_with_ray_train
@@ -102,7 +93,7 @@ def run_finetune_job(
         "mode": finetune["mode"],
         "engine": outcome.engine,
         "workers": workers,
-        "base_digest": base_meta["digest"],
+        "base_digest": job.base.digest,
         "dataset_digest": data.digest(),
         "num_classes": data.num_classes,
         "finetune": finetune_config_for_key(finetune),  # what made it, not how it ran

@@ -14,42 +14,34 @@ from typing import Any
 import torch
 
 from pipelines.stages.base import load_task_data, open_base, open_task_vector
+from pipelines.stages.jobs import Need, StatisticsJob
 from storage.objectstore import open_store_from
 from storage.taskvectors import find_statistics, read_statistics, write_statistics
 from workers.adapters import LoraDelta
 from workers.finetune.statistics import diagonal_fisher, gram_matrices
 from workers.search.evaluate import at_state
 
-Need = tuple[str, int]  # (statistic, rows)
 
-
-def statistics_job(
-    store_cfg: dict[str, Any],
-    task: str,
-    vector: dict[str, Any],
-    dataset: dict[str, Any],
-    evaluation: dict[str, Any],
-    base: dict[str, Any],
-    needs: list[Need],
-) -> dict[str, float]:
-    """Compute and store the ``needs`` of one task vector (``vector``: its key and sha256;
-    ``base``: the base model's key and meta); returns seconds per statistic computed."""
+def statistics_job(job: StatisticsJob) -> dict[str, float]:
+    """Compute and store the ``needs`` of one task vector that are not stored yet; returns
+    seconds per statistic computed."""
     torch.set_num_threads(1)
-    store = open_store_from(store_cfg)
+    store = open_store_from(job.store)
+    vector = job.vector
     missing = [
         (kind, rows)
-        for kind, rows in needs
-        if find_statistics(store, vector["key"], kind, rows, vector["sha256"]) is None
+        for kind, rows in job.needs
+        if find_statistics(store, vector.key, kind, rows, vector.sha256) is None
     ]
     if not missing:
         return {}
-    opened = open_base(store_cfg, base["key"], base["meta"])
+    opened = open_base(job.store, job.base.key, job.base.meta)
     backbone, theta0, kind_of_task = opened.backbone, opened.theta0, opened.kind
-    tau, head = open_task_vector(store_cfg, vector["key"], theta0)
+    tau, head = open_task_vector(job.store, vector.key, theta0)
     changed = sorted(tau.factors) if isinstance(tau, LoraDelta) else sorted(theta0)
     theta = {name: theta0[name] + tau[name] for name in theta0}
     changed = [name for name in changed if bool((theta[name] != theta0[name]).any())]
-    data = load_task_data(opened, dataset, evaluation, f"tasks[{task}].dataset")
+    data = load_task_data(opened, job.dataset.source, job.evaluation, job.dataset.what)
     model = kind_of_task.trainable(backbone, head)
     timings = {}
     for kind, rows in missing:
@@ -71,13 +63,13 @@ def statistics_job(
             )
         seconds = time.perf_counter() - started
         meta = {
-            "task": task,
-            "task_vector_sha256": vector["sha256"],
+            "task": vector.task,
+            "task_vector_sha256": vector.sha256,
             "rows_used": min(rows, len(data.x_train)),
             "tensors": len(stats),
             "seconds": round(seconds, 3),
         }
-        write_statistics(store, vector["key"], kind, rows, stats, meta)
+        write_statistics(store, vector.key, kind, rows, stats, meta)
         timings[f"{kind}-n{rows}"] = seconds
     return timings
 

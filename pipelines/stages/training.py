@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from pipelines.stages.base import kind_of, load_task_data, open_base
+from pipelines.stages.jobs import FinetuneJob
 from pipelines.stages.pause import pause_point
 from storage.checkpoints import latest_checkpoint, record_attempt, write_checkpoint
 from storage.objectstore import open_store_from
@@ -25,17 +26,22 @@ from workers.finetune.loop import fit
 
 @dataclass(frozen=True)
 class TrainRequest:
-    """What every worker needs to train one task (plain data plus the small frozen head)."""
+    """What every worker needs to train one task: the fine-tune job and the small frozen head."""
 
-    store_cfg: dict[str, Any]
-    key: str
-    task: str
-    dataset: dict[str, Any]
-    evaluation: dict[str, Any]
-    base_key: str
-    base_meta: dict[str, Any]
-    finetune: dict[str, Any]
+    job: FinetuneJob
     head: dict[str, torch.Tensor]
+
+    @property
+    def key(self) -> str:
+        return self.job.key
+
+    @property
+    def task(self) -> str:
+        return self.job.task
+
+    @property
+    def finetune(self) -> dict[str, Any]:
+        return self.job.finetune
 
     @property
     def what(self) -> str:
@@ -68,7 +74,7 @@ def build_model(
     """backbone (or its linearization around θ0) as the task's kind trains it (e.g. through
     the frozen head). With ``finetune.adapter``: a LoRA copy of it, trained (or linearized) in
     the adapter's parameters only (on ``backbone`` itself if it is ``private``: not used after)."""
-    kind = kind_of(request.base_meta["config"])
+    kind = kind_of(request.job.base.config)
     mode, adapter = request.finetune["mode"], request.finetune.get("adapter")
     if adapter is not None:  # LoRA (PEFT); linear mode linearizes in its parameters only
         seed = int(request.finetune.get("seed", 0))
@@ -82,7 +88,7 @@ def build_model(
 
 def make_engine(model: torch.nn.Module, request: TrainRequest) -> Engine:
     config = train_config(request.finetune)
-    loss = kind_of(request.base_meta["config"]).loss
+    loss = kind_of(request.job.base.config).loss
     deepspeed = request.finetune.get("deepspeed")
     if deepspeed is not None:
         from workers.finetune.deepspeed_engine import DeepSpeedEngine
@@ -98,12 +104,11 @@ def train_task(request: TrainRequest, keep_final: bool = False) -> TrainOutcome:
     ``keep_final``: rank 0 also stores the final state as a checkpoint (how a worker group
     hands its result to the coordinating task).
     """
-    store = open_store_from(request.store_cfg)
-    base = open_base(request.store_cfg, request.base_key, request.base_meta)
+    job = request.job
+    store = open_store_from(job.store)
+    base = open_base(job.store, job.base.key, job.base.meta)
     backbone, theta0 = base.backbone, base.theta0
-    data = load_task_data(
-        base, request.dataset, request.evaluation, f"tasks[{request.task}].dataset"
-    )
+    data = load_task_data(base, job.dataset.source, job.evaluation, job.dataset.what)
     model = build_model(backbone, theta0, request, private=True)
     config = train_config(request.finetune)
     start = load_latest(request)
@@ -149,7 +154,7 @@ def _engine_name(request: TrainRequest) -> str:
 
 def load_latest(request: TrainRequest) -> TrainState | None:
     """The newest checkpoint of this task vector, or None (then training starts at step 0)."""
-    store = open_store_from(request.store_cfg)
+    store = open_store_from(request.job.store)
     found = latest_checkpoint(store, request.key)
     if found is None:
         return None
@@ -160,7 +165,7 @@ def load_latest(request: TrainRequest) -> TrainState | None:
 
 def read_final(request: TrainRequest) -> TrainOutcome:
     """The final state a worker group stored with ``keep_final``."""
-    store = open_store_from(request.store_cfg)
+    store = open_store_from(request.job.store)
     found = latest_checkpoint(store, request.key)
     if found is None or found[0] != request.finetune["steps"]:
         raise RuntimeError(f"{request.what}: the worker group ended without its final state")

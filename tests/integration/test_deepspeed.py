@@ -16,12 +16,13 @@ import pytest
 import ray
 import torch
 
-from pipelines.run.pipeline import fingerprint_datasets, fingerprint_pretrain
-from pipelines.run.scheduling import finetune_options
+from pipelines.run.dag import finetune_submitter
+from pipelines.run.fingerprint import fingerprint_datasets, fingerprint_pretrain
 from pipelines.spec.load import validate_document
 from pipelines.spec.plan import make_plan, task_vector_key
+from pipelines.spec.refs import DatasetRef
 from pipelines.stages.base import pretrain_base_job
-from pipelines.stages.finetune import run_finetune_job
+from pipelines.stages.jobs import FinetuneJob, PretrainJob
 from storage.objectstore import open_store
 from storage.taskvectors import read_task_vector
 from workers.finetune import LinearizedModel, TrainConfig
@@ -139,29 +140,21 @@ def test_two_workers_give_the_same_task_vector_as_one_with_zero2(
         store = open_store(document["storage"]["uri"])
         if base is None:
             input_dim = next(iter(datasets.values())).input_dim
-            meta = pretrain_base_job(
+            job = PretrainJob(
                 {"uri": store.uri}, base_key, plan.base_model, plan.evaluation, input_dim
             )
-            base = {k: v for k, v in meta.items() if k != "cache_hit"}
+            base, _ = pretrain_base_job(job)
         else:  # the same θ0 in the second store
             shutil.copytree(
                 tmp_path / "store1" / "base-models", tmp_path / "store2" / "base-models"
             )
         task = plan.tasks[0]
-        key = task_vector_key(base["digest"], datasets[task.name].digest(), plan.finetune)
-        job = ray.remote(run_finetune_job).options(**finetune_options(plan))
-        executions[workers] = ray.get(
-            job.remote(
-                {"uri": store.uri},
-                key,
-                task.name,
-                task.dataset,
-                plan.evaluation,
-                base_key,
-                base,
-                plan.finetune,
-            )
+        key = task_vector_key(base.digest, datasets[task.name].digest(), plan.finetune)
+        dataset = DatasetRef(task.name, task.dataset)
+        finetune = FinetuneJob(
+            {"uri": store.uri}, key, dataset, base, plan.finetune, plan.evaluation
         )
+        executions[workers] = ray.get(finetune_submitter(plan)(finetune))
         vectors[workers] = read_task_vector(store, key)[0]
 
     assert executions[1] == {

@@ -23,11 +23,14 @@ import yaml
 from mlflow.tracking import MlflowClient
 from rich.console import Console
 
-from pipelines.run.pipeline import fingerprint_datasets, fingerprint_pretrain, run_pipeline
+from pipelines.run.fingerprint import fingerprint_datasets, fingerprint_pretrain
+from pipelines.run.pipeline import run_pipeline
 from pipelines.run.recovery import run_key
 from pipelines.spec.load import validate_document
 from pipelines.spec.plan import make_plan
+from pipelines.spec.refs import BaseModelRef, DatasetRef
 from pipelines.stages.finetune import run_finetune_job
+from pipelines.stages.jobs import FinetuneJob
 from storage.artifacts import find_artifact
 from storage.objectstore import open_store
 from storage.runstate import begin_run, read_run_state
@@ -93,18 +96,12 @@ def _uninterrupted_delta(spec: dict, store: Path, key: str, fresh: Path) -> dict
     source, target = open_store(f"file://{store}"), open_store(f"file://{fresh}")
     assert find_artifact(source, f"task-vectors/{key}").meta["steps"] == STEPS
     base_key = next((fresh / "base-models").iterdir()).name
-    base_meta = find_artifact(source, base_model_prefix(base_key)).meta
+    base = BaseModelRef.from_artifact(base_key, find_artifact(target, base_model_prefix(base_key)))
     plan = make_plan(validate_document(spec))
     task = plan.tasks[0]
+    dataset = DatasetRef(task.name, task.dataset)
     run_finetune_job(
-        {"uri": target.uri},
-        key,
-        task.name,
-        task.dataset,
-        plan.evaluation,
-        base_key,
-        base_meta,
-        plan.finetune,
+        FinetuneJob({"uri": target.uri}, key, dataset, base, plan.finetune, plan.evaluation)
     )
     return read_task_vector(target, key)[0]
 

@@ -150,6 +150,7 @@ def test_a_model_directory_on_s3_is_the_same_base_as_its_local_copy(
 ) -> None:
     """An s3:// model prefix is copied once into the cache; its digest is its content's."""
     from pipelines.stages.base import open_base, pretrain_base_job
+    from pipelines.stages.jobs import PretrainJob
     from pipelines.stages.model_dirs import resolve_model_dir
     from storage.objectstore import open_store
     from workers.models.huggingface import directory_digest
@@ -165,8 +166,8 @@ def test_a_model_directory_on_s3_is_the_same_base_as_its_local_copy(
     config = validate_document(_spec(tmp_path, f"{s3_uri}/tiny-bert")).base_model.model_dump()
     config["endpoint_url"] = s3_server.endpoint
     store_cfg = {"uri": f"file://{tmp_path}/store"}
-    meta = pretrain_base_job(store_cfg, "s3base", config, EVALUATION, 0)
-    base = open_base(store_cfg, "s3base", meta)
+    ref, _ = pretrain_base_job(PretrainJob(store_cfg, "s3base", config, EVALUATION, 0))
+    base = open_base(store_cfg, "s3base", ref.meta)
     local = transformers.AutoModel.from_pretrained(str(tiny_bert), local_files_only=True)
     for name, tensor in local.state_dict().items():
         assert torch.equal(base.theta0[f"encoder.{name}"], tensor)

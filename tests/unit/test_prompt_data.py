@@ -347,7 +347,7 @@ def test_the_spec_accepts_prompt_and_messages_datasets() -> None:
 
 
 def test_the_cache_keys_digest_the_rendered_tokens(tmp_path: Path) -> None:
-    from pipelines.run.pipeline import fingerprint_datasets, key_digests
+    from pipelines.run.fingerprint import fingerprint_datasets, key_digests
     from pipelines.spec.plan import make_plan
 
     data = write_jsonl(tmp_path / "t.jsonl", prompt_rows())
