@@ -6,7 +6,7 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 BIN = $(VENV)/bin
 
-.PHONY: install quickstart text-example lm-example test test-fast lint format clean
+.PHONY: install quickstart text-example lm-example test test-fast test-gpu lint format clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,13 @@ TEST_WORKERS ?= 2
 
 test: install
 	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist worksteal
+
+# The GPU tier (tests/gpu, marker gpu): only where torch sees CUDA. Elsewhere it refuses in one
+# line and fails, so that no one reads a pass into a run that tested nothing.
+test-gpu: install
+	@$(BIN)/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" || \
+	  { echo "make test-gpu: no CUDA device here (torch.cuda.is_available() is False): nothing was tested"; exit 1; }
+	$(BIN)/pytest -q -m gpu tests/gpu
 
 test-fast: install
 	$(BIN)/pytest -q -m "not slow and not integration and not e2e"

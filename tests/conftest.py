@@ -16,6 +16,20 @@ pytest_plugins = ["tests.conftest_mlflow", "tests.conftest_s3"]
 
 REPO = Path(__file__).resolve().parent.parent
 
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The GPU tier runs only where CUDA is; elsewhere each of its tests is skipped, saying so
+    (``make test-gpu`` refuses to run at all there)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA: run `make test-gpu` on a machine with a GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 #: The run summary's keys: DESIGN.md's, plus ``started`` and ``spec`` (name, digest,
 #: objective) that ``mergeline runs`` and the incremental rerun's reasons read back.
 SUMMARY_KEYS = {

@@ -99,21 +99,26 @@ def start_scorers(
     base_meta: dict[str, Any],
     tasks: dict[str, dict[str, Any]],
 ) -> list[Any]:
-    """The scorer actors: as many as the spec asks for, the cluster's CPUs and the candidates
-    allow, each holding the evaluator the search needs."""
+    """The scorer actors: as many as the spec asks for, the cluster's CPUs and GPUs and the
+    candidates allow, each holding the evaluator the search needs, on its device."""
     specs = {
         name: {"key": info["key"], "dataset": plan.tasks[plan.task_names.index(name)].dataset}
         for name, info in tasks.items()
     }
-    # Never more one-CPU actors than the cluster has CPUs: the extra ones would never start,
-    # and the candidates handed to them would wait forever.
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    count = max(1, min(plan.spec.merge.num_actors, len(plan.candidates), cpus))
+    # Never more actors than the cluster can hold at once (merge.resources each): the extra
+    # ones would never start, and the candidates handed to them would wait forever.
+    resources, cluster = plan.spec.merge.resources, ray.cluster_resources()
+    fits = int(cluster.get("CPU", 1) // resources.num_cpus)
+    if resources.num_gpus > 0:
+        fits = min(fits, int(cluster.get("GPU", 0) // resources.num_gpus))
+    count = max(1, min(plan.spec.merge.num_actors, len(plan.candidates), fits))
     settings = resolve_search(plan.spec)
     evaluator: Callable[[ScoringInputs], Evaluator] = ForwardEvaluator
     if settings.tangent:
         count = 1 if settings.all_fast else count
         evaluator = partial(TangentEvaluator, mode=plan.finetune["mode"])
     actor = ray.remote(**actor_options(plan))(CandidateScorer)
+    device = "cuda" if resources.num_gpus > 0 else "cpu"
     args = (store_cfg, base_key, base_meta, specs, plan.evaluation, evaluator)
+    args += (max(1, int(resources.num_cpus)), device)
     return [actor.remote(*args) for _ in range(count)]

@@ -55,10 +55,14 @@ def plan_requests(plan: Plan) -> list[Request]:
     bundle = {"CPU": float(resources.num_cpus)}
     if resources.num_gpus > 0:
         bundle["GPU"] = float(resources.num_gpus)
+    scorer = plan.spec.merge.resources
+    search = {"CPU": float(scorer.num_cpus)}
+    if scorer.num_gpus > 0:
+        search["GPU"] = float(scorer.num_gpus)
     return [
         Request("finetune.resources", bundle, resources.num_workers),
         Request("base model pretraining", {"CPU": 1.0}),
-        Request("merge.num_actors (one search actor)", {"CPU": 1.0}),
+        Request("merge.resources", search),
     ]
 
 
@@ -75,6 +79,13 @@ def check_requests(requests: list[Request], available: dict[str, float]) -> None
 
 def _refusal(request: Request, resource: str, amount: float, needed: float, have: float) -> str:
     has = f"the local Ray has {have:g} {resource}s"
+    if request.field == "merge.resources":
+        return (
+            f"merge.resources.{_FIELDS.get(resource, resource)} {amount:g} is more than the "
+            f"local Ray's {have:g} {resource}s, so no scorer would start: lower it, "
+            + ("raise compute.num_cpus" if resource == "CPU" else "use a machine that has them")
+            + ", or join a cluster (compute.ray_address)"
+        )
     if not request.field.startswith("finetune."):
         return (
             f"{request.describe()} needs {needed:g} {resource}s but {has}: raise compute.num_cpus"

@@ -37,8 +37,10 @@ def finetune_options(plan: Plan) -> dict[str, Any]:
 
 
 def actor_options(plan: Plan) -> dict[str, Any]:
-    """``.options()`` of a search actor."""
-    return {"num_cpus": 1, **_strategy(plan)}
+    """``.options()`` of a search actor (``merge.resources``)."""
+    resources = plan.spec.merge.resources
+    gpus = {"num_gpus": resources.num_gpus} if resources.num_gpus > 0 else {}
+    return {"num_cpus": resources.num_cpus, **gpus, **_strategy(plan)}
 
 
 def _strategy(plan: Plan) -> dict[str, Any]:

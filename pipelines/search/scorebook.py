@@ -33,6 +33,7 @@ def score_context(
     tasks: dict[str, dict[str, Any]],
     evaluation: dict[str, Any],
     mode: str,
+    device: str = "cpu",
 ) -> str:
     """Digest of the inputs every score of a run shares. ``tasks``: task name -> the
     fine-tune stage's entry (``ref.sha256`` and ``meta.dataset_digest`` are read)."""
@@ -50,6 +51,9 @@ def score_context(
             },
             "evaluation": evaluation,
             "mode": mode,
+            # a GPU's kernels round differently: its scores are not the CPU's (and a CPU run's
+            # keys stay what they were before scorers could use GPUs)
+            **({"device": device} if device != "cpu" else {}),
         }
     )
 

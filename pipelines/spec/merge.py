@@ -101,6 +101,17 @@ class NegateSpec(SpecModel):
     )
 
 
+class ScorerResources(SpecModel):
+    """What each scorer actor asks Ray for."""
+
+    num_cpus: float = Field(
+        default=1, gt=0, description="CPUs per scorer actor; it evaluates with that many threads."
+    )
+    num_gpus: float = Field(
+        default=0, ge=0, description="GPUs per scorer actor; above 0 it evaluates on CUDA."
+    )
+
+
 class MergeSpec(SpecModel):
     objective: Literal["mean_normalized_accuracy", "mean_accuracy", "negate"] = (
         "mean_normalized_accuracy"
@@ -109,6 +120,7 @@ class MergeSpec(SpecModel):
         default_factory=lambda: [CandidateSpec(method="task_arithmetic")], min_length=1
     )
     num_actors: int = Field(default=2, ge=1, description="Ray actors that score candidates.")
+    resources: ScorerResources = ScorerResources()
     fast_path: Literal["auto", "off"] = Field(
         default="auto", description="auto: exact scoring without forward passes where it applies."
     )

@@ -77,6 +77,11 @@ def check_search(spec: Spec, origin: str) -> None:
             "mode the fast path is exact (merge.fast_path: auto)"
         )
     check_strategy(spec, origin)
+    if spec.merge.resources.num_gpus > 0 and resolve_search(spec).tangent:
+        raise SpecError(
+            f"{origin}: merge.resources.num_gpus: the tangent-space search (linear mode, "
+            "per-task coefficients, a surrogate or negation) evaluates on the CPU: set it to 0"
+        )
     if resolve_search(spec).per_task:
         for index, candidate in enumerate(spec.merge.candidates):
             method = get_method(candidate.method)

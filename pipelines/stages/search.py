@@ -18,7 +18,7 @@ import torch
 from pipelines.spec.plan import Candidate, task_params
 from pipelines.stages.base import Base, load_task_data, open_base, open_task_vector
 from pipelines.stages.statistics import statistics_params
-from storage.errors import MergeInputError
+from storage.errors import MergeInputError, ModelError
 from workers.merge.engine import merge_state
 from workers.search.evaluate import at_state
 from workers.search.halving import validation_subset
@@ -35,9 +35,13 @@ class ScoringInputs:
         base_meta: dict[str, Any],
         tasks: dict[str, dict[str, Any]],
         evaluation: dict[str, Any],
+        device: str = "cpu",
     ) -> None:
-        """``tasks`` maps task name -> {"key": task-vector key, "dataset": dataset spec}."""
+        """``tasks`` maps task name -> {"key": task-vector key, "dataset": dataset spec};
+        ``device``: where the evaluator runs the model (the merged weights are built on the
+        host, then copied there)."""
         self.store_cfg, self.keys = store_cfg, {name: task["key"] for name, task in tasks.items()}
+        self.device = torch.device(device)
         self._statistics: dict[tuple[str, int], Any] = {}
         self._subsets: dict[tuple[str, int, int], Any] = {}
         opened: Base = open_base(store_cfg, base_key, base_meta)
@@ -133,13 +137,16 @@ class FastEvaluator(Evaluator, Protocol):
 
 
 class ForwardEvaluator:
-    """Standard mode: a merged state is evaluated by a forward pass at it."""
+    """Standard mode: a merged state is evaluated by a forward pass at it, on the scorer's
+    device (the backbone moves there once; each merged state is copied there)."""
 
     def __init__(self, inputs: ScoringInputs) -> None:
         self.inputs = inputs
+        if inputs.device.type != "cpu":
+            inputs.backbone.to(inputs.device)
 
     def model_at(self, state: dict[str, torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
-        return at_state(self.inputs.backbone, state)
+        return at_state(self.inputs.backbone, state, self.inputs.device)
 
 
 class CandidateScorer:
@@ -153,11 +160,20 @@ class CandidateScorer:
         tasks: dict[str, dict[str, Any]],
         evaluation: dict[str, Any],
         evaluator: Callable[[ScoringInputs], Evaluator] = ForwardEvaluator,
+        threads: int = 1,
+        device: str = "cpu",
     ) -> None:
         """``tasks`` maps task name -> {"key": task-vector key, "dataset": dataset spec};
-        ``evaluator`` makes the evaluator from the loaded inputs (default: forward passes)."""
-        torch.set_num_threads(1)
-        self.inputs = ScoringInputs(store_cfg, base_key, base_meta, tasks, evaluation)
+        ``evaluator`` makes the evaluator from the loaded inputs (default: forward passes);
+        ``threads``: torch's threads (the CPUs Ray gave the actor); ``device``: ``cuda`` for
+        an actor given a GPU (``merge.resources.num_gpus``)."""
+        torch.set_num_threads(threads)
+        if device != "cpu" and not torch.cuda.is_available():
+            raise ModelError(
+                "merge.resources.num_gpus: this scorer was given a GPU but torch sees no CUDA "
+                "device: install a CUDA build of torch on the cluster's GPU nodes"
+            )
+        self.inputs = ScoringInputs(store_cfg, base_key, base_meta, tasks, evaluation, device)
         self.evaluator = evaluator(self.inputs)
 
     def score(

@@ -36,6 +36,8 @@ class TangentEvaluator:
     in standard mode), and the fast path for linear-in-τ merges."""
 
     def __init__(self, inputs: ScoringInputs, mode: str = "standard") -> None:
+        if inputs.device.type != "cpu":  # the spec check refuses this before any work
+            raise MergeInputError("the tangent-space evaluator runs on the CPU only")
         self.inputs, self.mode = inputs, mode
         self._fast_paths: dict[str, FastPath] = {}
 

@@ -55,6 +55,20 @@ def test_a_request_the_local_ray_cannot_hold_is_refused_naming_the_field(
 def test_search_actors_and_pretraining_are_requests_too() -> None:
     fields = [request.field for request in _requests()]
     assert fields[0] == "finetune.resources"
-    assert any("num_actors" in field for field in fields)
-    with pytest.raises(ResourceRequestError, match="search actor"):
+    assert "merge.resources" in fields
+    with pytest.raises(ResourceRequestError, match="merge.resources.num_cpus 1 "):
         check_requests(_requests()[2:], {"CPU": 0.5})
+
+
+def test_a_scorer_asks_for_what_merge_resources_says() -> None:
+    from pipelines.run.scheduling import actor_options
+
+    spec = apply_overrides(TINY_SPEC, ["merge.resources.num_cpus=2", "merge.resources.num_gpus=1"])
+    plan = make_plan(validate_document(spec))
+    assert actor_options(plan) == {"num_cpus": 2, "num_gpus": 1}
+    assert actor_options(make_plan(validate_document(TINY_SPEC))) == {"num_cpus": 1}
+    search = next(r for r in plan_requests(plan) if r.field == "merge.resources")
+    assert search.bundle == {"CPU": 2.0, "GPU": 1.0}
+    with pytest.raises(ResourceRequestError) as caught:  # a GPU scorer on a CPU-only Ray
+        check_requests([search], TWO_CPUS)
+    assert str(caught.value).startswith("merge.resources.num_gpus 1 is more than the local")

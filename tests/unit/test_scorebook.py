@@ -45,10 +45,28 @@ CANDIDATE = Candidate("ties", {"density": 0.2}, 0.5)
         {"evaluation": EVALUATION | {"split_seed": 1}},
         {"evaluation": EVALUATION | {"metric": "exact_match"}},
         {"mode": "linear"},
+        {"device": "cuda"},
     ],
 )
 def test_every_run_wide_input_changes_the_context(change: dict) -> None:
     assert context(**change) != context()
+
+
+def test_a_cpu_scorer_keeps_the_context_it_had_before_scorers_could_use_gpus() -> None:
+    # the digest of this context before merge.resources existed (no "device" field)
+    from pipelines.search.scorebook import FORMAT
+    from storage.digest import digest_json
+
+    before = {
+        "format": FORMAT,
+        "code_version": "0.1.0+abc",
+        "base": BASE,
+        "tasks": {"a": {"task_vector_sha256": "s1", "dataset_digest": "d1"}}
+        | {"b": {"task_vector_sha256": "s2", "dataset_digest": "d2"}},
+        "evaluation": EVALUATION,
+        "mode": "standard",
+    }
+    assert context(device="cpu") == context() == digest_json(before)
 
 
 def test_the_context_ignores_task_order() -> None:

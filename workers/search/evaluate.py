@@ -32,14 +32,26 @@ def accuracy(
     return int((logits.argmax(dim=1) == labels).sum()) / max(len(labels), 1)
 
 
-def at_state(backbone: nn.Module, state: dict[str, torch.Tensor]):
-    """The backbone's forward at parameters ``state`` (its own weights untouched)."""
+def at_state(
+    backbone: nn.Module, state: dict[str, torch.Tensor], device: torch.device | None = None
+):
+    """The backbone's forward at parameters ``state`` (its own weights untouched). With a
+    ``device`` other than the CPU (the backbone already there), ``state`` is copied there once
+    and each batch goes there and its outputs come back to the host."""
+    if device is None or device.type == "cpu":
 
-    def forward(inputs: torch.Tensor) -> torch.Tensor:
+        def forward(inputs: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return functional_call(backbone, state, (inputs,))
+
+        return forward
+    placed = {name: tensor.to(device, non_blocking=True) for name, tensor in state.items()}
+
+    def forward_on_device(inputs: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return functional_call(backbone, state, (inputs,))
+            return functional_call(backbone, placed, (inputs.to(device),)).float().cpu()
 
-    return forward
+    return forward_on_device
 
 
 def linearized_at(

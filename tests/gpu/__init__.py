@@ -1,0 +1,1 @@
+"""The GPU tier: `make test-gpu` on a machine with CUDA."""
