@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from rich.console import Console
@@ -13,38 +14,43 @@ from pipelines.spec.plan import Candidate, Plan
 MODEL_KEYS = ("uri", "mlflow_run_id", "registered_model", "version", "aliases", "promotion")
 
 
-def build_summary(
-    run_id: str,
-    plan: Plan,
-    tasks: dict[str, dict[str, Any]],
-    best: Candidate,
-    best_row: dict[str, Any],
-    test: dict[str, float],
-    test_scores: dict[str, float],
-    published: dict[str, Any],
-    rows: list[dict[str, Any]],
-    timings: dict[str, float],
-    search_info: dict[str, Any] | None = None,
-    rebuilt: dict[str, str | None] | None = None,
-    started: str | None = None,
-    skipped: dict[str, str] | None = None,
-    scoring: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """``rebuilt`` maps each task to why it was fine-tuned (None: a cache hit); ``skipped``
-    (under ``finetune.on_task_failure: skip``) each task left out of the merge to why;
-    ``scoring``: the metric the scores are in, and the kind's report metrics of the merge on
-    test (``{"metric": ..., "report": {metric: {task: score}}}``)."""
-    names = plan.task_names
-    scoring = scoring or {"metric": "accuracy", "report": {}}
+@dataclass(frozen=True)
+class RunResult:
+    """What a finished run hands the report: the summary is built from this alone."""
+
+    run_id: str
+    started: str | None
+    plan: Plan
+    tasks: dict[str, dict[str, Any]]  # each task's record: ref, meta, cache_hit, execution
+    rows: list[dict[str, Any]]  # every scored candidate
+    best: Candidate
+    test: dict[str, float]  # the best candidate per task on test, in the search metric
+    test_scores: dict[str, float]  # the objective's scores of ``test``
+    published: dict[str, Any]  # the summary's ``model`` section (+ ``reused_from``)
+    timings: dict[str, float]
+    search_info: dict[str, Any] = field(default_factory=dict)
+    rebuilt: dict[str, str | None] = field(default_factory=dict)  # task -> why (None: cached)
+    skipped: dict[str, str] = field(default_factory=dict)  # on_task_failure: skip
+    metric: str = "accuracy"  # the metric the scores are in
+    report: dict[str, dict[str, float]] = field(default_factory=dict)  # kind's report metrics
+
+    @property
+    def best_row(self) -> dict[str, Any]:
+        return next(row for row in self.rows if row["id"] == self.best.id)
+
+
+def build_summary(result: RunResult) -> dict[str, Any]:
+    """The run summary (DESIGN.md's keys) of a finished run."""
+    plan, best, published, timings = result.plan, result.best, result.published, result.timings
     return {
-        "run_id": run_id,
+        "run_id": result.run_id,
         "status": "succeeded",
-        "started": started,
+        "started": result.started,
         "spec": {
             "name": plan.spec.name,
             "digest": plan.spec_digest,
             "objective": plan.spec.merge.objective,
-            "metric": scoring["metric"],
+            "metric": result.metric,
         },
         "mode": plan.spec.finetune.mode,
         "tasks": {
@@ -52,35 +58,35 @@ def build_summary(
                 "task_vector_uri": info["ref"].uri,
                 "sha256": info["ref"].sha256,
                 "cache_hit": info["cache_hit"],
-                "rebuilt_reason": (rebuilt or {}).get(name),
+                "rebuilt_reason": result.rebuilt.get(name),
                 "zero_shot": dict(info["meta"]["zero_shot"]),
                 "finetuned": dict(info["meta"]["finetuned"]),
                 **({"report": info["meta"]["report"]} if info["meta"].get("report") else {}),
                 **execution_keys(info),
             }
-            for name, info in tasks.items()
+            for name, info in result.tasks.items()
         },
         "search": {
-            "candidates_evaluated": sum(1 for row in rows if not row.get("derived")),
+            "candidates_evaluated": sum(1 for row in result.rows if not row.get("derived")),
             "seconds": round(timings["search_s"], 3),
             "strategy": "grid",
-            **(search_info or {}),  # strategy, per_task, fast_path, surrogate when they apply
+            **result.search_info,  # strategy, per_task, fast_path, surrogate when they apply
         },
         "best": {
             "method": best.method,
             "params": dict(best.params),
-            "coefficients": best.coefficients_for(names),
-            "val": dict(best_row["objective"]),
+            "coefficients": best.coefficients_for(plan.task_names),
+            "val": dict(result.best_row["objective"]),
             "test": {
-                **test_scores,
-                "per_task": dict(test),
-                **({"report": scoring["report"]} if scoring["report"] else {}),
+                **result.test_scores,
+                "per_task": dict(result.test),
+                **({"report": result.report} if result.report else {}),
             },
         },
         "model": {key: published[key] for key in MODEL_KEYS}
         | ({"reused_from": published["reused_from"]} if "reused_from" in published else {}),
         "timings": {key: round(value, 3) for key, value in timings.items()},
-    } | ({"skipped": dict(skipped)} if skipped else {})
+    } | ({"skipped": dict(result.skipped)} if result.skipped else {})
 
 
 def execution_keys(info: dict[str, Any]) -> dict[str, Any]:

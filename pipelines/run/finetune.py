@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, NotRequired, TypedDict
-
-from rich.console import Console
 
 from pipelines.report.progress import progress_bar
 from pipelines.run.cache import trusted_artifacts
+from pipelines.run.context import RunContext
 from pipelines.run.dag import finetune_submitter, submit_pretrain
 from pipelines.run.fingerprint import key_digests
 from pipelines.run.raysession import get, wait_any
@@ -18,7 +16,7 @@ from pipelines.spec.refs import BaseModelRef, DatasetRef, TaskVectorRef
 from pipelines.stages.base import kind_of
 from pipelines.stages.jobs import FinetuneJob, PretrainJob
 from storage.errors import MergelineError, SystemFailure
-from storage.objectstore import ObjectStore, open_store_from
+from storage.objectstore import open_store_from
 from storage.taskvectors import base_model_prefix, find_task_vector, task_vector_prefix
 from storage.tracking import DatasetInfo
 from storage.tracking_guard import GuardedTracker
@@ -42,16 +40,10 @@ def task_vectors(tasks: dict[str, TaskRecord]) -> dict[str, TaskVectorRef]:
     return {name: record["ref"] for name, record in tasks.items()}
 
 
-def prepare_base(
-    plan: Plan,
-    store_cfg: dict[str, Any],
-    key: str,
-    input_dim: int,
-    console: Console,
-    ready: Callable[[], None] = lambda: None,
-) -> BaseModelRef:
-    """Stage 1b: the base model from the store, else built (and pretrained) by a Ray task;
-    ``ready`` starts Ray when it has not started yet."""
+def prepare_base(ctx: RunContext, plan: Plan, key: str, input_dim: int) -> BaseModelRef:
+    """Stage 1b: the base model from the store, else built (and pretrained) by a Ray task
+    (``ctx.ready`` starts Ray when it has not started yet)."""
+    store_cfg, console, ready = ctx.store_cfg, ctx.console, ctx.ready
     store = open_store_from(store_cfg)
     # A cached base that fails its checksum is reported and made invisible: the job rebuilds it.
     cached = trusted_artifacts(
@@ -71,18 +63,16 @@ def prepare_base(
 
 
 def finetune_all(
+    ctx: RunContext,
     plan: Plan,
-    store: ObjectStore,
-    store_cfg: dict[str, Any],
     base: BaseModelRef,
     datasets: dict[str, Splits],
-    console: Console,
     digests: dict[str, str] | None = None,
-    ready: Callable[[], None] = lambda: None,
 ) -> dict[str, TaskRecord]:
     """Stages 2-4: one Ray task per task whose vector is not in the store yet. ``digests``:
-    :func:`key_digests` of ``datasets``, if the caller has them already; ``ready`` starts Ray
-    before the first task (a run whose vectors are all stored does not need it)."""
+    :func:`key_digests` of ``datasets``, if the caller has them already; ``ctx.ready`` starts
+    Ray before the first task (a run whose vectors are all stored does not need it)."""
+    store, store_cfg, console, ready = ctx.store, ctx.store_cfg, ctx.console, ctx.ready
     submit = finetune_submitter(plan)
     results: dict[str, TaskRecord] = {}
     pending: dict[Any, str] = {}

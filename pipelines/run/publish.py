@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pipelines.run.context import RunContext
 from pipelines.run.dag import submit_publish
 from pipelines.run.raysession import get
 from pipelines.search.selection import champion_score, decide_promotion
@@ -29,22 +29,20 @@ SERVING_TEXT_CODE = Path(__file__).parents[2] / "storage" / "serving_text.py"  #
 
 
 def publish(
+    ctx: RunContext,
     plan: Plan,
-    run_id: str,
-    store: FsspecStore,
-    store_cfg: dict[str, Any],
-    tracker: GuardedTracker,
     base: BaseModelRef,
     vectors: dict[str, TaskVectorRef],
     best: Candidate,
     test_scores: dict[str, float],
-    version: str,
     previous_run: str | None = None,
-    ready: Callable[[], None] = lambda: None,
 ) -> dict[str, Any]:
-    """Stage 7. The merged model is built by a Ray task (``ready`` starts Ray first), unless
-    the pipeline's previous run (``previous_run``) published one from the same inputs: a run
-    where nothing changed reuses that model and its registry version, registers nothing new."""
+    """Stage 7. The merged model is built by a Ray task (``ctx.ready`` starts Ray first),
+    unless the pipeline's previous run (``previous_run``) published one from the same inputs:
+    a run where nothing changed reuses that model and its registry version, registers nothing
+    new."""
+    run_id, store, store_cfg, tracker = ctx.run_id, ctx.store, ctx.store_cfg, ctx.tracker
+    version, ready = ctx.version, ctx.ready
     name = plan.spec.registered_model
     objective = plan.spec.merge.objective
     config = {

@@ -2,32 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
-from rich.console import Console
-
 from pipelines.report.progress import progress_bar
+from pipelines.run.context import RunContext
 from pipelines.run.dag import submit_statistics
 from pipelines.run.raysession import get, wait_any
 from pipelines.spec.plan import Plan, statistics_needs
 from pipelines.spec.refs import BaseModelRef, DatasetRef, TaskVectorRef
 from pipelines.stages.jobs import StatisticsJob
-from storage.objectstore import ObjectStore
 from storage.taskvectors import find_statistics
 
 
 def compute_statistics(
-    plan: Plan,
-    store: ObjectStore,
-    store_cfg: dict[str, Any],
-    base: BaseModelRef,
-    vectors: dict[str, TaskVectorRef],
-    console: Console,
-    ready: Callable[[], None] = lambda: None,
+    ctx: RunContext, plan: Plan, base: BaseModelRef, vectors: dict[str, TaskVectorRef]
 ) -> None:
     """Stage 4b: one Ray task per task vector that lacks some statistic (stored ones of the
-    same task vector are reused; ``ready`` starts Ray before the first task)."""
+    same task vector are reused; ``ctx.ready`` starts Ray before the first task)."""
+    store, store_cfg, console, ready = ctx.store, ctx.store_cfg, ctx.console, ctx.ready
     needs = statistics_needs(plan.candidates)
     if not needs:
         return
