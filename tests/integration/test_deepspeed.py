@@ -90,7 +90,7 @@ def test_deepspeed_matches_the_plain_loop_and_resumes_exactly(
 
     x, y = _data()
     assert _first_gradient_norm(mode) > 2.0
-    plain = TorchEngine(_model(mode), CONFIG.lr, CONFIG.weight_decay)
+    plain = TorchEngine(_model(mode), CONFIG)
     fit(plain, x, y, CONFIG, "t")
     expected = plain.model_state()
     assert any(value.abs().max() > 0 for value in expected.values())
