@@ -98,16 +98,20 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     Non-reentrant checkpointing: it also works when the inputs need no gradient (a LoRA adapter
     over frozen embeddings). Raises a one-line error where no part of ``model`` supports it.
     """
-    outer = [
+    supported = [
         module
         for module in model.modules()
         if getattr(module, "supports_gradient_checkpointing", False)
         and hasattr(module, "gradient_checkpointing_enable")
     ]
-    if not outer:
+    if not supported:
         raise MergelineError(
-            "finetune.gradient_checkpointing needs a Hugging Face model that supports "
-            f"it ({type(model).__name__} has none): set it to false"
+            "finetune.gradient_checkpointing needs a Hugging Face model that supports it "
+            f"({type(model).__name__} has none): set it to false"
         )
-    for module in outer:
-        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    options = {"use_reentrant": False}
+    for module in supported:
+        if hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5
+            module.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+        else:
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
