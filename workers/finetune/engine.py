@@ -102,7 +102,9 @@ class FrozenHead(nn.Module):
         self.register_buffer("bias", head["bias"].detach().clone(), persistent=False)
 
     def forward(self, features: Tensor) -> Tensor:
-        return features @ self.weight.T + self.bias
+        # In the features' dtype: an engine may hold the model (not these buffers) in bf16.
+        dtype = features.dtype
+        return features @ self.weight.T.to(dtype) + self.bias.to(dtype)
 
 
 class Classifier(nn.Module):
