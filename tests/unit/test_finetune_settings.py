@@ -203,3 +203,15 @@ def test_gradient_checkpointing_recomputes_a_hugging_face_model_to_the_same_step
     for name, value in results[0].items():
         torch.testing.assert_close(results[1][name], value, rtol=1e-5, atol=1e-6)
     enable_gradient_checkpointing(CausalLM(tiny_llama()))  # idempotent, no error
+
+
+def test_deepspeed_refuses_fp16_where_its_accelerator_has_none() -> None:
+    from workers.finetune.deepspeed_engine import DeepSpeedEngine, _deepspeed
+
+    _deepspeed()
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().is_fp16_supported():
+        pytest.skip("this accelerator has fp16")
+    with pytest.raises(MergelineError, match="use bf16 on CPU"):
+        DeepSpeedEngine(_model(), replace(CONFIG, precision="fp16"), 2)

@@ -153,6 +153,13 @@ class DeepSpeedEngine:
                 f"finetune.precision {config.precision} with DeepSpeed needs ZeRO stage 1 or 2 "
                 "(stage 0 keeps no reachable fp32 master weights): set deepspeed.zero_stage"
             )
+        from deepspeed.accelerator import get_accelerator
+
+        if config.precision == "fp16" and not get_accelerator().is_fp16_supported():
+            raise MergelineError(
+                "finetune.precision fp16: DeepSpeed has no fp16 on this "
+                f"{get_accelerator().device_name()} (use bf16 on CPU, or the plain PyTorch loop)"
+            )
         ensure_process_group()
         self.loss_fn = loss_fn
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
