@@ -153,6 +153,24 @@ def test_mixed_precision_trains_on_cpu_close_to_fp32_but_not_equal(precision: st
     assert ("scaler" in engine.step_state()) == (precision == "fp16")
 
 
+def test_linear_mode_trains_under_autocast() -> None:
+    """Forward-mode AD (the linearized model's jvp) runs under bf16 autocast on CPU."""
+    from workers.finetune import LinearizedModel
+
+    results = {}
+    for precision in ("fp32", "bf16"):
+        model = _model()
+        theta0 = {k: v.detach().clone() for k, v in model.backbone.state_dict().items()}
+        linear = Classifier(LinearizedModel(model.backbone, theta0), model.head)
+        config = replace(CONFIG, precision=precision)
+        engine = TorchEngine(linear, config)
+        history = fit(engine, *_data(), config, "t")
+        assert history[-1]["loss"] < history[0]["loss"] - 0.1
+        results[precision] = engine.model_state()
+    differences = [(results["bf16"][k] - v).abs().max().item() for k, v in results["fp32"].items()]
+    assert 0 < max(differences) < 0.05
+
+
 def test_a_resume_continues_the_schedule_and_the_loss_scale_exactly() -> None:
     config = replace(CONFIG, precision="fp16", lr_schedule="cosine", warmup_steps=5)
     straight, straight_history = _train(config)
