@@ -142,13 +142,14 @@ def throughput(rounds: int, steps: int, batch_size: int) -> dict[str, Any]:
     """Completion tokens/s: mergeline's TorchEngine vs a bare HF loop, alternately."""
     import torch
 
+    from workers.finetune import TrainConfig
     from workers.finetune.engine import TorchEngine
     from workers.kinds import get_kind
 
     model, batches = example_batches(steps, batch_size)
     tokens = sum(int(b[:, 1].sum()) for b in batches)  # every real (unpadded) token processed
     kind = get_kind("causal_lm")
-    engine = TorchEngine(model, lr=5e-5, loss_fn=kind.loss)
+    engine = TorchEngine(model, TrainConfig(steps, batch_size, 5e-5), loss_fn=kind.loss)
     labels = torch.zeros(batch_size, dtype=torch.int64)
 
     def mergeline_steps() -> None:

@@ -109,7 +109,7 @@ def step_times(rounds: int, steps: int, batch_size: int) -> dict[str, Any]:
     import torch
 
     from workers.adapters import frozen_outside_adapter, with_lora
-    from workers.finetune import LinearizedModel
+    from workers.finetune import LinearizedModel, TrainConfig
     from workers.finetune.engine import TorchEngine
     from workers.kinds import get_kind
 
@@ -122,9 +122,9 @@ def step_times(rounds: int, steps: int, batch_size: int) -> dict[str, Any]:
         tangent_net, tangent_net.state_dict(), frozen_outside_adapter(tangent_net)
     )
     engines = {
-        "full": TorchEngine(model, 5e-5, loss_fn=loss),
-        "lora": TorchEngine(lora, LORA_LR, loss_fn=loss),
-        "tangent_lora": TorchEngine(tangent, LORA_LR, loss_fn=loss),
+        "full": TorchEngine(model, TrainConfig(steps, batch_size, 5e-5), loss_fn=loss),
+        "lora": TorchEngine(lora, TrainConfig(steps, batch_size, LORA_LR), loss_fn=loss),
+        "tangent_lora": TorchEngine(tangent, TrainConfig(steps, batch_size, LORA_LR), loss_fn=loss),
     }
     labels = torch.zeros(batch_size, dtype=torch.int64)
 

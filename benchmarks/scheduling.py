@@ -211,7 +211,7 @@ def throughput(hidden: list[int], steps: int, rounds: int) -> dict[str, Any]:
 
     variants = {  # each builds its model and engine, then returns the loop to time
         "bare_pytorch": lambda: bare_loop(model(), x, y, train),
-        "engine_torch": lambda: engine_loop(TorchEngine(model(), train.lr)),
+        "engine_torch": lambda: engine_loop(TorchEngine(model(), train)),
         "engine_deepspeed_zero0": lambda: engine_loop(DeepSpeedEngine(model(), train, 0)),
         "engine_deepspeed_zero2": lambda: engine_loop(DeepSpeedEngine(model(), train, 2)),
     }

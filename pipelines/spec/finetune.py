@@ -1,4 +1,5 @@
-"""The fine-tune section of a spec: mode, optimizer, DeepSpeed, LoRA adapter, resources."""
+"""The fine-tune section of a spec: mode, optimizer, precision and memory, DeepSpeed, LoRA
+adapter, resources."""
 
 from __future__ import annotations
 
@@ -43,6 +44,41 @@ class FinetuneSpec(SpecModel):
     weight_decay: float = Field(default=0.0, ge=0.0)
     head: Literal["frozen"] = "frozen"
     seed: int = 0
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        default="fp32",
+        description="Mixed precision of the forward and backward passes; the trained weights "
+        "and the task vector stay fp32. Plain PyTorch: autocast (with a gradient scaler for "
+        "fp16); DeepSpeed: its bf16 / fp16 modes (ZeRO stage 1 or 2).",
+    )
+    gradient_checkpointing: bool = Field(
+        default=False,
+        description="Recompute activations in the backward pass instead of keeping them "
+        "(less memory, about one more forward pass per step). Hugging Face models only; not in "
+        "linear mode.",
+    )
+    grad_accumulation: int = Field(
+        default=1,
+        ge=1,
+        description="Micro-batches per optimizer step: each worker's share of batch_size is "
+        "split into this many, whose gradients add up before the step (same step, less "
+        "memory). batch_size must be a multiple of num_workers x grad_accumulation.",
+    )
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        default="constant",
+        description="Learning rate over the steps after warmup: constant, linear decay to 0, "
+        "or cosine decay to 0 (transformers' schedules).",
+    )
+    warmup_steps: int = Field(
+        default=0,
+        ge=0,
+        description="Optimizer steps of linear warmup from 0 to lr before lr_schedule applies.",
+    )
+    max_grad_norm: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="Clip the global gradient norm to this value before each optimizer step; "
+        "null: no clipping.",
+    )
     deepspeed: DeepSpeedSpec | None = None
     adapter: AdapterSpec | None = Field(
         default=None,
@@ -72,6 +108,24 @@ class FinetuneSpec(SpecModel):
         return self
 
     @model_validator(mode="after")
+    def _training_settings(self) -> FinetuneSpec:
+        if self.gradient_checkpointing and self.mode == "linear":
+            raise ValueError(
+                "finetune.gradient_checkpointing does not apply in linear mode (the linearized "
+                "network runs in eval mode, where checkpointing is off): set it to false"
+            )
+        if self.warmup_steps >= self.steps:
+            raise ValueError(
+                f"finetune.warmup_steps {self.warmup_steps} must be fewer than steps {self.steps}"
+            )
+        if self.precision != "fp32" and self.deepspeed and self.deepspeed.zero_stage == 0:
+            raise ValueError(
+                f"finetune.precision {self.precision} with DeepSpeed needs deepspeed.zero_stage "
+                "1 or 2 (stage 0 keeps no fp32 master weights we can read): set it, or use fp32"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _adapter_stage(self) -> FinetuneSpec:
         if self.adapter and self.deepspeed and self.deepspeed.zero_stage == 3:
             raise ValueError(
@@ -93,4 +147,23 @@ class FinetuneSpec(SpecModel):
                 f"finetune.batch_size {self.batch_size} is the global batch and must split "
                 f"evenly over resources.num_workers {workers}"
             )
+        if self.batch_size % (workers * self.grad_accumulation):
+            raise ValueError(
+                f"finetune.batch_size {self.batch_size} must split evenly into "
+                f"resources.num_workers {workers} x grad_accumulation {self.grad_accumulation} "
+                "micro-batches"
+            )
         return self
+
+
+#: Settings added after task vectors were first stored, with the value that reproduces what
+#: was trained before them: at that value they stay out of the task-vector key.
+KEY_NEUTRAL_DEFAULTS = {
+    "adapter": None,
+    "precision": "fp32",
+    "gradient_checkpointing": False,
+    "grad_accumulation": 1,
+    "lr_schedule": "constant",
+    "warmup_steps": 0,
+    "max_grad_norm": None,
+}

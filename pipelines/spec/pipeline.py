@@ -127,6 +127,15 @@ class Spec(SpecModel):
                     )
         return self
 
+    @model_validator(mode="after")
+    def _checkpointing_fits_model(self) -> Spec:
+        if self.finetune.gradient_checkpointing and not isinstance(self.base_model, HFModel):
+            raise ValueError(
+                "finetune.gradient_checkpointing needs a Hugging Face model (base_model.source: "
+                "hf); the builtin MLP has no activations worth recomputing: set it to false"
+            )
+        return self
+
     @property
     def registered_model(self) -> str:
         return self.tracking.registered_model or self.name

@@ -10,6 +10,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
+from pipelines.spec.finetune import KEY_NEUTRAL_DEFAULTS
 from pipelines.spec.load import expand_params
 from pipelines.spec.pipeline import Spec
 from storage.digest import digest_json
@@ -137,12 +138,14 @@ EXECUTION_ONLY = ("resources", "checkpoint_every", "on_task_failure")
 
 
 def finetune_config_for_key(finetune: dict[str, Any]) -> dict[str, Any]:
-    """The parts of the fine-tune config that change the task vector (not resources). No
-    adapter leaves the key as it was before adapters existed (stored vectors stay valid)."""
+    """The parts of the fine-tune config that change the task vector (not resources). Settings
+    added later (adapter, precision, schedule, ...) enter only when they differ from the value
+    that trains as before them, so stored vectors stay valid."""
     return {
         k: v
         for k, v in finetune.items()
-        if k not in EXECUTION_ONLY and not (k == "adapter" and v is None)
+        if k not in EXECUTION_ONLY
+        and not (k in KEY_NEUTRAL_DEFAULTS and v == KEY_NEUTRAL_DEFAULTS[k])
     }
 
 

@@ -59,13 +59,7 @@ class TrainOutcome:
 
 
 def train_config(finetune: dict[str, Any]) -> TrainConfig:
-    return TrainConfig(
-        finetune["steps"],
-        finetune["batch_size"],
-        finetune["lr"],
-        finetune.get("weight_decay", 0.0),
-        finetune.get("seed", 0),
-    )
+    return TrainConfig.from_settings(finetune)
 
 
 def build_model(
@@ -95,7 +89,7 @@ def make_engine(model: torch.nn.Module, request: TrainRequest) -> Engine:
 
         return DeepSpeedEngine(model, config, int(deepspeed["zero_stage"]), loss)
     gpus = request.finetune["resources"]["num_gpus"] > 0 and torch.cuda.is_available()
-    return TorchEngine(model, config.lr, config.weight_decay, "cuda" if gpus else "cpu", loss)
+    return TorchEngine(model, config, "cuda" if gpus else "cpu", loss)
 
 
 def train_task(request: TrainRequest, keep_final: bool = False) -> TrainOutcome:

@@ -54,7 +54,7 @@ def test_deepspeed_trains_a_causal_lm_like_the_plain_loop_at_every_zero_stage(
     loss = get_kind("causal_lm").loss
     x = _packed()
     y = np.zeros(len(x), dtype=np.int64)
-    plain = TorchEngine(CausalLM(tiny_llama()), CONFIG.lr, loss_fn=loss)
+    plain = TorchEngine(CausalLM(tiny_llama()), CONFIG, loss_fn=loss)
     fit(plain, x, y, CONFIG, "t")
     expected = plain.model_state()
     start = CausalLM(tiny_llama()).state_dict()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -91,7 +92,7 @@ def test_deepspeed_matches_the_plain_loop_and_resumes_exactly(
 
     x, y = _data()
     assert _first_gradient_norm(mode) > 2.0
-    plain = TorchEngine(_model(mode), CONFIG.lr, CONFIG.weight_decay)
+    plain = TorchEngine(_model(mode), CONFIG)
     fit(plain, x, y, CONFIG, "t")
     expected = plain.model_state()
     assert any(value.abs().max() > 0 for value in expected.values())
@@ -118,6 +119,57 @@ def test_deepspeed_matches_the_plain_loop_and_resumes_exactly(
         history = fit(resumed, x, y, CONFIG, "t", start=state)
         assert [h["step"] for h in history] == list(range(CONFIG.steps))
         _assert_same(resumed.model_state(), expected)
+
+
+def test_deepspeed_accumulates_schedules_and_clips_like_the_plain_loop(
+    process_group_env: None,
+) -> None:
+    from workers.finetune.deepspeed_engine import DeepSpeedEngine
+
+    x, y = _data()
+    config = replace(
+        CONFIG, grad_accumulation=2, lr_schedule="linear", warmup_steps=5, max_grad_norm=1.0
+    )
+    plain = TorchEngine(_model("standard"), config)
+    fit(plain, x, y, config, "t")
+    expected = plain.model_state()
+    unclipped = TorchEngine(_model("standard"), replace(config, max_grad_norm=None))
+    fit(unclipped, x, y, replace(config, max_grad_norm=None), "t")
+    assert any((unclipped.model_state()[k] - v).abs().max() > 1e-3 for k, v in expected.items())
+    for stage in (0, 2):
+        engine = DeepSpeedEngine(_model("standard"), config, stage)
+        assert engine.config["gradient_accumulation_steps"] == 2
+        fit(engine, x, y, config, "t")
+        _assert_same(engine.model_state(), expected, atol=1e-5)
+    saved: list = []
+
+    def stop(state) -> None:
+        saved.append(state)
+        raise _Stop
+
+    with pytest.raises(_Stop):
+        fit(DeepSpeedEngine(_model("standard"), config, 2), x, y, config, "t", None, 10, stop)
+    assert saved[0].step_state["scheduler"]["last_epoch"] == 10
+    resumed = DeepSpeedEngine(_model("standard"), config, 2)
+    fit(resumed, x, y, config, "t", start=saved[0])
+    _assert_same(resumed.model_state(), expected, atol=1e-5)
+
+
+def test_deepspeed_bf16_trains_on_cpu_with_fp32_master_weights(process_group_env: None) -> None:
+    from workers.finetune.deepspeed_engine import DeepSpeedEngine
+
+    x, y = _data()
+    plain = TorchEngine(_model("standard"), CONFIG)
+    fit(plain, x, y, CONFIG, "t")
+    config = replace(CONFIG, precision="bf16")
+    engine = DeepSpeedEngine(_model("standard"), config, 2)
+    assert engine.config["bf16"] == {"enabled": True}
+    history = fit(engine, x, y, config, "t")
+    assert history[-1]["loss"] < history[0]["loss"]
+    state = engine.model_state()
+    assert all(value.dtype == torch.float32 for value in state.values())
+    differences = [(state[k] - v).abs().max().item() for k, v in plain.model_state().items()]
+    assert 0 < max(differences) < 0.1
 
 
 @pytest.mark.usefixtures("local_ray")

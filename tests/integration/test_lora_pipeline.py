@@ -148,7 +148,7 @@ def test_deepspeed_trains_an_adapter_like_the_plain_loop_in_both_modes(
         return lora_trainable(CausalLM(tiny_llama()), ADAPTER, mode)
 
     for mode in ("standard", "linear"):
-        plain = TorchEngine(model(mode), CONFIG.lr, loss_fn=loss)
+        plain = TorchEngine(model(mode), CONFIG, loss_fn=loss)
         fit(plain, x, y, CONFIG, "t")
         expected = plain.model_state()
         assert expected and all(".lora_" in k or k.startswith("delta.") for k in expected)

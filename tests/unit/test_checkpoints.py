@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -46,9 +47,7 @@ def _engine() -> TorchEngine:
         "weight": torch.randn(2, 4, generator=torch.Generator().manual_seed(1)),
         "bias": torch.zeros(2),
     }
-    return TorchEngine(
-        Classifier(build_backbone(BACKBONE, 6), head), CONFIG.lr, CONFIG.weight_decay
-    )
+    return TorchEngine(Classifier(build_backbone(BACKBONE, 6), head), CONFIG)
 
 
 class _Stop(Exception):
@@ -184,7 +183,7 @@ def test_zero_stage_3_is_refused_before_any_fine_tune_starts(tiny_spec: dict) ->
 
 
 def test_deepspeed_config_comes_from_the_spec() -> None:
-    config = deepspeed_config(CONFIG, zero_stage=2, world_size=2, bf16=False)
+    config = deepspeed_config(CONFIG, zero_stage=2, world_size=2)
     assert config["train_batch_size"] == 32 and config["train_micro_batch_size_per_gpu"] == 16
     assert config["optimizer"]["params"] | {} == {
         "lr": CONFIG.lr,
@@ -193,19 +192,30 @@ def test_deepspeed_config_comes_from_the_spec() -> None:
         "adam_w_mode": False,
     }
     assert config["gradient_clipping"] == 0.0 and config["bf16"] == {"enabled": False}
+    assert config["fp16"] == {"enabled": False} and config["gradient_accumulation_steps"] == 1
     assert config["zero_optimization"] == {"stage": 2, "compute_grad_norm": False}
-    gpu = deepspeed_config(CONFIG, zero_stage=1, world_size=1, bf16=True)
-    assert gpu["bf16"] == {"enabled": True} and gpu["zero_optimization"] == {"stage": 1}
+    bf16 = deepspeed_config(replace(CONFIG, precision="bf16"), zero_stage=1, world_size=1)
+    assert bf16["bf16"] == {"enabled": True} and bf16["zero_optimization"] == {"stage": 1}
+    assert bf16["fp16"] == {"enabled": False}
+    fp16 = deepspeed_config(replace(CONFIG, precision="fp16"), zero_stage=2, world_size=1)
+    assert fp16["fp16"] == {"enabled": True} and fp16["bf16"] == {"enabled": False}
+    # 32 examples per step = 2 workers x 4 micro-batches of 4; clipping needs the norm.
+    settings = replace(CONFIG, grad_accumulation=4, max_grad_norm=0.5)
+    many = deepspeed_config(settings, zero_stage=2, world_size=2)
+    assert many["train_batch_size"] == 32 and many["train_micro_batch_size_per_gpu"] == 4
+    assert many["gradient_accumulation_steps"] == 4 and many["gradient_clipping"] == 0.5
+    assert many["zero_optimization"] == {"stage": 2}
 
 
 def test_deepspeed_casts_only_floating_inputs_to_bf16() -> None:
     cpu = torch.device("cpu")
     ids = torch.tensor([[3, 300, 7]])  # 300 is not exactly representable in bf16
     features = torch.ones(1, 3)
-    assert inputs_for(ids, cpu, bf16=True).dtype == torch.int64
-    assert torch.equal(inputs_for(ids, cpu, bf16=True), ids)
-    assert inputs_for(features, cpu, bf16=True).dtype == torch.bfloat16
-    assert inputs_for(features, cpu, bf16=False).dtype == torch.float32
+    assert inputs_for(ids, cpu, torch.bfloat16).dtype == torch.int64
+    assert torch.equal(inputs_for(ids, cpu, torch.bfloat16), ids)
+    assert inputs_for(features, cpu, torch.bfloat16).dtype == torch.bfloat16
+    assert inputs_for(features, cpu, torch.float16).dtype == torch.float16
+    assert inputs_for(features, cpu, torch.float32).dtype == torch.float32
     # The engine's own loss hands its module what inputs_for made (no DeepSpeed needed).
     seen: list[torch.dtype] = []
 
@@ -214,7 +224,7 @@ def test_deepspeed_casts_only_floating_inputs_to_bf16() -> None:
         return torch.zeros(len(inputs), 2)
 
     engine = object.__new__(DeepSpeedEngine)
-    engine.engine, engine.device, engine.bf16 = module, cpu, True
+    engine.engine, engine.device, engine.dtype = module, cpu, torch.bfloat16
     engine.loss_fn = cross_entropy
     engine.loss(ids, torch.tensor([0]))
     engine.loss(features, torch.tensor([0]))

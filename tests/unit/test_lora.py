@@ -228,14 +228,14 @@ def test_an_adapter_fine_tune_resumes_from_its_checkpoint_exactly() -> None:
         return lora_trainable(llama(), SETTINGS, mode)
 
     for mode in ("standard", "linear"):
-        straight = TorchEngine(trainable(mode), config.lr, loss_fn=loss)
+        straight = TorchEngine(trainable(mode), config, loss_fn=loss)
         fit(straight, x, y, config, "t")
         saved = []
-        first = TorchEngine(trainable(mode), config.lr, loss_fn=loss)
+        first = TorchEngine(trainable(mode), config, loss_fn=loss)
         fit(first, x, y, config, "t", checkpoint_every=3, on_checkpoint=saved.append)
         state = saved[0]
         assert state.step == 3 and all(".lora_" in n or n.startswith("delta.") for n in state.model)
-        resumed = TorchEngine(trainable(mode), config.lr, loss_fn=loss)
+        resumed = TorchEngine(trainable(mode), config, loss_fn=loss)
         fit(resumed, x, y, config, "t", start=state)
         want, got = straight.model_state(), resumed.model_state()
         assert set(got) == set(want)

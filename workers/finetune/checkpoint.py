@@ -1,6 +1,7 @@
 """A :class:`~workers.finetune.engine.TrainState` as files: safetensors for tensors, JSON for the
 rest. Never pickle: optimizer state is flattened per parameter (``"<parameter>/<key>"``) into
-safetensors, its hyperparameters and the step count go to JSON.
+safetensors, its hyperparameters, the step count and the LR scheduler's and loss scaler's state
+go to JSON.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ def encode_state(state: TrainState, meta: dict[str, Any]) -> dict[str, bytes]:
         "step": state.step,
         "history": state.history,
         "optimizer_info": state.optimizer_info,
+        "step_state": state.step_state,
         "meta": meta,
     }
     return {
@@ -56,5 +58,6 @@ def decode_state(files: dict[str, bytes], where: str) -> tuple[TrainState, dict[
         optimizer=optimizer,
         optimizer_info=document["optimizer_info"],
         rng=rng,
+        step_state=document.get("step_state", {}),  # none before LR schedules existed
     )
     return state, document.get("meta", {})

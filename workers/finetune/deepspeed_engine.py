@@ -2,10 +2,11 @@
 DeepSpeed engine with ZeRO stage 0, 1 or 2, on one process or data-parallel over several.
 
 The DeepSpeed config is *generated* from the typed spec (:func:`deepspeed_config`): batch size,
-optimizer and precision have one source of truth. On CPU it trains in fp32 with the gloo backend
-and torch's own Adam, so nothing but DeepSpeed's small communication op is ever compiled. On GPUs
-ZeRO 1-2 train in bf16 (DeepSpeed keeps fp32 master weights there); ZeRO 0 stays fp32, since
-DeepSpeed's stage-0 bf16 path keeps its masters where no public API reaches them.
+accumulation, optimizer, clipping and precision have one source of truth; the LR schedule is the
+torch engine's scheduler, which DeepSpeed steps. On CPU it uses the gloo backend and torch's own
+Adam, so nothing but DeepSpeed's small communication op is ever compiled. ``finetune.precision``
+bf16 or fp16 uses DeepSpeed's own mixed precision, with ZeRO 1-2 only: there DeepSpeed keeps
+fp32 master weights we can consolidate; its stage-0 paths keep them where no public API reaches.
 
 State leaves the engine consolidated: fp32 master weights and per-parameter Adam moments gathered
 over the ZeRO partitions (``deepspeed.utils.safe_get_full_*``), so checkpoints and task vectors do
@@ -31,21 +32,34 @@ from workers.finetune.engine import (
     trainable_parameters,
     unflatten_optimizer,
 )
-from workers.finetune.loop import TrainConfig
+from workers.finetune.settings import (
+    AUTOCAST_DTYPES,
+    TrainConfig,
+    enable_gradient_checkpointing,
+    load_scheduler_state,
+    make_scheduler,
+    scheduler_state,
+)
+
+#: What DeepSpeed's dynamic loss scaler (fp16) carries from one step to the next.
+LOSS_SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
 
 
 class DeepSpeedUnavailable(MergelineError):
     """finetune.deepspeed is set but DeepSpeed cannot be imported or started here."""
 
 
-def deepspeed_config(
-    config: TrainConfig, zero_stage: int, world_size: int, bf16: bool
-) -> dict[str, Any]:
-    """The DeepSpeed config for one fine-tune: ``batch_size`` is the global batch."""
+def deepspeed_config(config: TrainConfig, zero_stage: int, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config for one fine-tune: ``batch_size`` is the global batch of one
+    optimizer step, over ``world_size`` workers x ``grad_accumulation`` micro-batches."""
+    clipping = config.max_grad_norm or 0.0
+    # Without clipping or a loss scale to check, the gradient norm is never needed.
+    skip_norm = zero_stage in (1, 2) and config.precision == "fp32" and not clipping
     return {
         "train_batch_size": config.batch_size,
-        "train_micro_batch_size_per_gpu": config.batch_size // world_size,
-        "gradient_accumulation_steps": 1,
+        "train_micro_batch_size_per_gpu": config.batch_size
+        // (world_size * config.grad_accumulation),
+        "gradient_accumulation_steps": config.grad_accumulation,
         "optimizer": {
             "type": "Adam",
             "params": {
@@ -55,11 +69,11 @@ def deepspeed_config(
                 "adam_w_mode": False,  # L2 weight decay, as torch.optim.Adam in the plain loop
             },
         },
-        # No clipping here, so the gradient norm is never needed (and costs a pass per step).
         "zero_optimization": {"stage": zero_stage}
-        | ({"compute_grad_norm": False} if zero_stage in (1, 2) and not bf16 else {}),
-        "gradient_clipping": 0.0,  # the plain loop does not clip either
-        "bf16": {"enabled": bf16},
+        | ({"compute_grad_norm": False} if skip_norm else {}),
+        "gradient_clipping": clipping,
+        "bf16": {"enabled": config.precision == "bf16"},
+        "fp16": {"enabled": config.precision == "fp16"},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
@@ -105,14 +119,14 @@ def _deepspeed():
     return deepspeed
 
 
-def inputs_for(inputs: Tensor, device: torch.device, bf16: bool) -> Tensor:
-    """``inputs`` on ``device``; floating-point features in bf16 when the engine trains in bf16.
+def inputs_for(inputs: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """``inputs`` on ``device``; floating-point features in ``dtype``, the engine's (a DeepSpeed
+    engine in bf16 or fp16 holds its module in that dtype).
 
     Integer inputs (token ids, packed text batches) keep their dtype: an embedding lookup needs
     integers, and bf16 could not even represent ids above 256 exactly.
     """
-    dtype = torch.bfloat16 if bf16 and inputs.is_floating_point() else inputs.dtype
-    return inputs.to(device, dtype)
+    return inputs.to(device, dtype if inputs.is_floating_point() else inputs.dtype)
 
 
 class DeepSpeedEngine:
@@ -134,17 +148,31 @@ class DeepSpeedEngine:
             raise MergelineError(
                 f"finetune.deepspeed.zero_stage {zero_stage} is not supported: use 0, 1 or 2"
             )
+        if config.precision != "fp32" and zero_stage == 0:
+            raise MergelineError(
+                f"finetune.precision {config.precision} with DeepSpeed needs ZeRO stage 1 or 2 "
+                "(stage 0 keeps no reachable fp32 master weights): set deepspeed.zero_stage"
+            )
+        from deepspeed.accelerator import get_accelerator
+
+        if config.precision == "fp16" and not get_accelerator().is_fp16_supported():
+            raise MergelineError(
+                "finetune.precision fp16: DeepSpeed has no fp16 on this "
+                f"{get_accelerator().device_name()} (use bf16 on CPU, or the plain PyTorch loop)"
+            )
         ensure_process_group()
         self.loss_fn = loss_fn
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        from deepspeed.accelerator import get_accelerator
-
-        # bf16 where DeepSpeed keeps fp32 masters we can consolidate (ZeRO 1-2); else fp32.
-        self.bf16 = get_accelerator().device_name() != "cpu" and zero_stage > 0
-        self.config = deepspeed_config(config, zero_stage, self.world_size, self.bf16)
+        self.dtype = {"fp32": torch.float32, **AUTOCAST_DTYPES}[config.precision]
+        self.config = deepspeed_config(config, zero_stage, self.world_size)
+        if config.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
         parameters = trainable_parameters(model)
         self.engine, *_ = deepspeed.initialize(
-            model=model, model_parameters=list(parameters.values()), config=self.config
+            model=model,
+            model_parameters=list(parameters.values()),
+            config=self.config,
+            lr_scheduler=lambda optimizer: make_scheduler(optimizer, config),  # DeepSpeed steps it
         )
         self.device = torch.device(self.engine.device)
         if self.world_size == 1 and zero_stage == 0:  # averaging over one worker: skip it
@@ -154,7 +182,7 @@ class DeepSpeedEngine:
         self.partitioned = any(hasattr(p, "_hp_mapping") for p in self.parameters.values())
 
     def loss(self, inputs: Tensor, labels: Tensor) -> Tensor:
-        inputs = inputs_for(inputs, self.device, self.bf16)
+        inputs = inputs_for(inputs, self.device, self.dtype)
         return self.loss_fn(self.engine(inputs), inputs, labels)
 
     def mean(self, value: float) -> float:
@@ -167,8 +195,8 @@ class DeepSpeedEngine:
         return float(total.item()) / self.world_size
 
     def update(self, loss: Tensor) -> None:
-        self.engine.backward(loss)
-        self.engine.step()
+        self.engine.backward(loss)  # scaled by 1 / gradient_accumulation_steps
+        self.engine.step()  # an optimizer step at the accumulation boundary only
 
     # ------------------------------------------------------------------ consolidated state
     def model_state(self) -> StateDict:
@@ -201,7 +229,34 @@ class DeepSpeedEngine:
         hyper = {k: list(v) if isinstance(v, tuple) else v for k, v in hyper.items()}
         return tensors, {"param_groups": [hyper | {"params": list(self.parameters)}]}
 
-    def load_state(self, model: StateDict, optimizer: StateDict, info: dict[str, Any]) -> None:
+    def step_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"scheduler": scheduler_state(self.engine.lr_scheduler)}
+        scaler = getattr(self.engine.optimizer, "loss_scaler", None)
+        if self.dtype == torch.float16 and scaler is not None:
+            values = {key: getattr(scaler, key) for key in LOSS_SCALER_FIELDS}
+            state["scaler"] = {
+                k: v.item() if isinstance(v, Tensor) else v for k, v in values.items()
+            }
+        return state
+
+    def load_state(
+        self,
+        model: StateDict,
+        optimizer: StateDict,
+        info: dict[str, Any],
+        step_state: dict[str, Any] | None = None,
+    ) -> None:
+        self._load_weights_and_optimizer(model, optimizer, info)
+        step_state = step_state or {}
+        if "scheduler" in step_state:  # else: from before LR schedules, i.e. a constant LR
+            load_scheduler_state(self.engine.lr_scheduler, step_state["scheduler"])
+        scaler = getattr(self.engine.optimizer, "loss_scaler", None)
+        for key, value in step_state.get("scaler", {}).items():
+            setattr(scaler, key, value)
+
+    def _load_weights_and_optimizer(
+        self, model: StateDict, optimizer: StateDict, info: dict[str, Any]
+    ) -> None:
         load_trained(self.engine.module, model)
         if not self.partitioned:
             unflatten_optimizer(self.engine.optimizer, self._optimizer_names(), optimizer, info)

@@ -20,6 +20,15 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from workers.finetune.settings import (
+    TrainConfig,
+    autocast,
+    enable_gradient_checkpointing,
+    load_scheduler_state,
+    make_scheduler,
+    scheduler_state,
+)
+
 StateDict = dict[str, Tensor]
 #: ``(outputs, inputs, labels) -> mean loss``: what a task kind trains on (default: classes)
 LossFn = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -40,6 +49,7 @@ class TrainState:
     optimizer: StateDict  # per-parameter optimizer tensors, "<parameter>/<key>"
     optimizer_info: dict[str, Any]  # JSON-able: hyperparameters of each parameter group
     rng: StateDict = field(default_factory=dict)  # "batches" and "torch" generator states
+    step_state: dict[str, Any] = field(default_factory=dict)  # JSON-able: LR schedule, scaler
 
 
 class Engine(Protocol):
@@ -59,15 +69,27 @@ class Engine(Protocol):
         ...
 
     def update(self, loss: Tensor) -> None:
-        """Backward and one optimizer step (gradients averaged over the workers)."""
+        """Backward of one micro-batch's loss; every ``grad_accumulation``-th call also takes
+        one optimizer step (gradients averaged over the micro-batches and the workers)."""
         ...
 
     def model_state(self) -> StateDict: ...
 
     def optimizer_state(self) -> tuple[StateDict, dict[str, Any]]: ...
 
-    def load_state(self, model: StateDict, optimizer: StateDict, info: dict[str, Any]) -> None:
-        """Restore what :meth:`model_state` and :meth:`optimizer_state` returned."""
+    def step_state(self) -> dict[str, Any]:
+        """JSON-able: the LR scheduler's state and the loss scaler's (fp16), if any."""
+        ...
+
+    def load_state(
+        self,
+        model: StateDict,
+        optimizer: StateDict,
+        info: dict[str, Any],
+        step_state: dict[str, Any] | None = None,
+    ) -> None:
+        """Restore what :meth:`model_state`, :meth:`optimizer_state` and :meth:`step_state`
+        returned."""
         ...
 
 
@@ -80,7 +102,9 @@ class FrozenHead(nn.Module):
         self.register_buffer("bias", head["bias"].detach().clone(), persistent=False)
 
     def forward(self, features: Tensor) -> Tensor:
-        return features @ self.weight.T + self.bias
+        # In the features' dtype: an engine may hold the model (not these buffers) in bf16.
+        dtype = features.dtype
+        return features @ self.weight.T.to(dtype) + self.bias.to(dtype)
 
 
 class Classifier(nn.Module):
@@ -154,7 +178,8 @@ def unflatten_optimizer(
 
 
 class TorchEngine:
-    """Plain PyTorch on one process: Adam over the model's trainable parameters."""
+    """Plain PyTorch on one process: Adam over the model's trainable parameters, with the LR
+    schedule, autocast (plus a grad scaler for fp16), clipping and accumulation of ``config``."""
 
     name = "torch"
     rank, world_size = 0, 1
@@ -162,31 +187,54 @@ class TorchEngine:
     def __init__(
         self,
         model: nn.Module,
-        lr: float,
-        weight_decay: float = 0.0,
+        config: TrainConfig,
         device: str | torch.device = "cpu",
         loss_fn: LossFn = cross_entropy,
     ) -> None:
         self.device = torch.device(device)
+        self.config = config
+        if config.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
         self.model = model.to(self.device)
         self.loss_fn = loss_fn
         parameters = trainable_parameters(model)
         self.names = list(parameters)
         self.optimizer = torch.optim.Adam(
-            list(parameters.values()), lr=lr, weight_decay=weight_decay
+            list(parameters.values()), lr=config.lr, weight_decay=config.weight_decay
         )
+        self.scheduler = make_scheduler(self.optimizer, config)
+        fp16 = config.precision == "fp16"
+        self.scaler = torch.amp.GradScaler(self.device.type) if fp16 else None
+        self.micro_batches = 0
 
     def loss(self, inputs: Tensor, labels: Tensor) -> Tensor:
         inputs = inputs.to(self.device)
-        return self.loss_fn(self.model(inputs), inputs, labels)
+        with autocast(self.config, self.device):
+            return self.loss_fn(self.model(inputs), inputs, labels)
 
     def mean(self, value: float) -> float:
         return value
 
     def update(self, loss: Tensor) -> None:
+        accumulation = self.config.grad_accumulation
+        if accumulation > 1:  # the mean over micro-batches of equal size
+            loss = loss / accumulation
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+        self.micro_batches += 1
+        if self.micro_batches % accumulation:
+            return
+        if self.config.max_grad_norm is not None:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
+            nn.utils.clip_grad_norm_(parameters, self.config.max_grad_norm)
+        if self.scaler is None:
+            self.optimizer.step()
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
 
     def model_state(self) -> StateDict:
         return {
@@ -197,6 +245,32 @@ class TorchEngine:
     def optimizer_state(self) -> tuple[StateDict, dict[str, Any]]:
         return flatten_optimizer(self.optimizer, self.names)
 
-    def load_state(self, model: StateDict, optimizer: StateDict, info: dict[str, Any]) -> None:
+    def step_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"scheduler": scheduler_state(self.scheduler)}
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
+
+    def load_state(
+        self,
+        model: StateDict,
+        optimizer: StateDict,
+        info: dict[str, Any],
+        step_state: dict[str, Any] | None = None,
+    ) -> None:
         load_trained(self.model, model)
         unflatten_optimizer(self.optimizer, self.names, optimizer, info)
+        load_step_state(self.scheduler, self.scaler, step_state or {})
+
+
+def load_step_state(
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+    state: dict[str, Any],
+) -> None:
+    """Restore what an engine's ``step_state`` returned. A checkpoint without a scheduler state
+    comes from before LR schedules existed, i.e. from a constant LR: the fresh scheduler is it."""
+    if "scheduler" in state:
+        load_scheduler_state(scheduler, state["scheduler"])
+    if scaler is not None and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])

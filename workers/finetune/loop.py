@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,15 +21,7 @@ from torch import nn
 
 from storage.errors import MergelineError
 from workers.finetune.engine import Classifier, Engine, TorchEngine, TrainState
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    steps: int
-    batch_size: int
-    lr: float
-    weight_decay: float = 0.0
-    seed: int = 0
+from workers.finetune.settings import TrainConfig
 
 
 class DivergenceError(MergelineError):
@@ -59,29 +50,33 @@ def fit(
     """
     inputs, labels = torch.from_numpy(x), torch.from_numpy(y)
     batch_size = min(config.batch_size, len(labels))
-    if batch_size % engine.world_size:
+    parts = engine.world_size * config.grad_accumulation
+    if batch_size % parts:
         raise MergelineError(
             f"{what}: a batch of {batch_size} does not split evenly over {engine.world_size} "
-            "workers: make finetune.batch_size a multiple of resources.num_workers"
+            f"workers x {config.grad_accumulation} micro-batches: make finetune.batch_size a "
+            "multiple of resources.num_workers x finetune.grad_accumulation"
         )
-    share = batch_size // engine.world_size
+    share, micro = batch_size // engine.world_size, batch_size // parts
     generator = torch.Generator().manual_seed(config.seed)
     history: list[dict[str, float]] = []
     if start is not None:
-        engine.load_state(start.model, start.optimizer, start.optimizer_info)
+        engine.load_state(start.model, start.optimizer, start.optimizer_info, start.step_state)
         restore_rng(start.rng, generator, engine.device)
         history = list(start.history)
     for step in range(start.step if start else 0, config.steps):
         batch = torch.randint(0, len(labels), (batch_size,), generator=generator)
         mine = batch[engine.rank * share : (engine.rank + 1) * share]
-        loss = engine.loss(inputs[mine], labels[mine])
-        value = engine.mean(float(loss.detach()))
-        if not math.isfinite(value):
-            raise DivergenceError(
-                f"{what}: the loss became {value} at step {step}: "
-                "lower finetune.lr or check the data"
-            )
-        engine.update(loss)
+        value = 0.0
+        for part in mine.split(micro):  # backward frees each micro-batch's graph before the next
+            loss = engine.loss(inputs[part], labels[part])
+            value += engine.mean(float(loss.detach())) / config.grad_accumulation
+            if not math.isfinite(value):
+                raise DivergenceError(
+                    f"{what}: the loss became {value} at step {step}: "
+                    "lower finetune.lr or check the data"
+                )
+            engine.update(loss)
         history.append({"step": step, "loss": value})
         if on_step is not None:
             on_step(step, value)
@@ -101,7 +96,8 @@ def snapshot(
     rng = {"batches": generator.get_state(), "torch": torch.get_rng_state()}
     if engine.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(engine.device)
-    return TrainState(step, list(history), engine.model_state(), optimizer, info, rng)
+    model = engine.model_state()
+    return TrainState(step, list(history), model, optimizer, info, rng, engine.step_state())
 
 
 def restore_rng(rng: dict[str, torch.Tensor], generator: torch.Generator, device) -> None:
@@ -124,7 +120,7 @@ def train(
 
     Returns the loss history (one entry per step); ``backbone`` is trained in place.
     """
-    engine = TorchEngine(Classifier(backbone, head), config.lr, config.weight_decay)
+    engine = TorchEngine(Classifier(backbone, head), config)
     backbone.train()
     try:
         return fit(engine, x, y, config, what, on_step=on_step)
