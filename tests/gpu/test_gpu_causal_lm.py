@@ -3,7 +3,8 @@ checked against the same example on the CPU (torch engine, fp32, CPU scorers).
 
 Tolerance: bf16 training moves the task vectors, so the runs are compared by what they measure,
 not bit for bit. Each task's fine-tuned test token accuracy, and the chosen merge's mean
-validation token accuracy, within 0.05 of the CPU run's; and both runs beat zero-shot (the e2e test's check).
+validation token accuracy, within 0.05 of the CPU run's; and both runs beat zero-shot (the
+e2e test's check).
 """
 
 from __future__ import annotations
