@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from storage.errors import DataError
-from storage.tensors import tensors_to_bytes
+from storage.tensors import TensorFile
 from workers.finetune.engine import Classifier
 from workers.kinds.registry import TRANSFORMERS, Forward, Head, Pretrained, register_kind
 from workers.models import huggingface as hf
@@ -126,8 +126,8 @@ class Classification:
         }
         if merged is not None:
             weights = {k: v.contiguous() for k, v in hf.hf_state_names(dict(merged)).items()}
-            files[f"{TRANSFORMERS}/{hf.WEIGHTS}"] = tensors_to_bytes(weights, {"format": "pt"})
-        files["heads.safetensors"] = tensors_to_bytes(
+            files[f"{TRANSFORMERS}/{hf.WEIGHTS}"] = TensorFile(weights, {"format": "pt"})
+        files["heads.safetensors"] = TensorFile(
             {f"{task}.{part}": v for task, head in heads.items() for part, v in head.items()}
         )
         files["heads.json"] = json.dumps(
