@@ -10,9 +10,9 @@ winner's files still match the winner's manifest; if its own data files replaced
 with different bytes, it makes the artifact whole again as a rebuild does: it rewrites its
 files, removes the manifest, and creates its own.
 
-Small files (JSON) are given and read as ``bytes``. Tensor files (:class:`TensorFile`) are
-saved to a local scratch file and streamed to the store; :func:`read_tensor_file` streams one
-back (or, from a local store, reads it in place), checking its sha256 on the way.
+Small files (JSON) are given and read as ``bytes``; model-sized ones are given as tensors or
+local files (:mod:`storage.staged`) and streamed to the store, and :func:`read_tensor_file`
+streams one back (or, from a local store, reads it in place), checking its sha256 on the way.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from safetensors import SafetensorError
 from storage.digest import sha256_bytes
 from storage.errors import ArtifactError, ArtifactMissing, StorageError
 from storage.objectstore import ObjectStore
-from storage.tensors import TensorFile, load_tensor_file
+from storage.staged import ArtifactFile, LocalFile
+from storage.tensors import load_tensor_file
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -51,14 +52,14 @@ class ArtifactRef:
 def write_artifact(
     store: ObjectStore,
     prefix: str,
-    files: Mapping[str, bytes | TensorFile],
+    files: Mapping[str, ArtifactFile],
     meta: dict[str, Any],
 ) -> ArtifactRef:
     """Write every file, then create the manifest; returns the artifact now at ``prefix``.
 
     That is this write's artifact, or an intact one another writer finished first. A
-    :class:`TensorFile` is saved to a local scratch file and streamed to the store; its sha256
-    is computed while it streams.
+    ``TensorFile`` is saved to a local scratch file first; it and a ``LocalFile`` stream to the
+    store, their sha256 computed on the way (:mod:`storage.staged`).
     """
     existing = find_artifact(store, prefix)
     if existing is not None and verify_artifact(store, prefix) is None:
@@ -90,9 +91,9 @@ def write_artifact(
     )
 
 
-def _stage(store: ObjectStore, key: str, data: bytes | TensorFile, path: Path) -> bytes | Path:
-    """``data`` as it is uploaded: bytes as they are, a tensor file saved to ``path``."""
-    if isinstance(data, bytes):
+def _stage(store: ObjectStore, key: str, data: ArtifactFile, path: Path) -> bytes | LocalFile:
+    """``data`` as it is uploaded: bytes and local files as they are, tensors saved to ``path``."""
+    if isinstance(data, bytes | LocalFile):
         return data
     try:
         data.save(path)
@@ -102,15 +103,15 @@ def _stage(store: ObjectStore, key: str, data: bytes | TensorFile, path: Path) -
             f"{store.url(key)}: cannot save it to the local scratch directory {path.parent} "
             f"before uploading ({reason}): free space there or point TMPDIR elsewhere"
         ) from None
-    return path
+    return LocalFile(path)
 
 
-def _write(store: ObjectStore, key: str, data: bytes | Path) -> dict[str, Any]:
+def _write(store: ObjectStore, key: str, data: bytes | LocalFile) -> dict[str, Any]:
     """Upload one staged file; its manifest entry (sha256 and size)."""
     if isinstance(data, bytes):
         store.put(key, data)
         return {"sha256": sha256_bytes(data), "size": len(data)}
-    sha256, size = store.upload(key, data)
+    sha256, size = store.upload(key, data.path)
     return {"sha256": sha256, "size": size}
 
 

@@ -23,7 +23,7 @@ from storage.artifacts import (
 )
 from storage.errors import ArtifactError
 from storage.objectstore import ObjectStore
-from storage.tensors import TensorFile
+from storage.staged import TensorFile
 
 _STEP = "step-"
 _ATTEMPTS = "attempts.json"

@@ -24,7 +24,7 @@ from storage.modeldir import MASKS, MULTI_TASK, Masks, split_masks
 # Re-exported: the serving code of models published before it moved imports it from here.
 from storage.modeldir import read_tall_directory as read_tall_directory
 from storage.objectstore import ObjectStore
-from storage.tensors import TensorFile
+from storage.staged import TensorFile
 
 
 def tall_files(multi_task: dict[str, torch.Tensor], masks: Masks) -> dict[str, bytes]:

@@ -29,7 +29,7 @@ from storage.modeldir import split_merged_tensors as split_merged_tensors
 from storage.names import NAME_ADVICE, is_name
 from storage.objectstore import ObjectStore
 from storage.quoting import quoted
-from storage.tensors import TensorFile
+from storage.staged import TensorFile
 
 DENSE, ADAPTER = "delta.safetensors", "adapter.safetensors"  # a task vector's tensors
 STATISTICS = "statistics.safetensors"  # a task vector's data statistics (regmean, fisher)

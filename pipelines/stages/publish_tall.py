@@ -16,9 +16,9 @@ import torch
 from pipelines.spec.plan import Candidate
 from storage.artifacts import ArtifactRef
 from storage.objectstore import ObjectStore
+from storage.staged import TensorFile
 from storage.tall import write_tall_artifact
 from storage.taskvectors import model_prefix
-from storage.tensors import TensorFile
 from workers.merge.compression import compress_tall, compression_ratio
 
 Tensors = dict[str, torch.Tensor]

@@ -24,7 +24,7 @@ from storage.checkpoints import (
 from storage.errors import DataError, SpecError, StorageError
 from storage.objectstore import open_store
 from storage.runstate import begin_run, finish_run, read_run_state, unfinished_run
-from storage.tensors import TensorFile
+from storage.staged import TensorFile
 from workers.finetune import DivergenceError, TrainConfig
 from workers.finetune.checkpoint import decode_state, encode_state
 from workers.finetune.deepspeed_engine import DeepSpeedEngine, deepspeed_config, inputs_for

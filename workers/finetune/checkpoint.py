@@ -9,7 +9,8 @@ import json
 from typing import Any
 
 from storage.errors import ArtifactError
-from storage.tensors import TensorFile, bytes_to_tensors
+from storage.staged import TensorFile
+from storage.tensors import bytes_to_tensors
 from workers.finetune.engine import TrainState
 
 #: Bumped when the meaning of a checkpoint's files changes; older checkpoints are ignored.
