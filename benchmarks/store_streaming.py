@@ -133,10 +133,18 @@ def measure(code: Path, scratch: Path, endpoint: str, size_mb: int, label: str) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mb", type=int, default=512)
-    parser.add_argument("--before", default="main", help="git revision of the 'before' code")
+    parser.add_argument(
+        "--before",
+        default=None,
+        help="git revision of the 'before' code (default: where this branch left main)",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
 
+    if args.before is None:
+        args.before = subprocess.check_output(
+            ["git", "-C", str(REPO), "merge-base", "HEAD", "main"], text=True
+        ).strip()
     server, endpoint = start_s3()
     started = time.perf_counter()
     try:
@@ -163,7 +171,7 @@ def main() -> None:
     document = {
         "what": "peak RSS above the process's RSS before the operation, one subprocess each",
         "size_mb": args.size_mb,
-        "before": {"code": f"{args.before} ({commit})", **before},
+        "before": {"code": commit, **before},
         "after": {"code": "this working tree (streaming store)", **after},
         "after_over_before_peak_rss": ratios,
         "machine": {

@@ -18,6 +18,7 @@ streams one back (or, from a local store, reads it in place), checking its sha25
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from collections.abc import Mapping
@@ -37,6 +38,7 @@ from storage.tensors import load_tensor_file
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 _TAKEOVER_ATTEMPTS = 3
+_STAGED = object()  # owner of the tensor files write_artifact saves: its own to hand over
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,11 @@ def write_artifact(
     if existing is not None and verify_artifact(store, prefix) is None:
         return existing
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    with tempfile.TemporaryDirectory(prefix="mergeline-artifact-") as scratch:
+    # Beside the artifact in a local store, so that a saved tensor file is linked, not copied.
+    beside = store.local_path(prefix)
+    if beside is not None:
+        os.makedirs(beside, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".staging-", suffix=".partial", dir=beside) as scratch:
         staged = {
             name: _stage(store, f"{prefix}/{name}", data, Path(scratch) / f"{index}.safetensors")
             for index, (name, data) in enumerate(files.items())
@@ -103,7 +109,7 @@ def _stage(store: ObjectStore, key: str, data: ArtifactFile, path: Path) -> byte
             f"{store.url(key)}: cannot save it to the local scratch directory {path.parent} "
             f"before uploading ({reason}): free space there or point TMPDIR elsewhere"
         ) from None
-    return LocalFile(path)
+    return LocalFile(path, owner=_STAGED)
 
 
 def _write(store: ObjectStore, key: str, data: bytes | LocalFile) -> dict[str, Any]:
@@ -111,7 +117,7 @@ def _write(store: ObjectStore, key: str, data: bytes | LocalFile) -> dict[str, A
     if isinstance(data, bytes):
         store.put(key, data)
         return {"sha256": sha256_bytes(data), "size": len(data)}
-    sha256, size = store.upload(key, data.path)
+    sha256, size = store.upload(key, data.path, consume=data.owner is _STAGED)
     return {"sha256": sha256, "size": size}
 
 

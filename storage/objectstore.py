@@ -48,7 +48,7 @@ class ObjectStore(Protocol):
     def put(self, key: str, data: bytes) -> None: ...
     def create(self, key: str, data: bytes) -> bool: ...
     def get(self, key: str) -> bytes: ...
-    def upload(self, key: str, source: str | Path) -> tuple[str, int]: ...
+    def upload(self, key: str, source: str | Path, consume: bool = False) -> tuple[str, int]: ...
     def download(self, key: str, target: str | Path | None) -> tuple[str, int]: ...
     def delete(self, key: str) -> None: ...
     def exists(self, key: str) -> bool: ...
@@ -144,15 +144,21 @@ class FsspecStore:
         path = self._path(key)
         return self._call("read", key, lambda: self.fs.cat_file(path))
 
-    def upload(self, key: str, source: str | Path) -> tuple[str, int]:
+    def upload(self, key: str, source: str | Path, consume: bool = False) -> tuple[str, int]:
         """Write ``key`` from the local file ``source`` in chunks, replacing it if it exists;
         returns the (sha256, size) of what was written, computed while streaming.
 
         S3: one PUT, or a multipart upload of ``block_size`` parts for a larger file; a
-        failed upload is aborted, so no partial object ever becomes visible.
+        failed upload is aborted, so no partial object ever becomes visible. Local: with
+        ``consume`` (the caller will neither change nor keep ``source``), a file on the
+        store's filesystem is hard-linked into place instead of copied.
         """
         path = self._path(key)
         if self.scheme == "file":
+            if consume:
+                linked = self._call("write", key, lambda: _link_local(source, path))
+                if linked is not None:
+                    return linked
             return self._call("write", key, lambda: _copy_local(source, path))
         return self._call("write", key, lambda: self._upload_remote(source, path))
 
@@ -254,6 +260,31 @@ def _copy_local(source: str | Path, path: str) -> tuple[str, int]:
 
     _write_local(path, copy, exclusive=False)
     return hasher.hexdigest(), sum(sizes)
+
+
+def _link_local(source: str | Path, path: str) -> tuple[str, int] | None:
+    """Hard-link ``source`` to ``path`` (atomically, once on disk); its (sha256, size). None
+    where a link cannot be made (another filesystem, no hard links): copy instead."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    temporary = f"{path}.{uuid.uuid4().hex}.partial"
+    try:
+        os.link(source, temporary)
+    except OSError as error:
+        if error.errno in (errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EMLINK):
+            return None
+        raise
+    try:
+        hasher, size = hashlib.sha256(), 0
+        with open(temporary, "rb") as handle:
+            while chunk := handle.read(CHUNK_BYTES):
+                hasher.update(chunk)
+                size += len(chunk)
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+    return hasher.hexdigest(), size
 
 
 def _write_local(path: str, fill: Callable[[BinaryIO], None], exclusive: bool) -> None:
