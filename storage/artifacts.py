@@ -38,7 +38,6 @@ from storage.tensors import load_tensor_file
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 _TAKEOVER_ATTEMPTS = 3
-_STAGED = object()  # owner of the tensor files write_artifact saves: its own to hand over
 
 
 @dataclass(frozen=True)
@@ -97,27 +96,34 @@ def write_artifact(
     )
 
 
-def _stage(store: ObjectStore, key: str, data: ArtifactFile, path: Path) -> bytes | LocalFile:
-    """``data`` as it is uploaded: bytes and local files as they are, tensors saved to ``path``."""
+def _stage(
+    store: ObjectStore, key: str, data: ArtifactFile, path: Path
+) -> bytes | LocalFile | Path:
+    """``data`` as it is uploaded: bytes and local files as they are, tensors saved to ``path``
+    (a ``Path``: a file of our own, which a local store may link instead of copying)."""
     if isinstance(data, bytes | LocalFile):
         return data
     try:
         data.save(path)
     except (OSError, SafetensorError) as error:
         reason = getattr(error, "strerror", None) or str(error).strip().splitlines()[0]
+        advice = "free space there" + (" or set TMPDIR" if store.local_path(key) is None else "")
         raise StorageError(
-            f"{store.url(key)}: cannot save it to the local scratch directory {path.parent} "
-            f"before uploading ({reason}): free space there or point TMPDIR elsewhere"
+            f"{store.url(key)}: cannot save it to {path.parent} before it goes to the store "
+            f"({reason}): {advice}"
         ) from None
-    return LocalFile(path, owner=_STAGED)
+    return path
 
 
-def _write(store: ObjectStore, key: str, data: bytes | LocalFile) -> dict[str, Any]:
+def _write(store: ObjectStore, key: str, data: bytes | LocalFile | Path) -> dict[str, Any]:
     """Upload one staged file; its manifest entry (sha256 and size)."""
     if isinstance(data, bytes):
         store.put(key, data)
         return {"sha256": sha256_bytes(data), "size": len(data)}
-    sha256, size = store.upload(key, data.path, consume=data.owner is _STAGED)
+    if isinstance(data, LocalFile):
+        sha256, size = store.upload(key, data.path)
+    else:
+        sha256, size = store.upload(key, data, consume=True)
     return {"sha256": sha256, "size": size}
 
 

@@ -144,8 +144,8 @@ def test_an_upload_survives_the_server_restarting_in_the_middle(
     class StopsAfterFirstUpload(FsspecStore):
         stopped = False
 
-        def upload(self, key: str, source: str | Path) -> tuple[str, int]:
-            written = super().upload(key, source)
+        def upload(self, key: str, source: str | Path, consume: bool = False) -> tuple[str, int]:
+            written = super().upload(key, source, consume)
             if not self.stopped:
                 self.stopped = True
                 s3_server.stop()
