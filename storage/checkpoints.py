@@ -18,10 +18,12 @@ from storage.artifacts import (
     invalidate_artifact,
     read_file,
     read_manifest,
+    read_tensor_file,
     write_artifact,
 )
 from storage.errors import ArtifactError
 from storage.objectstore import ObjectStore
+from storage.staged import TensorFile
 
 _STEP = "step-"
 _ATTEMPTS = "attempts.json"
@@ -32,9 +34,14 @@ def checkpoint_prefix(key: str) -> str:
 
 
 def write_checkpoint(
-    store: ObjectStore, key: str, step: int, files: dict[str, bytes], meta: dict[str, Any]
+    store: ObjectStore,
+    key: str,
+    step: int,
+    files: dict[str, bytes | TensorFile],
+    meta: dict[str, Any],
 ) -> ArtifactRef:
-    """Store the checkpoint after ``step`` steps, then drop the older ones."""
+    """Store the checkpoint after ``step`` steps, then drop the older ones; tensor files
+    stream to the store (:func:`storage.artifacts.write_artifact`)."""
     ref = write_artifact(store, f"{checkpoint_prefix(key)}/{_STEP}{step:09d}", files, meta)
     for older in _steps(store, key):
         if older < step:
@@ -42,10 +49,14 @@ def write_checkpoint(
     return ref
 
 
-def latest_checkpoint(store: ObjectStore, key: str) -> tuple[int, dict[str, bytes]] | None:
+def latest_checkpoint(
+    store: ObjectStore, key: str
+) -> tuple[int, dict[str, bytes | TensorFile]] | None:
     """(step, files) of the newest complete, intact checkpoint; None if there is none.
 
-    A checkpoint whose files fail their checksum is skipped for an older one.
+    ``.safetensors`` files come back as :class:`TensorFile` (streamed and memory-mapped, see
+    :func:`storage.artifacts.read_tensor_file`), the others as bytes. A checkpoint whose files
+    fail their checksum is skipped for an older one.
     """
     for step in sorted(_steps(store, key), reverse=True):
         prefix = f"{checkpoint_prefix(key)}/{_STEP}{step:09d}"
@@ -53,10 +64,16 @@ def latest_checkpoint(store: ObjectStore, key: str) -> tuple[int, dict[str, byte
         if manifest is None:
             continue
         try:
-            return step, {name: read_file(store, prefix, name) for name in manifest["files"]}
+            return step, {name: _read(store, prefix, name) for name in manifest["files"]}
         except ArtifactError:
             continue
     return None
+
+
+def _read(store: ObjectStore, prefix: str, name: str) -> bytes | TensorFile:
+    if name.endswith(".safetensors"):
+        return TensorFile(read_tensor_file(store, prefix, name))
+    return read_file(store, prefix, name)
 
 
 def record_attempt(store: ObjectStore, key: str) -> int:

@@ -10,8 +10,6 @@ An artifact's file names are the manifest's keys, and may hold folders (``transf
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -24,8 +22,6 @@ from storage.artifacts import MANIFEST
 from storage.errors import ArtifactError, ArtifactMissing
 from storage.objectstore import FsspecStore
 from storage.quoting import quoted
-
-CHUNK = 16 * 1024 * 1024
 
 
 def read_manifest(store: FsspecStore, prefix: str) -> dict[str, Any]:
@@ -129,22 +125,13 @@ def _fetch(
 ) -> None:
     """Hash artifact file ``name`` while streaming it (into ``copy`` when given); a missing
     file or one whose size or sha256 differs from ``expected`` is an ArtifactError."""
-    hasher, size = hashlib.sha256(), 0
-    if copy is not None:
-        copy.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with (
-            store.fs.open(f"{store.root}/{prefix}/{name}", "rb") as source,
-            open(copy, "wb") if copy is not None else contextlib.nullcontext() as target,
-        ):
-            while chunk := source.read(CHUNK):
-                hasher.update(chunk)
-                size += len(chunk)
-                if target is not None:
-                    target.write(chunk)
+        sha256, size = store.download(f"{prefix}/{name}", copy)
     except FileNotFoundError:
         raise ArtifactMissing(store.url(prefix + "/" + name), "rebuild it") from None
-    if size != expected["size"] or hasher.hexdigest() != expected["sha256"]:
+    if size != expected["size"] or sha256 != expected["sha256"]:
+        if copy is not None:
+            copy.unlink(missing_ok=True)
         raise ArtifactError(
             f"{store.url(prefix + '/' + name)}: checksum mismatch (sha256 differs from the "
             "manifest): the file is corrupt; delete the artifact directory to rebuild it"

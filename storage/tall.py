@@ -17,14 +17,14 @@ from typing import Any
 
 import torch
 
-from storage.artifacts import ArtifactRef, find_artifact, read_file, write_artifact
+from storage.artifacts import ArtifactRef, find_artifact, read_tensor_file, write_artifact
 from storage.errors import ArtifactError
 from storage.modeldir import MASKS, MULTI_TASK, Masks, split_masks
 
 # Re-exported: the serving code of models published before it moved imports it from here.
 from storage.modeldir import read_tall_directory as read_tall_directory
 from storage.objectstore import ObjectStore
-from storage.tensors import bytes_to_tensors, tensors_to_bytes
+from storage.staged import TensorFile
 
 
 def tall_files(multi_task: dict[str, torch.Tensor], masks: Masks) -> dict[str, bytes]:
@@ -34,7 +34,7 @@ def tall_files(multi_task: dict[str, torch.Tensor], masks: Masks) -> dict[str, b
         for task, by_name in masks.items()
         for name, packed in by_name.items()
     }
-    return {MULTI_TASK: tensors_to_bytes(multi_task), MASKS: tensors_to_bytes(flat)}
+    return {MULTI_TASK: TensorFile(multi_task), MASKS: TensorFile(flat)}
 
 
 def write_tall_artifact(
@@ -61,7 +61,6 @@ def read_tall_artifact(
     ref = find_artifact(store, prefix)
     if ref is None or "tall_masks" not in ref.meta:
         raise ArtifactError(f"{store.url(prefix)}: no TALL-mask artifact there: check the URI")
-    where = store.url(prefix)
-    multi_task = bytes_to_tensors(read_file(store, prefix, MULTI_TASK), where)
-    masks = split_masks(bytes_to_tensors(read_file(store, prefix, MASKS), where))
+    multi_task = read_tensor_file(store, prefix, MULTI_TASK)
+    masks = split_masks(read_tensor_file(store, prefix, MASKS))
     return multi_task, masks, dict(ref.meta["tall_masks"])

@@ -19,7 +19,7 @@ from storage.artifacts import (
     ArtifactRef,
     find_artifact,
     invalidate_artifact,
-    read_file,
+    read_tensor_file,
     write_artifact,
 )
 from storage.errors import ArtifactError
@@ -29,7 +29,7 @@ from storage.modeldir import split_merged_tensors as split_merged_tensors
 from storage.names import NAME_ADVICE, is_name
 from storage.objectstore import ObjectStore
 from storage.quoting import quoted
-from storage.tensors import bytes_to_tensors, tensors_to_bytes
+from storage.staged import TensorFile
 
 DENSE, ADAPTER = "delta.safetensors", "adapter.safetensors"  # a task vector's tensors
 STATISTICS = "statistics.safetensors"  # a task vector's data statistics (regmean, fisher)
@@ -79,7 +79,7 @@ def _write_vector(
     head: dict[str, torch.Tensor],
     meta: dict[str, Any],
 ) -> ArtifactRef:
-    files = {name: tensors_to_bytes(tensors), "head.safetensors": tensors_to_bytes(head)}
+    files = {name: TensorFile(tensors), "head.safetensors": TensorFile(head)}
     return write_artifact(store, task_vector_prefix(key), files, meta)
 
 
@@ -93,8 +93,8 @@ def read_task_vector(
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """A dense task vector and its head (an adapter's: :func:`read_adapter_task_vector`)."""
     prefix = task_vector_prefix(key)
-    delta = bytes_to_tensors(read_file(store, prefix, DENSE), store.url(prefix))
-    head = bytes_to_tensors(read_file(store, prefix, "head.safetensors"), store.url(prefix))
+    delta = read_tensor_file(store, prefix, DENSE)
+    head = read_tensor_file(store, prefix, "head.safetensors")
     return delta, head
 
 
@@ -103,8 +103,8 @@ def read_adapter_task_vector(
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """An adapter task vector's factor tensors and its head."""
     prefix = task_vector_prefix(key)
-    factors = bytes_to_tensors(read_file(store, prefix, ADAPTER), store.url(prefix))
-    head = bytes_to_tensors(read_file(store, prefix, "head.safetensors"), store.url(prefix))
+    factors = read_tensor_file(store, prefix, ADAPTER)
+    head = read_tensor_file(store, prefix, "head.safetensors")
     return factors, head
 
 
@@ -144,14 +144,14 @@ def write_statistics(
 ) -> ArtifactRef:
     """``statistics.safetensors`` ({tensor name: statistic}); ``meta`` names the task vector's
     sha256 (``task_vector_sha256``) they were computed from."""
-    files = {STATISTICS: tensors_to_bytes(tensors)}
+    files = {STATISTICS: TensorFile(tensors)}
     meta = meta | {"kind": "statistics", "statistic": kind, "rows": rows}
     return write_artifact(store, statistics_prefix(key, kind, rows), files, meta)
 
 
 def read_statistics(store: ObjectStore, key: str, kind: str, rows: int) -> dict[str, torch.Tensor]:
     prefix = statistics_prefix(key, kind, rows)
-    return bytes_to_tensors(read_file(store, prefix, STATISTICS), store.url(prefix))
+    return read_tensor_file(store, prefix, STATISTICS)
 
 
 def write_base_model(
@@ -162,13 +162,13 @@ def write_base_model(
     extra_files: dict[str, bytes] | None = None,
 ) -> ArtifactRef:
     """θ0 as ``model.safetensors``; ``extra_files`` (e.g. a tokenizer) beside it."""
-    files = {"model.safetensors": tensors_to_bytes(state), **(extra_files or {})}
+    files = {"model.safetensors": TensorFile(state), **(extra_files or {})}
     return write_artifact(store, base_model_prefix(key), files, meta)
 
 
 def read_base_model(store: ObjectStore, key: str) -> dict[str, torch.Tensor]:
     prefix = base_model_prefix(key)
-    return bytes_to_tensors(read_file(store, prefix, "model.safetensors"), store.url(prefix))
+    return read_tensor_file(store, prefix, "model.safetensors")
 
 
 def write_merged_model(
@@ -186,7 +186,7 @@ def write_merged_model(
     for task, head in heads.items():
         tensors.update({f"heads.{task}.{k}": v for k, v in head.items()})
     files = {
-        "model.safetensors": tensors_to_bytes(tensors),
+        "model.safetensors": TensorFile(tensors),
         "config.json": json.dumps(config, indent=1, sort_keys=True).encode(),
         **(extra_files or {}),
     }

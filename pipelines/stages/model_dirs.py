@@ -67,12 +67,7 @@ def _copy_s3_dir(location: str, endpoint_url: str | None, gguf_file: str | None 
             )
     target.mkdir(parents=True, exist_ok=True)
     for name in names:
-        data = store.get(name)
-        local = target / name
-        if not local.is_file() or local.read_bytes() != data:
-            partial = local.with_suffix(local.suffix + ".partial")
-            partial.write_bytes(data)
-            partial.replace(local)
+        store.download(name, target / name)  # streamed; replaces the file atomically
     return target
 
 

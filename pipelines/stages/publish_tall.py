@@ -16,9 +16,9 @@ import torch
 from pipelines.spec.plan import Candidate
 from storage.artifacts import ArtifactRef
 from storage.objectstore import ObjectStore
+from storage.staged import TensorFile
 from storage.tall import write_tall_artifact
 from storage.taskvectors import model_prefix
-from storage.tensors import tensors_to_bytes
 from workers.merge.compression import compress_tall, compression_ratio
 
 Tensors = dict[str, torch.Tensor]
@@ -45,7 +45,7 @@ def write_tall_model(
     for task, head in heads.items():
         tensors |= {f"heads.{task}.{k}": v for k, v in head.items()}
     model_files = {
-        "model.safetensors": tensors_to_bytes(tensors),
+        "model.safetensors": TensorFile(tensors),
         "config.json": json.dumps(config, indent=1, sort_keys=True).encode(),
         **(extra_files or {}),
     }

@@ -6,6 +6,7 @@ import json
 import logging
 import threading
 import uuid
+from pathlib import Path
 
 import pytest
 import torch
@@ -140,21 +141,22 @@ def test_an_upload_survives_the_server_restarting_in_the_middle(
     failed against it (the retry's warning is the signal, not a timer); the retries carry
     the write."""
 
-    class StopsAfterFirstPut(FsspecStore):
+    class StopsAfterFirstUpload(FsspecStore):
         stopped = False
 
-        def put(self, key: str, data: bytes) -> None:
-            super().put(key, data)
+        def upload(self, key: str, source: str | Path, consume: bool = False) -> tuple[str, int]:
+            written = super().upload(key, source, consume)
             if not self.stopped:
                 self.stopped = True
                 s3_server.stop()
+            return written
 
     class RestartOnFirstFailure(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
             if not s3_server.running and "failed" in record.getMessage():
                 s3_server.start()
 
-    store = StopsAfterFirstPut(s3_uri, s3_server.endpoint, retry_seconds=60)
+    store = StopsAfterFirstUpload(s3_uri, s3_server.endpoint, retry_seconds=60)
     caplog.set_level(logging.WARNING, "mergeline.storage")
     restarter = RestartOnFirstFailure(logging.WARNING)
     logging.getLogger("mergeline.storage").addHandler(restarter)

@@ -25,6 +25,7 @@ from storage.checkpoints import (
 from storage.errors import DataError, SpecError, StorageError
 from storage.objectstore import open_store
 from storage.runstate import begin_run, finish_run, read_run_state, unfinished_run
+from storage.staged import TensorFile
 from workers.finetune import DivergenceError, TrainConfig
 from workers.finetune.checkpoint import decode_state, encode_state
 from workers.finetune.deepspeed_engine import DeepSpeedEngine, deepspeed_config, inputs_for
@@ -54,9 +55,9 @@ class _Stop(Exception):
     pass
 
 
-def _checkpoint_at(step: int) -> dict[str, bytes]:
+def _checkpoint_at(step: int) -> dict[str, bytes | TensorFile]:
     """The files of the checkpoint a run writes after ``step`` steps (then it is killed)."""
-    saved: list[dict[str, bytes]] = []
+    saved: list[dict[str, bytes | TensorFile]] = []
 
     def keep(state) -> None:
         saved.append(encode_state(state, {"task": "t"}))
@@ -80,9 +81,12 @@ def test_a_resumed_run_ends_exactly_where_an_uninterrupted_one_does() -> None:
         assert torch.equal(resumed.model_state()[name], value)
 
 
-def test_checkpoint_files_are_safetensors_and_json_only() -> None:
-    files = _checkpoint_at(10)
+def test_checkpoint_files_are_safetensors_and_json_only(tmp_path: Path) -> None:
+    write_checkpoint(open_store(f"file://{tmp_path}"), "k", 10, _checkpoint_at(10), {})
+    stored = tmp_path / "checkpoints" / "k" / "step-000000010"
+    files = {path.name: path.read_bytes() for path in stored.iterdir()}
     assert sorted(files) == [
+        "manifest.json",
         "model.safetensors",
         "optimizer.safetensors",
         "rng.safetensors",

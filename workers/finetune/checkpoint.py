@@ -10,7 +10,8 @@ import json
 from typing import Any
 
 from storage.errors import ArtifactError
-from storage.tensors import bytes_to_tensors, tensors_to_bytes
+from storage.staged import TensorFile
+from storage.tensors import bytes_to_tensors
 from workers.finetune.engine import TrainState
 
 #: Bumped when the meaning of a checkpoint's files changes; older checkpoints are ignored.
@@ -19,7 +20,7 @@ TENSOR_FILES = {"model": "model.safetensors", "optimizer": "optimizer.safetensor
 RNG_FILE, STATE_FILE = "rng.safetensors", "state.json"
 
 
-def encode_state(state: TrainState, meta: dict[str, Any]) -> dict[str, bytes]:
+def encode_state(state: TrainState, meta: dict[str, Any]) -> dict[str, bytes | TensorFile]:
     """The files of one checkpoint; ``meta`` (JSON-able) says what produced it."""
     document = {
         "format": CHECKPOINT_FORMAT,
@@ -30,14 +31,16 @@ def encode_state(state: TrainState, meta: dict[str, Any]) -> dict[str, bytes]:
         "meta": meta,
     }
     return {
-        TENSOR_FILES["model"]: tensors_to_bytes(state.model),
-        TENSOR_FILES["optimizer"]: tensors_to_bytes(state.optimizer),
-        RNG_FILE: tensors_to_bytes(state.rng),
+        TENSOR_FILES["model"]: TensorFile(state.model),
+        TENSOR_FILES["optimizer"]: TensorFile(state.optimizer),
+        RNG_FILE: TensorFile(state.rng),
         STATE_FILE: json.dumps(document, sort_keys=True).encode(),
     }
 
 
-def decode_state(files: dict[str, bytes], where: str) -> tuple[TrainState, dict[str, Any]]:
+def decode_state(
+    files: dict[str, bytes | TensorFile], where: str
+) -> tuple[TrainState, dict[str, Any]]:
     """Inverse of :func:`encode_state`: the state and its meta."""
     try:
         document = json.loads(files[STATE_FILE])
@@ -48,9 +51,9 @@ def decode_state(files: dict[str, bytes], where: str) -> tuple[TrainState, dict[
             f"{where}: checkpoint format {document.get('format')} is not {CHECKPOINT_FORMAT}: "
             "delete the checkpoint to start this fine-tune over"
         )
-    model = bytes_to_tensors(files[TENSOR_FILES["model"]], where)
-    optimizer = bytes_to_tensors(files[TENSOR_FILES["optimizer"]], where)
-    rng = bytes_to_tensors(files[RNG_FILE], where)
+    model = _tensors(files[TENSOR_FILES["model"]], where)
+    optimizer = _tensors(files[TENSOR_FILES["optimizer"]], where)
+    rng = _tensors(files[RNG_FILE], where)
     state = TrainState(
         step=int(document["step"]),
         history=list(document["history"]),
@@ -61,3 +64,7 @@ def decode_state(files: dict[str, bytes], where: str) -> tuple[TrainState, dict[
         step_state=document.get("step_state", {}),  # none before LR schedules existed
     )
     return state, document.get("meta", {})
+
+
+def _tensors(file: bytes | TensorFile, where: str) -> dict[str, Any]:
+    return file.tensors if isinstance(file, TensorFile) else bytes_to_tensors(file, where)

@@ -10,7 +10,6 @@ channels 0..2 the right choice, which is all the other metrics and the loss read
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import numpy as np
 from torch import Tensor, nn
 
 from storage.errors import ModelError
+from storage.staged import ArtifactFile, ScratchDirectory
 from workers.kinds.registry import TRANSFORMERS, Forward, Head, Pretrained, register_kind
 
 DEFAULT_BATCH_SIZE = 16
@@ -145,7 +145,7 @@ class CausalLanguageModel:
         merged: Mapping[str, Tensor] | None,
         heads: Mapping[str, Head],
         config: Mapping[str, Any],
-    ) -> dict[str, bytes]:
+    ) -> dict[str, ArtifactFile]:
         """A Hugging Face directory under ``transformers/`` (config, sharded safetensors,
         tokenizer, generation config) that ``AutoModelForCausalLM`` loads; without ``merged``
         (a linear-mode merge) the config and tokenizer files only."""
@@ -157,13 +157,13 @@ class CausalLanguageModel:
                 for path in sorted(directory.iterdir())
                 if path.is_file()
             }
-        with tempfile.TemporaryDirectory(prefix="mergeline-export-") as out:
-            causal_lm.export_directory(directory, dict(merged), Path(out))
-            return {
-                f"{TRANSFORMERS}/{path.relative_to(out)}": path.read_bytes()
-                for path in sorted(Path(out).rglob("*"))
-                if path.is_file()
-            }
+        out = ScratchDirectory("mergeline-export-")  # lives as long as the files name it
+        causal_lm.export_directory(directory, dict(merged), out.path)
+        return {
+            f"{TRANSFORMERS}/{path.relative_to(out.path)}": out.file(path.relative_to(out.path))
+            for path in sorted(out.path.rglob("*"))
+            if path.is_file()
+        }
 
 
 register_kind(CausalLanguageModel())

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from storage.errors import DataError
-from storage.tensors import tensors_to_bytes
+from storage.staged import ArtifactFile, TensorFile
 from workers.finetune.engine import Classifier
 from workers.kinds.registry import TRANSFORMERS, Forward, Head, Pretrained, register_kind
 from workers.models import huggingface as hf
@@ -117,7 +117,7 @@ class Classification:
         merged: Mapping[str, Tensor] | None,
         heads: Mapping[str, Head],
         config: Mapping[str, Any],
-    ) -> dict[str, bytes]:
+    ) -> dict[str, ArtifactFile]:
         """The encoder under its own names (``transformers/``) and the heads beside it:
         ``heads.safetensors`` (``<task>.weight``, ``<task>.bias``) with ``heads.json``."""
         files = {
@@ -126,8 +126,8 @@ class Classification:
         }
         if merged is not None:
             weights = {k: v.contiguous() for k, v in hf.hf_state_names(dict(merged)).items()}
-            files[f"{TRANSFORMERS}/{hf.WEIGHTS}"] = tensors_to_bytes(weights, {"format": "pt"})
-        files["heads.safetensors"] = tensors_to_bytes(
+            files[f"{TRANSFORMERS}/{hf.WEIGHTS}"] = TensorFile(weights, {"format": "pt"})
+        files["heads.safetensors"] = TensorFile(
             {f"{task}.{part}": v for task, head in heads.items() for part, v in head.items()}
         )
         files["heads.json"] = json.dumps(

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from storage.errors import ModelError
+from storage.staged import ArtifactFile
 
 TRANSFORMERS = "transformers"  # the folder of a published merge that transformers loads
 #: outputs of the trainable model for a batch of inputs: features (classification) or logits
@@ -116,7 +117,7 @@ class HFKind(Protocol):
         merged: Mapping[str, Tensor] | None,
         heads: Mapping[str, Head],
         config: Mapping[str, Any],
-    ) -> dict[str, bytes]:
+    ) -> dict[str, ArtifactFile]:
         """The published files beside a merge: a transformers directory and what serves it.
         ``merged`` is None where no plain transformers model computes the merge."""
         ...

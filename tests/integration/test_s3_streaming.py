@@ -1,0 +1,72 @@
+"""Streaming through a real S3 API (moto's server): multipart uploads and checked reads."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from storage.errors import ArtifactError
+from storage.objectstore import open_store
+from storage.taskvectors import read_task_vector, task_vector_prefix, write_task_vector
+from tests.conftest_s3 import BUCKET, S3Server
+
+pytestmark = pytest.mark.integration
+
+MiB = 1024 * 1024
+
+
+def _key(uri: str, key: str) -> str:
+    return uri.removeprefix(f"s3://{BUCKET}/") + "/" + key
+
+
+def test_a_file_larger_than_a_part_goes_up_in_parts_and_comes_back_whole(
+    s3_server: S3Server, s3_uri: str, tmp_path: Path
+) -> None:
+    store = open_store(s3_uri, s3_server.endpoint, 30.0, block_size=5 * MiB)
+    source = tmp_path / "model.bin"
+    source.write_bytes(os.urandom(12 * MiB + 3))
+    expected = (hashlib.sha256(source.read_bytes()).hexdigest(), 12 * MiB + 3)
+
+    assert store.upload("big/model.bin", source) == expected
+    head = s3_server.client().head_object(Bucket=BUCKET, Key=_key(s3_uri, "big/model.bin"))
+    assert head["ContentLength"] == expected[1]
+    parts = head["ETag"].strip('"').rpartition("-")[2]
+    assert parts.isdigit() and int(parts) >= 2  # a multipart upload ("<md5>-<parts>")
+    assert store.download("big/model.bin", tmp_path / "back/model.bin") == expected
+    assert (tmp_path / "back/model.bin").read_bytes() == source.read_bytes()
+    assert store.download("big/model.bin", None) == expected
+
+
+def test_a_small_file_is_one_put(s3_server: S3Server, s3_uri: str, tmp_path: Path) -> None:
+    store = open_store(s3_uri, s3_server.endpoint, 30.0, block_size=5 * MiB)
+    source = tmp_path / "small.bin"
+    source.write_bytes(b"x" * 1000)
+    assert store.upload("small.bin", source) == (hashlib.sha256(b"x" * 1000).hexdigest(), 1000)
+    head = s3_server.client().head_object(Bucket=BUCKET, Key=_key(s3_uri, "small.bin"))
+    assert "-" not in head["ETag"]
+
+
+def test_a_task_vector_streams_through_s3_and_a_changed_object_is_refused(
+    s3_server: S3Server, s3_uri: str
+) -> None:
+    store = open_store(s3_uri, s3_server.endpoint, 30.0, block_size=5 * MiB)
+    delta = {"w": torch.randn(3 * MiB)}  # 12 MB: a multipart upload
+    head = {"weight": torch.ones(2, 4), "bias": torch.zeros(2)}
+    write_task_vector(store, "k", delta, head, {"task": "t"})
+    read, _ = read_task_vector(store, "k")
+    assert torch.equal(read["w"], delta["w"])
+
+    key = _key(s3_uri, f"{task_vector_prefix('k')}/delta.safetensors")
+    client = s3_server.client()
+    data = bytearray(client.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+    data[-1] ^= 0xFF  # the same size, one byte changed after the upload
+    client.put_object(Bucket=BUCKET, Key=key, Body=bytes(data))
+    with pytest.raises(ArtifactError) as error:
+        read_task_vector(store, "k")
+    message = str(error.value)
+    assert "\n" not in message and "checksum mismatch" in message
+    assert message.startswith(f"{s3_uri}/{task_vector_prefix('k')}/delta.safetensors:")
