@@ -27,7 +27,7 @@ from storage.objectstore import ObjectStore
 from storage.staged import TensorFile
 
 
-def tall_files(multi_task: dict[str, torch.Tensor], masks: Masks) -> dict[str, bytes]:
+def tall_files(multi_task: dict[str, torch.Tensor], masks: Masks) -> dict[str, TensorFile]:
     """The two safetensors files that hold τ_MTL and the packed masks."""
     flat = {
         f"{task}/{name}": packed

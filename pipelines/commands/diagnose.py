@@ -64,6 +64,7 @@ def compute_disentanglement(
     spec: Any, pair: tuple[str, str], alphas: list[float], split: str, console: Console
 ) -> list[list[float]]:
     """The spec's fine-tune stage for the pair (cache hits when stored), then ξ on Ray."""
+    from pipelines.run.context import RunContext
     from pipelines.run.dag import submit_disentanglement
     from pipelines.run.finetune import finetune_all, prepare_base
     from pipelines.run.fingerprint import fingerprint_datasets, fingerprint_pretrain
@@ -88,8 +89,9 @@ def compute_disentanglement(
     input_dim = next(iter(datasets.values())).input_dim
     with ray_session(compute.ray_address, compute.num_cpus):
         await_placement(requests, compute.ray_address, compute.placement_timeout_s)
-        base = prepare_base(plan, store_cfg, base_key, input_dim, console)
-        done = finetune_all(plan, store, store_cfg, base, datasets, console)
+        ctx = RunContext("diagnose", store, store_cfg, console)
+        base = prepare_base(ctx, plan, base_key, input_dim)
+        done = finetune_all(ctx, plan, base, datasets)
         specs = {
             name: {"key": done[name]["key"], "dataset": plan.task(name).dataset} for name in pair
         }

@@ -23,7 +23,7 @@ class RunContext:
     run_id: str
     store: FsspecStore
     store_cfg: dict[str, Any]  # how Ray tasks open the same store (``open_store_from``)
-    tracker: GuardedTracker
     console: Console
-    version: str  # the code version every artifact and score of the run records
+    tracker: GuardedTracker | None = None  # None: a command that records nothing (diagnose)
+    version: str = ""  # the code version every artifact and score of the run records
     ready: Callable[[], None] = _nothing  # starts Ray (lazily) before a stage submits work

@@ -91,7 +91,7 @@ def run_pipeline(spec: Spec, console: Console, summary_path: Path | None = None)
             "endpoint_url": spec.storage.endpoint_url,
             "retry_seconds": spec.storage.retry_seconds,
         }
-        ctx = RunContext(run_id, store, store_cfg, tracker, console, version, cluster.ensure)
+        ctx = RunContext(run_id, store, store_cfg, console, tracker, version, cluster.ensure)
         input_dim = next(iter(datasets.values())).input_dim
         result = run_stages(ctx, plan, base_key, input_dim, datasets, digests, started_at)
         timings = result.timings | {"total_s": time.perf_counter() - started}

@@ -42,6 +42,8 @@ def publish(
     a run where nothing changed reuses that model and its registry version, registers nothing
     new."""
     run_id, store, store_cfg, tracker = ctx.run_id, ctx.store, ctx.store_cfg, ctx.tracker
+    if tracker is None:
+        raise TypeError("publish needs the run's tracker (RunContext.tracker)")
     version, ready = ctx.version, ctx.ready
     name = plan.spec.registered_model
     objective = plan.spec.merge.objective

@@ -44,8 +44,8 @@ def _write_model(directory: Path, tall: bool) -> tuple[dict, dict, dict]:
             for task in heads
         }
         compressed = compress_tall(base, vectors, 0.4)
-        for name, data in tall_files(compressed.multi_task, compressed.masks).items():
-            (directory / name).write_bytes(data)
+        for name, content in tall_files(compressed.multi_task, compressed.masks).items():
+            content.save(directory / name)
         states = {t: retrieve_task(base, compressed.multi_task, compressed.masks[t]) for t in heads}
     return base, heads, states
 
