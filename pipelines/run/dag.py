@@ -118,7 +118,6 @@ def start_scorers(
         count = 1 if settings.all_fast else count
         evaluator = partial(TangentEvaluator, mode=plan.finetune["mode"])
     actor = ray.remote(**actor_options(plan))(CandidateScorer)
-    device = "cuda" if resources.num_gpus > 0 else "cpu"
     args = (store_cfg, base_key, base_meta, specs, plan.evaluation, evaluator)
-    args += (max(1, int(resources.num_cpus)), device)
+    args += (max(1, int(resources.num_cpus)), resources.device)
     return [actor.remote(*args) for _ in range(count)]

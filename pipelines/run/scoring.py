@@ -128,7 +128,7 @@ def open_score_book(
 ) -> ScoreBook:
     """The scores this run may reuse: its pipeline's previous run's (``previous_run``) and its
     own earlier start's (a resumed run), under this run's score context."""
-    device = "cuda" if plan.spec.merge.resources.num_gpus > 0 else "cpu"
+    device = plan.spec.merge.resources.device
     mode = plan.finetune["mode"]
     context = score_context(version, base_meta, tasks, plan.evaluation, mode, device)
     known = read_scores(store, run_id)

@@ -111,6 +111,11 @@ class ScorerResources(SpecModel):
         default=0, ge=0, description="GPUs per scorer actor; above 0 it evaluates on CUDA."
     )
 
+    @property
+    def device(self) -> str:
+        """Where a scorer evaluates: ``cuda`` when it is given GPUs, else ``cpu``."""
+        return "cuda" if self.num_gpus > 0 else "cpu"
+
 
 class MergeSpec(SpecModel):
     objective: Literal["mean_normalized_accuracy", "mean_accuracy", "negate"] = (
