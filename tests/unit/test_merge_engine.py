@@ -323,3 +323,108 @@ def test_float32_global_thresholds_equal_the_library_radix_select(density, coeff
 
     expected = global_trim_thresholds(stream, density, coefficient)
     assert trim_thresholds(plan, sources) == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("method", ["task_arithmetic", "weight_average", "ties"])
+def test_the_fused_kernels_merge_half_precision_exactly_as_the_method(method, dtype) -> None:
+    base = {name: t.to(dtype) for name, t in make_base(dtypes=False).items()}
+    vectors = {
+        t: {n: v.to(dtype) for n, v in tv.items()} for t, tv in make_task_vectors(base).items()
+    }
+    coefficient = {"a": 0.3, "b": 0.9, "c": -0.4} if method != "weight_average" else 0.7
+    plan = plan_merge(
+        method, specs_of(base), {t: specs_of(v) for t, v in vectors.items()}, coefficient
+    )
+    kernel = "ties" if method == "ties" else "linear"
+    assert {plan.kernel(spec) for spec in plan.tensors} == {kernel}
+    expected = merge(method, base, vectors, coefficient)
+    streamed = stream_all(method, {}, coefficient, base, vectors, reuse_buffers=True)
+    for name in base:
+        assert streamed[name].dtype == dtype
+        assert torch.equal(streamed[name], expected[name]), name
+    doubled = plan_merge(
+        method,
+        specs_of({n: t.double() for n, t in base.items()}),
+        {t: specs_of({n: x.double() for n, x in v.items()}) for t, v in vectors.items()},
+        coefficient,
+    )
+    assert {doubled.kernel(spec) for spec in doubled.tensors} == {None}  # float64 stays exact
+
+
+class RowCounting(StateSource):
+    """A state source that counts the row blocks read."""
+
+    blocks = 0
+
+    def read_rows(self, name, start, stop, out=None):
+        RowCounting.blocks += 1
+        return super().read_rows(name, start, stop, out)
+
+
+SIX = ("a", "b", "c", "d", "e", "f")  # with more than 4 tasks Tensor.sum orders differently
+
+
+@pytest.mark.parametrize("tasks", [3, 6])
+@pytest.mark.parametrize(
+    ("method", "params", "coefficient"),
+    [
+        ("task_arithmetic", {}, {"a": 0.3, "b": 0.9, "c": -0.4}),
+        ("weight_average", {}, 0.7),
+        ("ties", {}, 1.0),
+        ("ties", {"scope": "per_tensor", "density": 0.5}, 0.8),
+        ("ties", {"merge": "sum", "density": 0.3}, {"a": 0.2, "b": 0.5, "c": 1.0}),
+        ("ties", {"scope": "per_tensor", "merge": "max"}, 1.1),
+    ],
+)
+def test_large_tensors_merge_in_blocks_of_rows_bit_for_bit(
+    monkeypatch, method, params, coefficient, tasks
+):
+    from workers.merge import blocks
+
+    monkeypatch.setattr(blocks, "BLOCK_BYTES", 64)  # 16 float32 entries: most tensors split
+    base = make_base()
+    vectors = make_task_vectors(base)
+    generator = torch.Generator().manual_seed(9)
+    for task in SIX[3:tasks]:
+        vectors[task] = {
+            n: torch.randn(t.shape, generator=generator).to(t.dtype) for n, t in base.items()
+        }
+    if isinstance(coefficient, dict):
+        coefficient = {task: coefficient.get(task, 0.6) for task in vectors}
+    expected = merge(method, base, vectors, coefficient, **params)
+    plan = plan_merge(
+        method, specs_of(base), {t: specs_of(v) for t, v in vectors.items()}, coefficient, params
+    )
+    RowCounting.blocks = 0
+    sources = {task: RowCounting(v) for task, v in vectors.items()}
+    stream = merge_stream(plan, RowCounting(base), sources, reuse_buffers=True)
+    streamed = {name: tensor.clone() for name, tensor in stream}
+    assert RowCounting.blocks > 4 * len(base)  # the large tensors went in blocks
+    for name in base:
+        assert streamed[name].dtype == base[name].dtype
+        assert torch.equal(streamed[name], expected[name]), name
+
+
+def test_theta0_plus_lambda_delta_in_blocks_of_rows_equals_the_method(monkeypatch) -> None:
+    from workers.merge import blocks, engine
+    from workers.merge.engine import ZeroSource, scaled_stream
+
+    monkeypatch.setattr(blocks, "BLOCK_BYTES", 64)
+    base = make_base()
+    vectors = make_task_vectors(base)
+    zero = [
+        engine.TensorSpec(
+            s.name, torch.float64 if s.dtype == torch.float64 else torch.float32, s.shape
+        )
+        for s in specs_of(base)
+    ]
+    plan = plan_merge("tsv", zero, {t: specs_of(v) for t, v in vectors.items()}, 1.0)
+    sources = {task: StateSource(v) for task, v in vectors.items()}
+    delta = {n: t.clone() for n, t in merge_stream(plan, ZeroSource(zero), sources)}
+    RowCounting.blocks = 0
+    scaled = dict(scaled_stream(specs_of(base), RowCounting(base), RowCounting(delta), 0.8))
+    assert RowCounting.blocks > 4 * len(base)
+    expected = merge("tsv", base, vectors, 0.8)
+    for name in base:
+        assert torch.equal(scaled[name], expected[name]), name

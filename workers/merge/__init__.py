@@ -22,7 +22,17 @@ from workers.merge.ties import global_majority_sign, global_trim_thresholds
 from workers.merge.validation import validate_task_vectors
 
 SUPPORT_MODULES = frozenset(
-    {"backbone", "compression", "engine", "kernels", "registry", "statistics", "validation"}
+    {
+        "backbone",
+        "blocks",
+        "compression",
+        "engine",
+        "kernels",
+        "plan",
+        "registry",
+        "statistics",
+        "validation",
+    }
 )
 """Modules of this package that are not merge methods; every other module registers one."""
 

@@ -26,6 +26,11 @@ def compute_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def compute_dtype_of(dtype: torch.dtype) -> torch.dtype:
+    """The compute dtype of a tensor of ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def to_compute(tensor: Tensor) -> Tensor:
     """The tensor in its compute dtype; may return the input itself, so never modify in place."""
     return tensor.to(compute_dtype(tensor))

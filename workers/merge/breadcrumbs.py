@@ -66,7 +66,7 @@ def breadcrumbs_mask(tensor: Tensor, beta: float, gamma: float) -> Tensor:
     return kept.reshape(tensor.shape)
 
 
-@register("breadcrumbs", params_model=BreadcrumbsParams)
+@register("breadcrumbs", params_model=BreadcrumbsParams, scales_delta=True)
 def breadcrumbs(
     base: StateDict,
     task_vectors: TaskVectors,

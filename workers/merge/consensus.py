@@ -67,6 +67,7 @@ def _global_density(params: ConsensusParams) -> float | None:
     params_model=ConsensusParams,
     global_trim_density=_global_density,
     internal_params=("thresholds", "majority"),
+    scales_delta=True,
 )
 def consensus(
     base: StateDict,

@@ -107,6 +107,7 @@ def _dropped(tensor: Tensor, task: str, name: str, params: DareParams) -> Tensor
     global_trim_density=_global_density,
     internal_params=("thresholds", "majority"),
     trim_input=_dropped,
+    scales_delta=True,
 )
 def dare(
     base: StateDict,

@@ -109,7 +109,7 @@ def magprune(
     return torch.where(keep, value / (1 - probabilities), torch.zeros_like(value))
 
 
-@register("della", params_model=DellaParams)
+@register("della", params_model=DellaParams, scales_delta=True)
 def della(
     base: StateDict,
     task_vectors: TaskVectors,

@@ -13,22 +13,31 @@ backbone), which is exact for every method whose steps are per tensor. A global 
 computes each task's exact threshold with :func:`ties.global_trim_thresholds` over streamed
 passes, then the whole backbone's election majority sign in one more pass. Methods registered
 as linear (task arithmetic, weight averaging) and those naming a fused kernel (ties) run fused
-kernels on float32 tensors (:mod:`workers.merge.kernels`) that read into reused buffers and
-give the method's result without its temporaries.
+kernels (:mod:`workers.merge.kernels`) that read into reused buffers and give the method's
+result without its temporaries, on float32 tensors and on half-precision ones (read into
+float32, the result cast back, as the methods compute).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from storage.errors import MergeInputError
-from workers.merge.backbone import Coefficient
+from workers.merge.backbone import Coefficient, finish
+from workers.merge.blocks import (
+    BLOCK_BYTES,
+    check_finite,
+    linear_by_rows,
+    pieces,
+    read_float32,
+    read_rows_float32,
+    row_blocks,
+    ties_by_rows,
+)
 from workers.merge.kernels import (
     Workspace,
     fused_linear,
@@ -36,138 +45,53 @@ from workers.merge.kernels import (
     fused_ties,
     global_thresholds_float32,
 )
-from workers.merge.registry import RegisteredMethod, get_method
+from workers.merge.plan import (
+    KERNEL_DTYPES,
+    MergePlan,
+    StateSource,
+    TensorSource,
+    TensorSpec,
+    ZeroSource,
+    plan_merge,
+    specs_of,
+)
+from workers.merge.registry import get_method
 from workers.merge.ties import global_sign_balance, global_trim_thresholds, majority_of
-from workers.merge.validation import validate_coefficient
 
-_SAME_BASE = "build task vectors from the same base model"
-
-
-class TensorSource(Protocol):
-    """Tensors by name, read on demand; ``out`` is a buffer to read into when given."""
-
-    def read(self, name: str, out: Tensor | None = None) -> Tensor: ...
-
-
-class StateSource:
-    """An in-memory state dict as a :class:`TensorSource`."""
-
-    def __init__(self, state: Mapping[str, Tensor]) -> None:
-        self.state = state
-
-    def read(self, name: str, out: Tensor | None = None) -> Tensor:
-        tensor = self.state[name]
-        return tensor if out is None else out.copy_(tensor)
+__all__ = [
+    "MergePlan",
+    "StateSource",
+    "TensorSource",
+    "TensorSpec",
+    "ZeroSource",
+    "election_majority",
+    "merge_state",
+    "merge_stream",
+    "plan_merge",
+    "scaled_stream",
+    "specs_of",
+    "trim_thresholds",
+]
 
 
-@dataclass(frozen=True)
-class TensorSpec:
-    """A tensor's name, dtype and shape, known before any data is read."""
-
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
-
-
-def specs_of(state: Mapping[str, Tensor]) -> list[TensorSpec]:
-    """The specs of an in-memory state dict, in its order."""
-    return [TensorSpec(name, t.dtype, tuple(t.shape)) for name, t in state.items()]
-
-
-@dataclass(frozen=True)
-class MergePlan:
-    """What to merge and how, validated once before any tensor is read."""
-
-    method: RegisteredMethod
-    params: dict[str, Any]
-    coefficient: Coefficient
-    tasks: tuple[str, ...]
-    tensors: tuple[TensorSpec, ...]
-    task_dtypes: dict[str, dict[str, torch.dtype]]
-    trim_density: float | None
-
-    def kernel(self, spec: TensorSpec) -> str | None:
-        """The fused kernel for this tensor ("linear", "ties") or None: the method itself."""
-        if spec.dtype != torch.float32 or any(
-            self.task_dtypes[t][spec.name] != torch.float32 for t in self.tasks
-        ):
-            return None
-        if self.method.linear_form(self.params) is not None:
-            return "linear"
-        return self.method.kernel
-
-
-def plan_merge(
-    method: str,
-    base: Sequence[TensorSpec],
-    task_vectors: Mapping[str, Sequence[TensorSpec]],
-    coefficient: Coefficient = 1.0,
-    params: Mapping[str, Any] | None = None,
-) -> MergePlan:
-    """Validate the method, its params, the coefficient and every name/shape; plan the merge."""
-    registered = get_method(method)
-    params = dict(params or {})
-    validated = registered.validate_params(params)
-    if registered.uses_coefficient:
-        validate_coefficient(
-            coefficient, task_vectors, method=method, per_task=registered.per_task_coefficients
-        )
-    task_dtypes = _check_specs(base, task_vectors)
-    registered.check_task_count(len(task_vectors))
-    return MergePlan(
-        method=registered,
-        params=params,
-        coefficient=coefficient,
-        tasks=tuple(sorted(task_vectors)),
-        tensors=tuple(base),
-        task_dtypes=task_dtypes,
-        trim_density=registered.global_trim_density(validated),
-    )
-
-
-def _check_specs(
-    base: Sequence[TensorSpec], task_vectors: Mapping[str, Sequence[TensorSpec]]
-) -> dict[str, dict[str, torch.dtype]]:
-    if not base:
-        raise MergeInputError("the base backbone is empty: pass θ0 with at least one tensor")
-    if not task_vectors:
-        raise MergeInputError("no task vectors given: pass at least one")
-    for spec in base:
-        if not spec.dtype.is_floating_point:
-            raise MergeInputError(
-                f"base tensor '{spec.name}' is {spec.dtype}: merge only floating-point parameters"
+def scaled_stream(
+    base_specs: Sequence[TensorSpec], base: TensorSource, delta: TensorSource, lam: float
+) -> Iterator[tuple[str, Tensor]]:
+    """θ0 + λ·Δ tensor by tensor, computed as every method finishes (``backbone.finish``):
+    the merge at a shared λ of a method registered ``scales_delta``, whose Δ is its merge at
+    λ = 1 onto a zero θ0 held in the compute dtype."""
+    for spec in base_specs:
+        blocks = row_blocks(spec, [base, delta])
+        if blocks is None:
+            yield spec.name, finish(base.read(spec.name), delta.read(spec.name), lam)
+            continue
+        merged = torch.empty(spec.shape, dtype=spec.dtype)
+        for start, stop in blocks:  # elementwise: block by block is the whole tensor's result
+            rows = finish(
+                base.read_rows(spec.name, start, stop), delta.read_rows(spec.name, start, stop), lam
             )
-    dtypes: dict[str, dict[str, torch.dtype]] = {}
-    for task, specs in task_vectors.items():
-        by_name = {spec.name: spec for spec in specs}
-        for spec in base:
-            other = by_name.get(spec.name)
-            if other is None:
-                raise MergeInputError(
-                    f"task vector '{task}' has no tensor '{spec.name}' that the base has: "
-                    f"{_SAME_BASE}"
-                )
-            if other.shape != spec.shape:
-                raise MergeInputError(
-                    f"task vector '{task}' tensor '{spec.name}' has shape {other.shape} but the "
-                    f"base has {spec.shape}: {_SAME_BASE}"
-                )
-            if not other.dtype.is_floating_point:
-                raise MergeInputError(
-                    f"task vector '{task}' tensor '{spec.name}' is {other.dtype}: {_SAME_BASE}"
-                )
-        extra = next((name for name in by_name if name not in {s.name for s in base}), None)
-        if extra is not None:
-            raise MergeInputError(
-                f"task vector '{task}' has tensor '{extra}' that the base does not have: "
-                f"{_SAME_BASE}"
-            )
-        dtypes[task] = {name: spec.dtype for name, spec in by_name.items()}
-    return dtypes
+            merged[start:stop].copy_(rows)
+        yield spec.name, merged
 
 
 def trim_thresholds(plan: MergePlan, tasks: Mapping[str, TensorSource]) -> dict[str, float] | None:
@@ -175,14 +99,19 @@ def trim_thresholds(plan: MergePlan, tasks: Mapping[str, TensorSource]) -> dict[
     if plan.trim_density is None:
         return None
     coefficient = _trim_coefficient(plan)
-    float32 = all(dtype == torch.float32 for d in plan.task_dtypes.values() for dtype in d.values())
-    if float32 and plan.method.trim_input is None:
+    kernel = all(dtype in KERNEL_DTYPES for d in plan.task_dtypes.values() for dtype in d.values())
+    if kernel and plan.method.trim_input is None:
+        parts = pieces(plan, list(tasks.values()))
+        shapes = [shape for _, _, shape in parts]
+        workspace = Workspace(min(BLOCK_BYTES, max(spec.nbytes for spec in plan.tensors)))
 
         def read(task: str, index: int, out: Tensor) -> Tensor:
-            return tasks[task].read(plan.tensors[index].name, out=out)
+            name, rows, _ = parts[index]
+            dtype = plan.task_dtypes[task][name]
+            if rows is None:
+                return read_float32(tasks[task], name, dtype, out, workspace)
+            return read_rows_float32(tasks[task], name, dtype, rows, out, workspace)
 
-        shapes = [spec.shape for spec in plan.tensors]
-        workspace = Workspace(max(spec.nbytes for spec in plan.tensors))
         return global_thresholds_float32(
             plan.tasks, shapes, read, plan.trim_density, coefficient, workspace
         )
@@ -215,17 +144,21 @@ def election_majority(
         )
     coefficient = _trim_coefficient(plan)
     params = plan.method.validate_params(plan.params)
-    workspace = Workspace(max(spec.nbytes for spec in plan.tensors))
+    workspace = Workspace(min(BLOCK_BYTES, max(spec.nbytes for spec in plan.tensors)))
     balance = 0
     for spec in plan.tensors:
         if plan.kernel(spec) == "ties":
+            for name, rows, shape in pieces(plan, list(tasks.values()), [spec]):
 
-            def read(task: str, out: Tensor, name: str = spec.name) -> Tensor:
-                return tasks[task].read(name, out=out)
+                def read(task: str, out: Tensor, name: str = name, rows: Any = rows) -> Tensor:
+                    dtype = plan.task_dtypes[task][name]
+                    if rows is None:
+                        return read_float32(tasks[task], name, dtype, out, workspace)
+                    return read_rows_float32(tasks[task], name, dtype, rows, out, workspace)
 
-            balance += fused_sign_balance(
-                plan.tasks, coefficient, spec.shape, read, workspace, thresholds=thresholds
-            )
+                balance += fused_sign_balance(
+                    plan.tasks, coefficient, shape, read, workspace, thresholds=thresholds
+                )
         else:
             by_task = {
                 t: _trim_input(plan, params, t, spec.name, tasks[t].read(spec.name))
@@ -273,7 +206,8 @@ def merge_stream(
     extra: dict[str, Any] = {}
     if thresholds is not None:
         extra = {"thresholds": dict(thresholds), "majority": majority}
-    shared = Workspace(max(s.nbytes for s in plan.tensors)) if reuse_buffers else None
+    largest = max(s.nbytes for s in plan.tensors)
+    shared = Workspace(min(largest, BLOCK_BYTES)) if reuse_buffers else None
     for spec in plan.tensors:
         kernel = plan.kernel(spec)
         if kernel is not None:
@@ -309,10 +243,17 @@ def _fused(
     majority: float | None,
 ) -> Tensor:
     def read(task: str, out: Tensor) -> Tensor:
-        return (tasks[task] if task else base).read(spec.name, out=out)
+        source = tasks[task] if task else base
+        dtype = plan.task_dtypes[task][spec.name] if task else spec.dtype
+        return read_float32(source, spec.name, dtype, out, workspace)
 
     if kernel == "ties":
         params = plan.method.validate_params(plan.params)
+        blocks = row_blocks(spec, [base, *tasks.values()])
+        if blocks is not None:  # a large tensor: passes over blocks of rows, exact
+            return ties_by_rows(
+                plan, spec, base, tasks, workspace, blocks, params, thresholds, majority
+            )
         merged = fused_ties(
             plan.tasks,
             plan.coefficient,
@@ -327,27 +268,12 @@ def _fused(
     else:
         form = plan.method.linear_form(plan.params)
         assert form is not None  # kernel() chose "linear" from it
+        blocks = row_blocks(spec, [base, *tasks.values()])
+        if blocks is not None:  # elementwise: a large tensor is merged a block of rows at a time
+            return linear_by_rows(form, plan, spec, base, tasks, workspace, blocks)
         merged = fused_linear(form, plan.tasks, plan.coefficient, spec.shape, read, workspace)
-    # NaN/Inf in any input reaches the result; a finite sum rules them out in one cheap pass.
-    if not torch.isfinite(merged.sum()) and not bool(torch.isfinite(merged).all()):
-        raise MergeInputError(_non_finite_source(spec.name, plan.tasks, base, tasks))
-    return merged
-
-
-def _non_finite_source(
-    name: str, order: Sequence[str], base: TensorSource, tasks: Mapping[str, TensorSource]
-) -> str:
-    """The error path only: re-read the inputs of ``name`` to say which one holds NaN/Inf."""
-    for task in order:
-        if not bool(torch.isfinite(tasks[task].read(name)).all()):
-            return (
-                f"task vector '{task}' tensor '{name}' holds NaN/Inf values (a diverged "
-                "fine-tune produces these): rebuild that task vector from finite weights"
-            )
-    return (
-        f"base tensor '{name}' holds NaN/Inf values (or the merge overflowed): "
-        "check the base model's weights"
-    )
+    check_finite(merged, spec.name, plan.tasks, base, tasks)
+    return merged if merged.dtype == spec.dtype else merged.to(spec.dtype)
 
 
 def _specs(vector: Mapping[str, Tensor]) -> list[TensorSpec]:

@@ -56,6 +56,7 @@ def fisher_delta(taus: dict[str, Tensor], fishers: dict[str, Tensor], floor: flo
     params_model=FisherParams,
     internal_params=("statistics",),
     statistics="fisher",
+    scales_delta=True,
 )
 def fisher(
     base: StateDict,

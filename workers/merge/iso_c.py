@@ -59,7 +59,7 @@ def iso_c_matrix(taus: list[Tensor]) -> Tensor:
     return s.mean() * (u @ vh)
 
 
-@register("iso_c", params_model=IsoCParams)
+@register("iso_c", params_model=IsoCParams, scales_delta=True)
 def iso_c(
     base: StateDict,
     task_vectors: TaskVectors,

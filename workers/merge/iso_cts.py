@@ -78,7 +78,7 @@ def iso_cts_matrix(taus: list[Tensor], common: float) -> Tensor:
     return s.mean() * (u @ vh)
 
 
-@register("iso_cts", params_model=IsoCtsParams)
+@register("iso_cts", params_model=IsoCtsParams, scales_delta=True)
 def iso_cts(
     base: StateDict,
     task_vectors: TaskVectors,

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from workers.merge.backbone import Coefficient, split_coefficient
 from workers.merge.registry import LinearForm
-from workers.merge.ties import majority_of, sign_balance, trim_count
+from workers.merge.ties import majority_of, sign_balance, sum_rows, trim_count
 
 Read = Callable[[str, Tensor], Tensor]
 """``read(task, out)`` fills ``out`` with one tensor of that task ("" reads θ0)."""
@@ -131,7 +131,7 @@ def fused_sign_balance(
     """``ties.sign_balance`` of one tensor's globally trimmed sum: a pass toward the majority."""
     scales, _ = split_coefficient(coefficient, tasks)
     stacked = _fill_trimmed(tasks, scales, shape, read, workspace, 1.0, thresholds)
-    summed = torch.sum(stacked, dim=0, out=workspace.get("elected", shape, torch.float32))
+    summed = sum_rows(stacked, out=workspace.get("elected", shape, torch.float32))
     return sign_balance(summed)
 
 
@@ -157,7 +157,7 @@ def fused_ties(
     stacked = _fill_trimmed(tasks, scales, shape, read, workspace, density, thresholds)
     magnitude = workspace.get("magnitude", shape, torch.float32)
     keep = workspace.get("keep", shape, torch.bool)
-    elected = torch.sum(stacked, dim=0, out=workspace.get("elected", shape, torch.float32))
+    elected = sum_rows(stacked, out=workspace.get("elected", shape, torch.float32))
     if majority is None:
         majority = majority_of(sign_balance(elected))
     elected.sign_()

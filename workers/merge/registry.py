@@ -119,6 +119,7 @@ class RegisteredMethod:
     trim_input: TrimInput | None = None  # dare: its global ties trim sees the dropped vectors
     min_tasks: int = 1
     max_tasks: int | None = None  # slerp: exactly two
+    scales_delta: bool = False  # a shared λ gives θ0 + λ·Δ, Δ from the task vectors alone
 
     def linear_form(self, params: Mapping[str, Any]) -> LinearForm | None:
         """How θ − θ0 follows from the coefficient with these params, or None: not linear."""
@@ -199,6 +200,7 @@ def register(
     trim_input: TrimInput | None = None,
     min_tasks: int = 1,
     max_tasks: int | None = None,
+    scales_delta: bool = False,
 ) -> Callable[[Implementation], Implementation]:
     """Register the decorated implementation as merge method `name` (its file name).
 
@@ -212,6 +214,10 @@ def register(
     ``linear``: θ − θ0 = Σ_s α_s τ_s, how α follows from the coefficient (:class:`LinearForm`).
     ``kernel``: the fused float32 kernel that gives this method's result bit for bit.
     ``trim_input``: what a global ties trim sees of each task tensor, when not the tensor.
+    ``scales_delta``: with one shared coefficient λ the merge is ``finish(θ0, Δ, λ)`` =
+    θ0 + λ·Δ, where Δ (the merge onto a zero θ0 at λ = 1) depends on the task vectors, params
+    and statistics only; a search then computes Δ once for every λ of a grid
+    (``tests/unit/test_method_properties.py`` checks it bit for bit).
     """
 
     def decorator(implementation: Implementation) -> Implementation:
@@ -229,6 +235,10 @@ def register(
             raise ValueError(f"retrieval method '{name}' needs params 'task' and 'lam'")
         if linear is not None and not uses_coefficient:
             raise ValueError(f"merge method '{name}' ignores its coefficient: it is not linear")
+        if scales_delta and (retrieval or not uses_coefficient):
+            raise ValueError(
+                f"merge method '{name}' does not scale one merged delta by its coefficient"
+            )
         _REGISTRY[name] = RegisteredMethod(
             name=name,
             params_model=params_model,
@@ -244,6 +254,7 @@ def register(
             kernel=kernel,
             trim_input=trim_input,
             min_tasks=min_tasks,
+            scales_delta=scales_delta,
             max_tasks=max_tasks,
         )
         return implementation

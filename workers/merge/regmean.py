@@ -71,6 +71,7 @@ def regmean_delta(taus: dict[str, Tensor], grams: dict[str, Tensor], alpha: floa
     params_model=RegMeanParams,
     internal_params=("statistics",),
     statistics="gram",
+    scales_delta=True,
 )
 def regmean(
     base: StateDict,

@@ -34,7 +34,7 @@ class TaskArithmeticParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-@register("task_arithmetic", params_model=TaskArithmeticParams, linear=EACH)
+@register("task_arithmetic", params_model=TaskArithmeticParams, linear=EACH, scales_delta=True)
 def task_arithmetic(
     base: StateDict,
     task_vectors: TaskVectors,

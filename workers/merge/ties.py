@@ -88,6 +88,16 @@ def majority_of(balance: int) -> float:
     return 1.0 if balance >= 0 else -1.0
 
 
+def sum_rows(stack: Tensor, out: Tensor | None = None) -> Tensor:
+    """Σ over the first dimension, one row at a time in task order (into ``out`` if given):
+    the same sum whatever part of the tensor is summed at once, unlike ``Tensor.sum``, whose
+    order depends on the size."""
+    total = stack[0].clone() if out is None else out.copy_(stack[0])
+    for row in stack[1:]:
+        total.add_(row)
+    return total
+
+
 def elect_and_merge(
     trimmed: Tensor, merge: MergeRule = "mean", majority: float | None = None
 ) -> Tensor:
@@ -96,7 +106,7 @@ def elect_and_merge(
     `majority` fills the entries whose sum is exactly 0; None takes this tensor's own majority
     (per-tensor election), a global scope passes the whole backbone's.
     """
-    summed = trimmed.sum(dim=0)
+    summed = sum_rows(trimmed)
     if majority is None:
         majority = majority_of(sign_balance(summed))
     elected = torch.sign(summed)
@@ -104,10 +114,10 @@ def elect_and_merge(
     agrees = torch.sign(trimmed) == elected
     kept = torch.where(agrees, trimmed, torch.zeros_like(trimmed))
     if merge == "sum":
-        return kept.sum(dim=0)
+        return sum_rows(kept)
     if merge == "max":
         return elected * kept.abs().amax(dim=0)
-    return kept.sum(dim=0) / agrees.sum(dim=0).clamp(min=1)
+    return sum_rows(kept) / agrees.sum(dim=0).clamp(min=1)
 
 
 def ties_vectors(
@@ -139,7 +149,7 @@ def ties_vectors(
         _check_thresholds(thresholds, tasks)
         if majority is None:
             trimmed = (trim_stack(stack_tasks(prepared, name), thresholds, tasks) for name in names)
-            majority = majority_of(sum(sign_balance(stack.sum(dim=0)) for stack in trimmed))
+            majority = majority_of(sum(sign_balance(sum_rows(stack)) for stack in trimmed))
         _check_majority(majority)
     elif thresholds is not None or majority is not None:
         raise MergeInputError(
@@ -183,7 +193,7 @@ def global_sign_balance(
         _check_thresholds(thresholds, tasks)
         scales, _ = split_coefficient(coefficient, tasks)
         prepared = prepare_vectors({task: {"": by_task[task]} for task in tasks}, scales)
-        balance += sign_balance(trim_stack(stack_tasks(prepared, ""), thresholds, tasks).sum(dim=0))
+        balance += sign_balance(sum_rows(trim_stack(stack_tasks(prepared, ""), thresholds, tasks)))
     return balance
 
 
@@ -289,6 +299,7 @@ def _global_density(params: TiesParams) -> float | None:
     global_trim_density=_global_density,
     internal_params=("thresholds", "majority"),
     kernel="ties",
+    scales_delta=True,
 )
 def ties(
     base: StateDict,

@@ -140,7 +140,7 @@ def merge_matrices(
     return merged
 
 
-@register("tsv", params_model=TsvParams)
+@register("tsv", params_model=TsvParams, scales_delta=True)
 def tsv(
     base: StateDict,
     task_vectors: TaskVectors,

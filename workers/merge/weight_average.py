@@ -29,7 +29,11 @@ class WeightAverageParams(BaseModel):
 
 
 @register(
-    "weight_average", params_model=WeightAverageParams, per_task_coefficients=False, linear=MEAN
+    "weight_average",
+    params_model=WeightAverageParams,
+    per_task_coefficients=False,
+    linear=MEAN,
+    scales_delta=True,
 )
 def weight_average(
     base: StateDict,
