@@ -55,12 +55,15 @@ def write_artifact(
     prefix: str,
     files: Mapping[str, ArtifactFile],
     meta: dict[str, Any],
+    written: Mapping[str, dict[str, Any]] | None = None,
 ) -> ArtifactRef:
     """Write every file, then create the manifest; returns the artifact now at ``prefix``.
 
     That is this write's artifact, or an intact one another writer finished first. A
     ``TensorFile`` is saved to a local scratch file first; it and a ``LocalFile`` stream to the
-    store, their sha256 computed on the way (:mod:`storage.staged`).
+    store, their sha256 computed on the way (:mod:`storage.staged`). ``written``: files other
+    processes already put at ``prefix`` (:func:`write_artifact_file`), by name, with the
+    manifest entries they got; the manifest lists them too.
     """
     existing = find_artifact(store, prefix)
     if existing is not None and verify_artifact(store, prefix) is None:
@@ -77,6 +80,7 @@ def write_artifact(
         }
         for _ in range(_TAKEOVER_ATTEMPTS):
             table = {name: _write(store, f"{prefix}/{name}", data) for name, data in staged.items()}
+            table |= dict(written or {})
             manifest = {
                 "format_version": FORMAT_VERSION,
                 "created": created,
@@ -94,6 +98,19 @@ def write_artifact(
         f"{store.url(prefix)}: other writers kept replacing this artifact while it was "
         "written: rerun when they are done"
     )
+
+
+def write_artifact_file(
+    store: ObjectStore, prefix: str, name: str, data: ArtifactFile
+) -> dict[str, Any]:
+    """Put one file of an artifact that another process will commit (its manifest names it,
+    see ``written`` in :func:`write_artifact`); returns the file's manifest entry."""
+    beside = store.local_path(prefix)
+    if beside is not None:
+        os.makedirs(beside, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".staging-", suffix=".partial", dir=beside) as scratch:
+        staged = _stage(store, f"{prefix}/{name}", data, Path(scratch) / "file.safetensors")
+        return _write(store, f"{prefix}/{name}", staged)
 
 
 def _stage(
@@ -169,7 +186,7 @@ def invalidate_artifact(store: ObjectStore, prefix: str) -> None:
 def read_file(store: ObjectStore, prefix: str, name: str) -> bytes:
     """Read one small file of an artifact, verified against the manifest (tensor files:
     :func:`read_tensor_file`)."""
-    expected = _expected(store, prefix, name)
+    expected = expected_entry(store, prefix, name)
     data = _read(store, f"{prefix}/{name}")
     _check(store, f"{prefix}/{name}", expected, (sha256_bytes(data), len(data)))
     return data
@@ -181,7 +198,7 @@ def read_tensor_file(store: ObjectStore, prefix: str, name: str) -> dict[str, to
     A local store's file is hashed in place and then memory-mapped; a remote one is streamed
     to a scratch file while hashing, then memory-mapped from there. Never held as bytes.
     """
-    expected = _expected(store, prefix, name)
+    expected = expected_entry(store, prefix, name)
     key = f"{prefix}/{name}"
     local = store.local_path(key)
     if local is not None:
@@ -193,7 +210,7 @@ def read_tensor_file(store: ObjectStore, prefix: str, name: str) -> dict[str, to
         return load_tensor_file(path, store.url(prefix))  # mapped: outlives the file's name
 
 
-def _expected(store: ObjectStore, prefix: str, name: str) -> dict[str, Any]:
+def expected_entry(store: ObjectStore, prefix: str, name: str) -> dict[str, Any]:
     """The manifest's entry (sha256, size) for file ``name``."""
     manifest_data = _read(store, f"{prefix}/{MANIFEST}")
     try:
@@ -211,6 +228,14 @@ def _check(store: ObjectStore, key: str, expected: dict[str, Any], found: tuple[
             f"{store.url(key)}: checksum mismatch (sha256 differs from the "
             "manifest): the file is corrupt; delete the artifact directory to rebuild it"
         )
+
+
+def verified_download(
+    store: ObjectStore, key: str, expected: dict[str, Any], target: Path | None
+) -> None:
+    """Stream ``key`` to ``target`` (None: hash it in place), refusing it unless its sha256
+    and size are ``expected``'s (a manifest entry)."""
+    _check(store, key, expected, _download(store, key, target))
 
 
 def _read(store: ObjectStore, key: str) -> bytes:

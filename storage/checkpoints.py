@@ -1,7 +1,9 @@
 """Resumable fine-tune checkpoints in the object store.
 
 Layout: ``checkpoints/<task-vector key>/step-<step>/`` holds one checkpoint's files and its
-``manifest.json`` (written last, see :mod:`storage.artifacts`); ``attempts.json`` counts how
+``manifest.json`` (written last, see :mod:`storage.artifacts`); with several workers each one
+puts its own files (:func:`write_checkpoint_part`) and rank 0 writes the rest and the manifest,
+which lists them all. ``attempts.json`` counts how
 often training of that task vector started. A newer checkpoint replaces the older ones once its
 manifest exists, so a crash at any moment leaves at least one complete checkpoint (or none yet).
 Everything under the key goes away when the task vector is written.
@@ -11,7 +13,11 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
+
+import torch
 
 from storage.artifacts import (
     ArtifactRef,
@@ -20,6 +26,7 @@ from storage.artifacts import (
     read_manifest,
     read_tensor_file,
     write_artifact,
+    write_artifact_file,
 )
 from storage.errors import ArtifactError
 from storage.objectstore import ObjectStore
@@ -39,27 +46,53 @@ def write_checkpoint(
     step: int,
     files: dict[str, bytes | TensorFile],
     meta: dict[str, Any],
+    written: dict[str, dict[str, Any]] | None = None,
 ) -> ArtifactRef:
     """Store the checkpoint after ``step`` steps, then drop the older ones; tensor files
-    stream to the store (:func:`storage.artifacts.write_artifact`)."""
-    ref = write_artifact(store, f"{checkpoint_prefix(key)}/{_STEP}{step:09d}", files, meta)
+    stream to the store (:func:`storage.artifacts.write_artifact`). ``written``: the files
+    other workers already put there (:func:`write_checkpoint_part`), with their entries."""
+    ref = write_artifact(store, _step_prefix(key, step), files, meta, written)
     for older in _steps(store, key):
         if older < step:
-            _delete_artifact(store, f"{checkpoint_prefix(key)}/{_STEP}{older:09d}")
+            _delete_artifact(store, _step_prefix(key, older))
     return ref
+
+
+def write_checkpoint_part(
+    store: ObjectStore, key: str, step: int, files: dict[str, bytes | TensorFile]
+) -> dict[str, dict[str, Any]]:
+    """One worker's own files of the checkpoint after ``step`` steps, invisible until the
+    manifest names them; returns their manifest entries, for :func:`write_checkpoint`."""
+    prefix = _step_prefix(key, step)
+    return {name: write_artifact_file(store, prefix, name, data) for name, data in files.items()}
+
+
+@dataclass(frozen=True)
+class StoredTensorFile:
+    """A tensor file of a stored checkpoint, read (streamed, memory-mapped and checked against
+    the manifest, :func:`storage.artifacts.read_tensor_file`) only when its tensors are used."""
+
+    store: ObjectStore
+    prefix: str
+    name: str
+
+    @cached_property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return read_tensor_file(self.store, self.prefix, self.name)
 
 
 def latest_checkpoint(
     store: ObjectStore, key: str
-) -> tuple[int, dict[str, bytes | TensorFile]] | None:
-    """(step, files) of the newest complete, intact checkpoint; None if there is none.
+) -> tuple[int, dict[str, bytes | StoredTensorFile]] | None:
+    """(step, files) of the newest complete checkpoint whose small files are intact; None if
+    there is none.
 
-    ``.safetensors`` files come back as :class:`TensorFile` (streamed and memory-mapped, see
-    :func:`storage.artifacts.read_tensor_file`), the others as bytes. A checkpoint whose files
-    fail their checksum is skipped for an older one.
+    ``.safetensors`` files come back as :class:`StoredTensorFile`, read only if a reader needs
+    them (a worker reads only the parts that overlap its own), the others as bytes. A
+    checkpoint whose small files fail their checksum is skipped for an older one.
     """
     for step in sorted(_steps(store, key), reverse=True):
-        prefix = f"{checkpoint_prefix(key)}/{_STEP}{step:09d}"
+        prefix = _step_prefix(key, step)
         manifest = read_manifest(store, prefix)
         if manifest is None:
             continue
@@ -70,9 +103,18 @@ def latest_checkpoint(
     return None
 
 
-def _read(store: ObjectStore, prefix: str, name: str) -> bytes | TensorFile:
+def delete_checkpoint(store: ObjectStore, key: str, step: int) -> None:
+    """Remove one checkpoint (e.g. one in a format this version no longer reads)."""
+    _delete_artifact(store, _step_prefix(key, step))
+
+
+def _step_prefix(key: str, step: int) -> str:
+    return f"{checkpoint_prefix(key)}/{_STEP}{step:09d}"
+
+
+def _read(store: ObjectStore, prefix: str, name: str) -> bytes | StoredTensorFile:
     if name.endswith(".safetensors"):
-        return TensorFile(read_tensor_file(store, prefix, name))
+        return StoredTensorFile(store, prefix, name)
     return read_file(store, prefix, name)
 
 
@@ -94,7 +136,7 @@ def count_attempts(store: ObjectStore, key: str) -> int:
 def delete_checkpoints(store: ObjectStore, key: str) -> None:
     """Remove every checkpoint of ``key`` and its attempt count (after the task vector exists)."""
     for step in _steps(store, key):
-        _delete_artifact(store, f"{checkpoint_prefix(key)}/{_STEP}{step:09d}")
+        _delete_artifact(store, _step_prefix(key, step))
     store.delete(f"{checkpoint_prefix(key)}/{_ATTEMPTS}")
     _remove_empty_directory(store, checkpoint_prefix(key))
 

@@ -2,9 +2,10 @@
 store, no service: :mod:`workers.models.merged` reads the directory through these).
 
 ``model.safetensors`` holds the backbone and each task's head as ``heads.<task>.<name>``
-(written by :func:`storage.taskvectors.write_merged_model`); a tall_masks model also holds
-τ_MTL (``multi_task.safetensors``) and the bit-packed per-task masks (``masks.safetensors``,
-named ``<task>/<name>``), the files of a TALL-mask artifact (:mod:`storage.tall`).
+(:func:`merged_tensors`; the publish stage streams it into one file); a tall_masks model also
+holds τ_MTL (``multi_task.safetensors``) and the bit-packed per-task masks
+(``masks.safetensors``, named ``<task>/<name>``), the files of a TALL-mask artifact
+(:mod:`storage.tall`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,16 @@ MULTI_TASK = "multi_task.safetensors"
 MASKS = "masks.safetensors"
 
 Masks = dict[str, dict[str, torch.Tensor]]
+
+
+def merged_tensors(
+    backbone: dict[str, torch.Tensor], heads: dict[str, dict[str, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """The merged-model layout: the backbone, then each head's tensors (``heads.<task>.<name>``)."""
+    tensors = dict(backbone)
+    for task, head in heads.items():
+        tensors.update({f"heads.{task}.{k}": v for k, v in head.items()})
+    return tensors
 
 
 def split_merged_tensors(

@@ -21,7 +21,7 @@ import os
 import shutil
 import struct
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,17 +149,33 @@ class SafetensorsReader:
         elif out.dtype != info.dtype or out.numel() * out.element_size() != info.nbytes:
             raise ValueError(f"buffer for '{name}' must be {info.dtype} {info.shape}")
         if info.nbytes:
-            self._read_into(info, out.reshape(-1).view(torch.uint8).numpy())
+            self._read_into(info, info.offset, out.reshape(-1).view(torch.uint8).numpy())
         return out.view(info.shape)
 
-    def _read_into(self, info: TensorInfo, view: object) -> None:
+    def read_rows(
+        self, name: str, start: int, stop: int, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Rows ``start:stop`` (along the first dimension) of tensor ``name``, read alone."""
+        info = self.tensors[name]
+        shape = (stop - start, *info.shape[1:])
+        row_bytes = info.nbytes // info.shape[0]
+        if out is None:
+            out = torch.empty(shape, dtype=info.dtype)
+        elif out.dtype != info.dtype or tuple(out.shape) != shape:
+            raise ValueError(f"buffer for rows of '{name}' must be {info.dtype} {shape}")
+        if out.numel():
+            view = out.reshape(-1).view(torch.uint8).numpy()
+            self._read_into(info, info.offset + start * row_bytes, view)
+        return out
+
+    def _read_into(self, info: TensorInfo, offset: int, view: object) -> None:
         descriptor = self._files.get(info.path)
         if descriptor is None:
             descriptor = self._files[info.path] = os.open(info.path, os.O_RDONLY)
         buffer = memoryview(view).cast("B")  # type: ignore[arg-type]
-        done = 0
-        while done < info.nbytes:  # preadv may return fewer bytes than asked (>2 GiB reads)
-            count = os.preadv(descriptor, [buffer[done:]], info.offset + done)
+        done, size = 0, len(buffer)
+        while done < size:  # preadv may return fewer bytes than asked (>2 GiB reads)
+            count = os.preadv(descriptor, [buffer[done:]], offset + done)
             if count == 0:
                 raise ArtifactError(f"{info.path}: truncated while reading '{info.name}'")
             done += count
@@ -174,6 +190,29 @@ class SafetensorsReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class FileTensors(Mapping[str, torch.Tensor]):
+    """A safetensors model as a read-only mapping: each lookup reads that one tensor and holds
+    nothing, so a merge that asks for one tensor at a time holds one (the data statistics of
+    regmean and fisher are model-sized per task)."""
+
+    def __init__(self, reader: SafetensorsReader) -> None:
+        self.reader = reader
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.reader.tensors:
+            raise KeyError(name)
+        return self.reader.read(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.reader.tensors
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.reader.tensors)
+
+    def __len__(self) -> int:
+        return len(self.reader.tensors)
 
 
 def plan_shards(
@@ -201,6 +240,8 @@ class ShardedWriter:
 
     Files go to a staging directory beside ``directory`` (``staging`` may receive extra files
     such as config.json); ``finish()`` writes the index and renames the staging directory.
+    With ``single_file`` every tensor goes to one ``model.safetensors`` and no index is written
+    (the layout of a published merge's own tensors, which every reader of it reads).
     """
 
     def __init__(
@@ -210,6 +251,7 @@ class ShardedWriter:
         *,
         max_shard_bytes: int = DEFAULT_SHARD_BYTES,
         metadata: dict[str, str] | None = None,
+        single_file: bool = False,
     ) -> None:
         self.directory = Path(directory)
         if self.directory.exists() and any(self.directory.iterdir()):
@@ -222,13 +264,16 @@ class ShardedWriter:
             raise ArtifactError(f"tensor '{unsupported}' has a dtype that safetensors lacks")
         self.staging.mkdir(parents=True)
         self.metadata = {"format": "pt"} | (metadata or {})
-        groups = plan_shards(specs, max_shard_bytes)
+        groups = [list(specs)] if single_file else plan_shards(specs, max_shard_bytes)
+        self.single_file = single_file
         self.weight_map: dict[str, str] = {}
         self._order: list[tuple[str, int]] = []  # (name, shard index) in writing order
+        self._specs = list(specs)
         self._files = []
         self.total_size = 0
         for index, group in enumerate(groups):
-            file_name = f"model-{index + 1:05d}-of-{len(groups):05d}.safetensors"
+            numbered = f"model-{index + 1:05d}-of-{len(groups):05d}.safetensors"
+            file_name = SINGLE_NAME if single_file else numbered
             self._files.append(open(self.staging / file_name, "wb"))  # noqa: SIM115
             self._write_header(self._files[-1], group)
             for name, _, _ in group:
@@ -259,6 +304,9 @@ class ShardedWriter:
             raise ValueError(
                 f"tensors must be written in order: expected '{expected}', got '{name}'"
             )
+        _, dtype, shape = self._specs[self._next]
+        if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+            raise ValueError(f"tensor '{name}' must be {dtype} {tuple(shape)}")
         handle = self._files[self._order[self._next][1]]
         data = tensor.detach().to("cpu").contiguous().reshape(-1)
         if data.numel():
@@ -273,8 +321,9 @@ class ShardedWriter:
             handle.flush()
             os.fsync(handle.fileno())
             handle.close()
-        index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
-        (self.staging / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
+        if not self.single_file:
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
+            (self.staging / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
         if self.directory.exists():
             self.directory.rmdir()  # empty, checked at the start
         os.replace(self.staging, self.directory)
@@ -305,8 +354,35 @@ class TensorView:
     def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         return self.reader.read(self._source[name], out=out)
 
+    def read_rows(
+        self, name: str, start: int, stop: int, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.reader.read_rows(self._source[name], start, stop, out=out)
+
     def close(self) -> None:
         self.reader.close()
+
+
+def write_view(
+    view: SafetensorsReader | TensorView,
+    directory: str | Path,
+    *,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    single_file: bool = False,
+) -> Path:
+    """Copy every tensor of ``view`` into a new model ``directory``, one tensor at a time
+    (e.g. a merged backbone under the Hugging Face model's own names)."""
+    specs = [(name, info.dtype, info.shape) for name, info in view.tensors.items()]
+    writer = ShardedWriter(
+        directory, specs, max_shard_bytes=max_shard_bytes, single_file=single_file
+    )
+    try:
+        for name, _, _ in specs:
+            writer.write(name, view.read(name))
+        return writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
 
 
 def digest_model(reader: SafetensorsReader | TensorView) -> str:

@@ -7,6 +7,7 @@ file) or a :class:`LocalFile` (a file already on disk); the last two stream to t
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import weakref
@@ -50,5 +51,26 @@ class ScratchDirectory:
         self.path = Path(tempfile.mkdtemp(prefix=prefix))
         weakref.finalize(self, shutil.rmtree, self.path, True)
 
+    @classmethod
+    def of_this_process(cls, prefix: str) -> ScratchDirectory:
+        """A scratch directory named with this process's id (``<prefix><pid>-…``), after
+        removing those of the same prefix whose process is gone: a process killed without
+        running its finalizers (a Ray actor ends so) leaves its directory to the next one."""
+        for stale in Path(tempfile.gettempdir()).glob(f"{prefix}*-*"):
+            owner = stale.name.removeprefix(prefix).split("-", 1)[0]
+            if owner.isdigit() and not _alive(int(owner)):
+                shutil.rmtree(stale, ignore_errors=True)
+        return cls(f"{prefix}{os.getpid()}-")
+
     def file(self, relative: str | Path) -> LocalFile:
         return LocalFile(self.path / relative, self)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True

@@ -13,6 +13,7 @@ A published tall_masks model also holds ``model.safetensors`` (θ0 backbone + he
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -24,7 +25,7 @@ from storage.modeldir import MASKS, MULTI_TASK, Masks, split_masks
 # Re-exported: the serving code of models published before it moved imports it from here.
 from storage.modeldir import read_tall_directory as read_tall_directory
 from storage.objectstore import ObjectStore
-from storage.staged import TensorFile
+from storage.staged import ArtifactFile, TensorFile
 
 
 def tall_files(multi_task: dict[str, torch.Tensor], masks: Masks) -> dict[str, TensorFile]:
@@ -44,7 +45,7 @@ def write_tall_artifact(
     masks: Masks,
     info: dict[str, Any],
     meta: dict[str, Any] | None = None,
-    extra_files: dict[str, bytes] | None = None,
+    extra_files: Mapping[str, ArtifactFile] | None = None,
 ) -> ArtifactRef:
     """Store τ_MTL and the masks; ``info`` (λ_t, use_ties, compression) goes to meta.tall_masks."""
     shapes = {name: list(tensor.shape) for name, tensor in multi_task.items()}

@@ -11,6 +11,8 @@ Manifests are always written last.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,11 +27,13 @@ from storage.artifacts import (
 from storage.errors import ArtifactError
 
 # Re-exported: the serving code of models published before it moved imports it from here.
+from storage.modeldir import merged_tensors as merged_tensors
 from storage.modeldir import split_merged_tensors as split_merged_tensors
 from storage.names import NAME_ADVICE, is_name
+from storage.nodecache import local_file
 from storage.objectstore import ObjectStore
 from storage.quoting import quoted
-from storage.staged import TensorFile
+from storage.staged import ArtifactFile, TensorFile
 
 DENSE, ADAPTER = "delta.safetensors", "adapter.safetensors"  # a task vector's tensors
 STATISTICS = "statistics.safetensors"  # a task vector's data statistics (regmean, fisher)
@@ -98,6 +102,16 @@ def read_task_vector(
     return delta, head
 
 
+def task_vector_file(store: ObjectStore, key: str) -> Path:
+    """A dense task vector's ``delta.safetensors`` on local disk, checked (node cache)."""
+    return local_file(store, task_vector_prefix(key), DENSE)
+
+
+def read_head(store: ObjectStore, key: str) -> dict[str, torch.Tensor]:
+    """A task vector's head (small: read whole)."""
+    return read_tensor_file(store, task_vector_prefix(key), "head.safetensors")
+
+
 def read_adapter_task_vector(
     store: ObjectStore, key: str
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -149,6 +163,11 @@ def write_statistics(
     return write_artifact(store, statistics_prefix(key, kind, rows), files, meta)
 
 
+def statistics_file(store: ObjectStore, key: str, kind: str, rows: int) -> Path:
+    """A task vector's statistics file on local disk, checked (node cache)."""
+    return local_file(store, statistics_prefix(key, kind, rows), STATISTICS)
+
+
 def read_statistics(store: ObjectStore, key: str, kind: str, rows: int) -> dict[str, torch.Tensor]:
     prefix = statistics_prefix(key, kind, rows)
     return read_tensor_file(store, prefix, STATISTICS)
@@ -166,6 +185,11 @@ def write_base_model(
     return write_artifact(store, base_model_prefix(key), files, meta)
 
 
+def base_model_file(store: ObjectStore, key: str) -> Path:
+    """θ0's ``model.safetensors`` on local disk, checked (node cache)."""
+    return local_file(store, base_model_prefix(key), "model.safetensors")
+
+
 def read_base_model(store: ObjectStore, key: str) -> dict[str, torch.Tensor]:
     prefix = base_model_prefix(key)
     return read_tensor_file(store, prefix, "model.safetensors")
@@ -175,18 +199,16 @@ def write_merged_model(
     store: ObjectStore,
     name: str,
     run_id: str,
-    backbone: dict[str, torch.Tensor],
-    heads: dict[str, dict[str, torch.Tensor]],
+    model: ArtifactFile,
     config: dict[str, Any],
     meta: dict[str, Any],
-    extra_files: dict[str, bytes] | None = None,
+    extra_files: Mapping[str, ArtifactFile] | None = None,
 ) -> ArtifactRef:
-    """``model.safetensors`` (backbone + ``heads.<task>.*``), ``config.json``, then extras."""
-    tensors = dict(backbone)
-    for task, head in heads.items():
-        tensors.update({f"heads.{task}.{k}": v for k, v in head.items()})
+    """``model.safetensors`` (backbone + ``heads.<task>.*``, see ``storage.modeldir``: a file
+    the streaming writer wrote, or a ``TensorFile`` of :func:`merged_tensors`), ``config.json``,
+    then extras."""
     files = {
-        "model.safetensors": TensorFile(tensors),
+        "model.safetensors": model,
         "config.json": json.dumps(config, indent=1, sort_keys=True).encode(),
         **(extra_files or {}),
     }

@@ -17,8 +17,10 @@ from storage.artifacts import find_artifact, verify_artifact, write_artifact
 from storage.digest import digest_state
 from storage.errors import ArtifactError, StorageError, StorageUnavailable
 from storage.objectstore import FsspecStore, open_store
+from storage.staged import TensorFile
 from storage.taskvectors import (
     find_task_vector,
+    merged_tensors,
     read_task_vector,
     write_adapter_task_vector,
     write_merged_model,
@@ -259,8 +261,9 @@ def test_ls_lists_task_vectors_and_merged_models(s3_server: S3Server, s3_uri: st
     vector = write_task_vector(store, "k8", DELTA, HEAD, meta)
     write_task_vector(store, "k9", DELTA, HEAD, meta | {"task": "t2"})
     store.delete("task-vectors/k9/manifest.json")  # unfinished: invisible
+    tensors = TensorFile(merged_tensors(DELTA, {"t1": HEAD}))
     model = write_merged_model(
-        store, "digits", "run-1", DELTA, {"t1": HEAD}, {}, {"candidate": {"method": "ties"}}
+        store, "digits", "run-1", tensors, {}, {"candidate": {"method": "ties"}}
     )
     args = ["ls", "--store", s3_uri, "--endpoint-url", s3_server.endpoint]
 
