@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from pipelines.run.recovery import TaskFailedError, task_failed, without_tasks
 from pipelines.run.scheduling import finetune_options
 from pipelines.spec.load import validate_document
 from pipelines.spec.plan import make_plan, task_vector_key
+from pipelines.stages.training import load_checkpoint
 from storage.checkpoints import (
     count_attempts,
     delete_checkpoints,
@@ -22,7 +24,7 @@ from storage.checkpoints import (
     record_attempt,
     write_checkpoint,
 )
-from storage.errors import DataError, SpecError, StorageError
+from storage.errors import ArtifactError, DataError, SpecError, StorageError
 from storage.objectstore import open_store
 from storage.runstate import begin_run, finish_run, read_run_state, unfinished_run
 from storage.staged import TensorFile
@@ -31,6 +33,7 @@ from workers.finetune.checkpoint import decode_state, encode_state
 from workers.finetune.deepspeed_engine import DeepSpeedEngine, deepspeed_config, inputs_for
 from workers.finetune.engine import Classifier, TorchEngine, cross_entropy
 from workers.finetune.loop import fit
+from workers.finetune.shards import ShardedState, even_range
 from workers.models import build_backbone
 
 BACKBONE = {"source": "builtin", "name": "mlp", "hidden": [16], "features": 4, "seed": 0}
@@ -87,17 +90,23 @@ def test_checkpoint_files_are_safetensors_and_json_only(tmp_path: Path) -> None:
     files = {path.name: path.read_bytes() for path in stored.iterdir()}
     assert sorted(files) == [
         "manifest.json",
-        "model.safetensors",
-        "optimizer.safetensors",
+        "optimizer-rank-00000-of-00001.safetensors",
         "rng.safetensors",
         "state.json",
+        "weights-rank-00000-of-00001.safetensors",
     ]
-    optimizer = load(files["optimizer.safetensors"])
-    assert {k.rpartition("/")[2] for k in optimizer} == {"step", "exp_avg", "exp_avg_sq"}
+    optimizer = load(files["optimizer-rank-00000-of-00001.safetensors"])
+    assert {k.rpartition("/")[2] for k in optimizer} == {"exp_avg", "exp_avg_sq"}
+    weights = load(files["weights-rank-00000-of-00001.safetensors"])
+    assert set(weights) == {k.rpartition("/")[0] for k in optimizer}
     assert set(load(files["rng.safetensors"])) == {"batches", "torch"}
     document = json.loads(files["state.json"])
-    assert document["step"] == 10
+    assert document["step"] == 10 and document["world_size"] == 1
     assert document["optimizer_info"]["param_groups"][0]["lr"] == CONFIG.lr
+    assert document["optimizer_info"]["step"] == 10.0
+    shapes, ranges = document["shapes"], document["ranges"]
+    assert ranges == [{name: [0, math.prod(shape)] for name, shape in shapes.items()}]
+    assert all(weights[name].shape == (math.prod(shape),) for name, shape in shapes.items())
 
 
 def test_divergence_names_the_task_and_step_through_the_engine() -> None:
@@ -177,13 +186,17 @@ def test_bad_distributed_settings_are_refused(tiny_spec: dict, finetune: dict, m
         validate_document(tiny_spec)
 
 
-def test_zero_stage_3_is_refused_before_any_fine_tune_starts(tiny_spec: dict) -> None:
+def test_zero_stage_3_runs_standard_fp32_fine_tunes_only(tiny_spec: dict) -> None:
     tiny_spec["finetune"]["deepspeed"] = {"zero_stage": 3}
-    plan = make_plan(validate_document(tiny_spec))  # the spec allows it (standard mode)
-    with pytest.raises(SpecError, match="zero_stage 3 is not supported"):
-        finetune_options(plan)
-    tiny_spec["finetune"]["deepspeed"] = {"zero_stage": 2}
-    assert finetune_options(make_plan(validate_document(tiny_spec)))["max_retries"] == 2
+    plan = make_plan(validate_document(tiny_spec))  # standard mode, fp32
+    assert finetune_options(plan)["max_retries"] == 2
+    for settings, message in [
+        ({"precision": "bf16"}, "ZeRO stage 3 is not supported yet"),
+        ({"mode": "linear"}, "forward-mode AD"),
+        ({"adapter": {"r": 2}}, "partition the frozen base"),
+    ]:
+        with pytest.raises(SpecError, match=message):
+            validate_document(tiny_spec | {"finetune": tiny_spec["finetune"] | settings})
 
 
 def test_deepspeed_config_comes_from_the_spec() -> None:
@@ -248,3 +261,38 @@ def test_a_failing_task_fails_the_run_or_is_left_out(tiny_spec: dict) -> None:
     assert smaller.task_names == ["perm1"] and smaller.spec_digest == plan.spec_digest
     with pytest.raises(TaskFailedError, match="every task"):
         without_tasks(plan, {"perm1": "x", "perm2": "y"})
+
+
+def test_a_sharded_state_reads_only_the_parts_that_overlap_a_range() -> None:
+    weights = torch.arange(10, dtype=torch.float32)
+    ranges = [{"w": (0, 4)}, {"w": (4, 7)}, {"w": (7, 10)}]  # as three ranks held it
+    loaded: list[int] = []
+
+    def part(rank: int):
+        def load_part() -> dict[str, torch.Tensor]:
+            loaded.append(rank)
+            start, stop = ranges[rank]["w"]
+            return {"w": weights[start:stop].clone(), "w/exp_avg": -weights[start:stop]}
+
+        return load_part
+
+    parts = [part(rank) for rank in range(3)]
+    state = ShardedState({"w": (2, 5)}, ranges, parts, parts, ["exp_avg"])
+    assert torch.equal(state.read("w", 5, 7), weights[5:7]) and loaded == [1]
+    assert torch.equal(state.read("w", 3, 8, "exp_avg"), -weights[3:8])  # another worker count
+    assert sorted(loaded) == [0, 1, 1, 2]  # each part loaded once per kind, when first needed
+    assert torch.equal(dict(state.weights())["w"], weights.reshape(2, 5))
+    with pytest.raises(ArtifactError, match="do not cover"):
+        ShardedState({"w": (2, 5)}, [{"w": (0, 4)}, {"w": (5, 10)}], parts[:2], parts[:2], [])
+    assert even_range(10, 3, 4) == (9, 10) and even_range(2, 3, 4) == (2, 2)
+
+
+def test_a_checkpoint_of_an_older_format_is_deleted_and_ignored(tmp_path: Path) -> None:
+    store = open_store(f"file://{tmp_path}")
+    old = {"state.json": json.dumps({"format": 1, "step": 20}).encode()}
+    write_checkpoint(store, "k", 20, old, {})
+    assert load_checkpoint(store, "k") is None
+    assert latest_checkpoint(store, "k") is None  # gone, so that newer ones are not shadowed
+    write_checkpoint(store, "k", 10, _checkpoint_at(10), {})
+    state = load_checkpoint(store, "k")
+    assert state is not None and state.step == 10 and state.shards.world_size == 1

@@ -5,10 +5,12 @@ The loop (:func:`workers.finetune.loop.fit`) draws batches, checks the loss and 
 (Adam on one process); `workers.finetune.deepspeed_engine.DeepSpeedEngine` runs the same step
 through DeepSpeed, possibly data-parallel over several processes.
 
-Engines exchange *consolidated* state: the trained parameters in fp32 under their module names,
-and the optimizer state per parameter (``"<parameter>/<state key>"``), whatever the number of
-workers or the ZeRO stage. A checkpoint written by one engine layout therefore resumes on any
-other (one worker or many, ZeRO 0, 1 or 2).
+Engines hand out their state *per rank* (:mod:`workers.finetune.shards`): each rank its own
+range of every parameter's fp32 weights and optimizer state, whatever it holds under ZeRO, and
+take it back from a :class:`~workers.finetune.shards.ShardedState` that re-slices the saved
+ranks' parts to their own ranges. A checkpoint written by one engine layout therefore resumes
+on any other (one worker or many, ZeRO 0 to 3). Only :meth:`Engine.model_state`, at the end,
+consolidates the weights.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from workers.finetune.settings import (
     make_scheduler,
     scheduler_state,
 )
+from workers.finetune.shards import RankShard, ShardedState, even_range
 
 StateDict = dict[str, Tensor]
 #: ``(outputs, inputs, labels) -> mean loss``: what a task kind trains on (default: classes)
@@ -45,15 +48,14 @@ class TrainState:
 
     step: int  # optimiser steps completed
     history: list[dict[str, float]]
-    model: StateDict  # trained parameters, fp32, consolidated
-    optimizer: StateDict  # per-parameter optimizer tensors, "<parameter>/<key>"
-    optimizer_info: dict[str, Any]  # JSON-able: hyperparameters of each parameter group
+    shards: RankShard | ShardedState  # this rank's part (saving), or every rank's (resuming)
+    optimizer_info: dict[str, Any]  # JSON-able: hyperparameters of each group, Adam's step
     rng: StateDict = field(default_factory=dict)  # "batches" and "torch" generator states
     step_state: dict[str, Any] = field(default_factory=dict)  # JSON-able: LR schedule, scaler
 
 
 class Engine(Protocol):
-    """One optimisation step on one worker, and the consolidated state of the whole job."""
+    """One optimisation step on one worker, and this worker's part of the job's state."""
 
     name: str  # "torch" or "deepspeed"
     rank: int
@@ -73,9 +75,18 @@ class Engine(Protocol):
         one optimizer step (gradients averaged over the micro-batches and the workers)."""
         ...
 
-    def model_state(self) -> StateDict: ...
+    def model_state(self) -> StateDict:
+        """The trained parameters, fp32, consolidated (collective with several workers)."""
+        ...
 
-    def optimizer_state(self) -> tuple[StateDict, dict[str, Any]]: ...
+    def shard_state(self) -> tuple[RankShard, dict[str, Any]]:
+        """This rank's part of the weights and optimizer state, and the optimizer's JSON-able
+        info (hyperparameters of each group, Adam's step); no communication."""
+        ...
+
+    def gather_json(self, value: Any) -> list[Any]:
+        """``value`` (JSON-able) of every rank, by rank, on rank 0; ``[]`` on the others."""
+        ...
 
     def step_state(self) -> dict[str, Any]:
         """JSON-able: the LR scheduler's state and the loss scaler's (fp16), if any."""
@@ -83,13 +94,12 @@ class Engine(Protocol):
 
     def load_state(
         self,
-        model: StateDict,
-        optimizer: StateDict,
+        shards: ShardedState,
         info: dict[str, Any],
         step_state: dict[str, Any] | None = None,
     ) -> None:
-        """Restore what :meth:`model_state`, :meth:`optimizer_state` and :meth:`step_state`
-        returned."""
+        """Restore what every rank's :meth:`shard_state` and :meth:`step_state` returned, read
+        back for this rank's own ranges (the saved run may have had another worker count)."""
         ...
 
 
@@ -125,7 +135,12 @@ def trainable_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
 
 def load_trained(module: nn.Module, model: Mapping[str, Tensor]) -> None:
     """Copy trained parameter values (as :meth:`Engine.model_state` returns them) in place."""
-    parameters = trainable_parameters(module)
+    copy_trained(trainable_parameters(module), model)
+
+
+def copy_trained(parameters: Mapping[str, nn.Parameter], model: Mapping[str, Tensor]) -> None:
+    """Copy ``model``'s values into ``parameters``, one at a time (``model`` may assemble each
+    value only when it is looked up, e.g. :meth:`ShardedState.weights`)."""
     if set(parameters) != set(model):
         missing, extra = sorted(set(parameters) - set(model)), sorted(set(model) - set(parameters))
         raise ValueError(f"trained state does not fit the model: missing {missing}, extra {extra}")
@@ -134,41 +149,68 @@ def load_trained(module: nn.Module, model: Mapping[str, Tensor]) -> None:
             parameter.copy_(model[name].to(parameter.device, parameter.dtype))
 
 
-def flatten_optimizer(
-    optimizer: torch.optim.Optimizer, names: list[str]
-) -> tuple[StateDict, dict[str, Any]]:
-    """A torch optimizer's state keyed by parameter name: tensors apart, the rest as JSON.
+def replicated_shard(
+    parameters: Mapping[str, nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    rank: int = 0,
+    world_size: int = 1,
+) -> tuple[RankShard, dict[str, Any]]:
+    """This rank's even share of state every rank holds whole (a plain torch optimizer over
+    ``parameters``, in the optimizer's order): weights and same-sized optimizer tensors."""
+    by_id = {id(p): name for name, p in parameters.items()}
+    shapes, ranges, tensors = {}, {}, {}
+    step = None
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            name = by_id[id(parameter)]
+            start, stop = even_range(parameter.numel(), rank, world_size)
+            shapes[name], ranges[name] = tuple(parameter.shape), (start, stop)
+            tensors[name] = _flat(parameter, start, stop)
+            for key, value in optimizer.state.get(parameter, {}).items():
+                if key == "step":
+                    step = float(value)
+                elif isinstance(value, Tensor) and value.shape == parameter.shape:
+                    tensors[f"{name}/{key}"] = _flat(value, start, stop)
+    return RankShard(rank, world_size, shapes, ranges, tensors), optimizer_info(
+        optimizer, [by_id[id(p)] for g in optimizer.param_groups for p in g["params"]], step
+    )
 
-    ``names[i]`` is the name of the i-th parameter in the optimizer's groups, in order.
-    """
-    state = optimizer.state_dict()
-    tensors: StateDict = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for index, values in state["state"].items():
-        for key, value in values.items():
-            if isinstance(value, Tensor):
-                tensors[f"{names[index]}/{key}"] = value.detach().cpu().clone()
-            else:
-                scalars.setdefault(names[index], {})[key] = value
-    groups = [
-        {k: list(v) if isinstance(v, tuple) else v for k, v in group.items() if k != "params"}
-        | {"params": [names[i] for i in group["params"]]}
-        for group in state["param_groups"]
-    ]
-    return tensors, {"param_groups": groups, "scalars": scalars}
+
+def _flat(value: Tensor, start: int, stop: int) -> Tensor:
+    return value.detach().reshape(-1)[start:stop].float().cpu().clone()
 
 
-def unflatten_optimizer(
-    optimizer: torch.optim.Optimizer, names: list[str], tensors: StateDict, info: dict[str, Any]
+def optimizer_info(
+    optimizer: torch.optim.Optimizer, names: list[str], step: float | None
+) -> dict[str, Any]:
+    """The JSON-able rest of an optimizer's state: each group's hyperparameters and parameter
+    names (``names``: the optimizer's parameters in order), and Adam's step (None before it)."""
+    groups, index = [], 0
+    for group in optimizer.param_groups:
+        hyper = {k: list(v) if isinstance(v, tuple) else v for k, v in group.items()}
+        count = len(hyper.pop("params"))
+        groups.append(hyper | {"params": names[index : index + count]})
+        index += count
+    return {"param_groups": groups, "step": step}
+
+
+def load_replicated(
+    parameters: Mapping[str, nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    shards: ShardedState,
+    info: dict[str, Any],
 ) -> None:
-    """Inverse of :func:`flatten_optimizer` into an optimizer over the same named parameters."""
+    """Inverse of :func:`replicated_shard` on every rank: whole weights and optimizer state."""
+    copy_trained(parameters, shards.weights())
+    if info.get("step") is None:  # saved before the first optimizer step: no state yet
+        return
+    names = [name for group in info["param_groups"] for name in group["params"]]
     index = {name: i for i, name in enumerate(names)}
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        name, _, field_name = key.rpartition("/")
-        state.setdefault(index[name], {})[field_name] = value
-    for name, values in info.get("scalars", {}).items():
-        state.setdefault(index[name], {}).update(values)
+    state = {
+        index[name]: {"step": torch.tensor(float(info["step"]))}
+        | {key: shards.full(name, key) for key in shards.optimizer_keys}
+        for name in names
+    }
     groups = []
     for group in info["param_groups"]:
         restored = {k: tuple(v) if k == "betas" else v for k, v in group.items()}
@@ -198,7 +240,6 @@ class TorchEngine:
         self.model = model.to(self.device)
         self.loss_fn = loss_fn
         parameters = trainable_parameters(model)
-        self.names = list(parameters)
         self.optimizer = torch.optim.Adam(
             list(parameters.values()), lr=config.lr, weight_decay=config.weight_decay
         )
@@ -242,8 +283,11 @@ class TorchEngine:
             for name, p in trainable_parameters(self.model).items()
         }
 
-    def optimizer_state(self) -> tuple[StateDict, dict[str, Any]]:
-        return flatten_optimizer(self.optimizer, self.names)
+    def shard_state(self) -> tuple[RankShard, dict[str, Any]]:
+        return replicated_shard(trainable_parameters(self.model), self.optimizer)
+
+    def gather_json(self, value: Any) -> list[Any]:
+        return [value]
 
     def step_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {"scheduler": scheduler_state(self.scheduler)}
@@ -253,13 +297,11 @@ class TorchEngine:
 
     def load_state(
         self,
-        model: StateDict,
-        optimizer: StateDict,
+        shards: ShardedState,
         info: dict[str, Any],
         step_state: dict[str, Any] | None = None,
     ) -> None:
-        load_trained(self.model, model)
-        unflatten_optimizer(self.optimizer, self.names, optimizer, info)
+        load_replicated(trainable_parameters(self.model), self.optimizer, shards, info)
         load_step_state(self.scheduler, self.scaler, step_state or {})
 
 

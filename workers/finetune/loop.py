@@ -6,8 +6,8 @@ zero-shot heads), so the task vector is a change of the backbone only.
 Batches are drawn from one seeded generator as *global* batches; with several workers each takes
 its equal share, so 1 or N workers take the same steps up to floating-point error. The loop can
 start from a :class:`~workers.finetune.engine.TrainState` and hands one to ``on_checkpoint`` every
-``checkpoint_every`` steps: model, optimizer, the generator's position and the RNG, i.e. all a
-resumed run needs to continue as if it had never stopped.
+``checkpoint_every`` steps on every worker: its part of the model and optimizer, the generator's
+position and the RNG, i.e. all a resumed run needs to continue as if it had never stopped.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from torch import nn
 from storage.errors import MergelineError
 from workers.finetune.engine import Classifier, Engine, TorchEngine, TrainState
 from workers.finetune.settings import TrainConfig
+from workers.finetune.shards import RankShard, ShardedState
 
 
 class DivergenceError(MergelineError):
@@ -61,7 +62,10 @@ def fit(
     generator = torch.Generator().manual_seed(config.seed)
     history: list[dict[str, float]] = []
     if start is not None:
-        engine.load_state(start.model, start.optimizer, start.optimizer_info, start.step_state)
+        shards = start.shards
+        if isinstance(shards, RankShard):  # straight from a one-rank run's on_checkpoint
+            shards = ShardedState.of(shards)
+        engine.load_state(shards, start.optimizer_info, start.step_state)
         restore_rng(start.rng, generator, engine.device)
         history = list(start.history)
     for step in range(start.step if start else 0, config.steps):
@@ -91,13 +95,12 @@ def fit(
 def snapshot(
     engine: Engine, step: int, history: list[dict[str, float]], generator: torch.Generator
 ) -> TrainState:
-    """The engine's consolidated state after ``step`` steps (collective with several workers)."""
-    optimizer, info = engine.optimizer_state()
+    """This rank's part of the engine's state after ``step`` steps (no communication)."""
+    shard, info = engine.shard_state()
     rng = {"batches": generator.get_state(), "torch": torch.get_rng_state()}
     if engine.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(engine.device)
-    model = engine.model_state()
-    return TrainState(step, list(history), model, optimizer, info, rng, engine.step_state())
+    return TrainState(step, list(history), shard, info, rng, engine.step_state())
 
 
 def restore_rng(rng: dict[str, torch.Tensor], generator: torch.Generator, device) -> None:
