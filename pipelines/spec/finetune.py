@@ -118,10 +118,16 @@ class FinetuneSpec(SpecModel):
             raise ValueError(
                 f"finetune.warmup_steps {self.warmup_steps} must be fewer than steps {self.steps}"
             )
-        if self.precision != "fp32" and self.deepspeed and self.deepspeed.zero_stage == 0:
+        stage = self.deepspeed.zero_stage if self.deepspeed else None
+        if self.precision != "fp32" and stage == 0:
             raise ValueError(
                 f"finetune.precision {self.precision} with DeepSpeed needs deepspeed.zero_stage "
                 "1 or 2 (stage 0 keeps no fp32 master weights we can read): set it, or use fp32"
+            )
+        if self.precision != "fp32" and stage == 3:
+            raise ValueError(
+                f"finetune.precision {self.precision} with DeepSpeed ZeRO stage 3 is not "
+                "supported yet: use fp32, or deepspeed.zero_stage 1 or 2"
             )
         return self
 

@@ -261,3 +261,10 @@ class EvaluationSpec(SpecModel):
     max_new_tokens: int = Field(
         default=16, gt=0, le=1024, description="Greedy tokens generated for exact_match."
     )
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        default=None,
+        description="The dtype the scorers hold the model in and evaluate in (merged weights "
+        "are cast to it as they are written): default the base's own (float32 for a "
+        "dequantized GGUF). bfloat16 halves a scorer's memory; use it on GPUs and on CPUs "
+        "with bf16 matrix units.",
+    )

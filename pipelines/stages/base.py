@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,14 +27,18 @@ from storage.artifacts import find_artifact
 from storage.digest import digest_state
 from storage.errors import DataError
 from storage.localfiles import copy_artifact
-from storage.objectstore import open_store_from
+from storage.objectstore import FsspecStore, open_store_from
+from storage.shards import SafetensorsReader, TensorInfo
 from storage.taskvectors import (
+    base_model_file,
     base_model_prefix,
     find_task_vector,
     is_adapter,
     read_adapter_task_vector,
     read_base_model,
+    read_head,
     read_task_vector,
+    task_vector_file,
     write_base_model,
 )
 from workers.adapters import LoraDelta, factors_from_tensors
@@ -43,6 +48,7 @@ from workers.kinds import TaskKind, get_kind
 from workers.kinds.registry import TRANSFORMERS  # the base artifact's folder of HF files
 from workers.models import build_backbone
 from workers.models import huggingface as hf
+from workers.models.weights import write_weights
 
 
 def pretrain_base_job(job: PretrainJob) -> tuple[BaseModelRef, bool]:
@@ -173,18 +179,61 @@ def open_base(store_cfg: dict[str, Any], key: str, base_meta: dict[str, Any]) ->
     )
 
 
+def open_base_streamed(
+    store_cfg: dict[str, Any], key: str, base_meta: dict[str, Any], dtype: str | None = None
+) -> tuple[Base, SafetensorsReader]:
+    """The stored base as a scorer holds it: the backbone in ``dtype`` (default: θ0's own),
+    its weights written tensor by tensor from θ0's node-local file, and a reader of that file
+    for the merges. ``Base.theta0`` stays empty: θ0 is never a state dict in memory."""
+    store = open_store_from(store_cfg)
+    reader = SafetensorsReader(base_model_file(store, key))
+    config = base_meta["config"]
+    kind, tokenizer, max_length = kind_of(config), None, 0
+    if config["source"] != "hf":
+        backbone = build_backbone(config, base_meta["input_dim"])
+    else:
+        directory = base_files(store_cfg, key, base_meta)
+        backbone = kind.from_files(directory, None, config)
+        tokenizer, max_length = hf.load_tokenizer(directory), int(config["max_length"])
+    floats = [info.dtype for info in reader.tensors.values() if info.dtype.is_floating_point]
+    backbone.to(getattr(torch, dtype) if dtype else (floats[0] if floats else torch.float32))
+    write_weights(backbone, ((name, reader.read(name)) for name in reader.names()))
+    return Base(backbone.eval(), {}, kind, tokenizer, max_length), reader
+
+
+def open_task_source(
+    store_cfg: dict[str, Any], key: str, base: Mapping[str, TensorInfo]
+) -> tuple[SafetensorsReader | LoraDelta, dict[str, torch.Tensor]]:
+    """A stored task vector read tensor by tensor (its node-local file; an adapter's ΔW = s·B·A
+    computed as each tensor is read), and its head. ``base``: θ0's names, dtypes and shapes."""
+    store = open_store_from(store_cfg)
+    adapter = _open_adapter(store, key, base)
+    if adapter is not None:
+        return adapter
+    return SafetensorsReader(task_vector_file(store, key)), read_head(store, key)
+
+
 def open_task_vector(
     store_cfg: dict[str, Any], key: str, theta0: dict[str, torch.Tensor]
 ) -> tuple[Any, dict[str, torch.Tensor]]:
     """A stored task vector as a dense mapping over θ0's tensors, and its head. An adapter's
     is a :class:`LoraDelta`: each ΔW = s·B·A is computed only when a merge reads it."""
     store = open_store_from(store_cfg)
+    adapter = _open_adapter(store, key, theta0)
+    return adapter if adapter is not None else read_task_vector(store, key)
+
+
+def _open_adapter(
+    store: FsspecStore, key: str, base: Mapping[str, Any]
+) -> tuple[LoraDelta, dict[str, torch.Tensor]] | None:
+    """An adapter task vector as its :class:`LoraDelta` over ``base``'s tensors (names, dtypes,
+    shapes), and its head; None for a dense task vector."""
     found = find_task_vector(store, key)
-    if found is not None and is_adapter(found.meta):
-        tensors, head = read_adapter_task_vector(store, key)
-        where = store.url(f"task-vectors/{key}")
-        return LoraDelta(factors_from_tensors(tensors, where), theta0), head
-    return read_task_vector(store, key)
+    if found is None or not is_adapter(found.meta):
+        return None
+    tensors, head = read_adapter_task_vector(store, key)
+    where = store.url(f"task-vectors/{key}")
+    return LoraDelta(factors_from_tensors(tensors, where), base), head
 
 
 def load_task_data(base: Base, dataset: dict[str, Any], evaluation: dict[str, Any], what: str):

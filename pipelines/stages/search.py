@@ -10,23 +10,44 @@ linearized forward with its exact fast path
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import json
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 from pipelines.spec.plan import Candidate, task_params
-from pipelines.stages.base import Base, load_task_data, open_base, open_task_vector
+from pipelines.stages.base import load_task_data, open_base_streamed, open_task_source
 from pipelines.stages.statistics import statistics_params
+from pipelines.stages.streamed_merge import reader_specs
 from storage.errors import MergeInputError, ModelError
-from workers.merge.engine import merge_state
-from workers.search.evaluate import at_state
+from storage.shards import SafetensorsReader, ShardedWriter
+from storage.staged import ScratchDirectory
+from workers.adapters import LoraDelta
+from workers.merge import get_method
+from workers.merge.backbone import compute_dtype_of
+from workers.merge.engine import (
+    TensorSpec,
+    ZeroSource,
+    merge_stream,
+    plan_merge,
+    scaled_stream,
+)
+from workers.models.weights import write_weights
+from workers.search.evaluate import forward_on
 from workers.search.halving import validation_subset
 
 
 class ScoringInputs:
-    """What every score reads, loaded once: θ0 and the backbone, each task's vector, head and
-    evaluation splits, and the data-aware methods' statistics as they are asked for."""
+    """What every score reads, opened once: the backbone at θ0 (in the evaluation dtype, on the
+    scorer's device), readers of θ0's and each task vector's node-local files, each task's head
+    and evaluation splits, and the data-aware methods' statistics as they are asked for.
+
+    No state dict of θ0 or of a task vector is held: a candidate's weights are merged tensor by
+    tensor from the readers (:meth:`merged`), so memory is one model plus a few tensors,
+    whatever the number of tasks. The tangent evaluator, which needs them whole, reads
+    :attr:`base` and :attr:`task_vectors` (loaded on first use).
+    """
 
     def __init__(
         self,
@@ -38,25 +59,53 @@ class ScoringInputs:
         device: str = "cpu",
     ) -> None:
         """``tasks`` maps task name -> {"key": task-vector key, "dataset": dataset spec};
-        ``device``: where the evaluator runs the model (the merged weights are built on the
-        host, then copied there)."""
+        ``device``: where the backbone sits and every merged tensor is written."""
         self.store_cfg, self.keys = store_cfg, {name: task["key"] for name, task in tasks.items()}
         self.device = torch.device(device)
         self._statistics: dict[tuple[str, int], Any] = {}
         self._subsets: dict[tuple[str, int, int], Any] = {}
-        opened: Base = open_base(store_cfg, base_key, base_meta)
-        self.base, self.backbone = opened.theta0, opened.backbone
+        self._dense: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
+        opened, self.base_reader = open_base_streamed(
+            store_cfg, base_key, base_meta, evaluation.get("dtype")
+        )
+        self.backbone = opened.backbone.to(self.device)
         self.kind, self.settings = opened.kind, opened.settings(evaluation)
-        self.task_vectors: dict[str, dict[str, torch.Tensor]] = {}
+        self.sources: dict[str, Any] = {}
         self.heads: dict[str, dict[str, torch.Tensor]] = {}
         self.splits = {}
         for name, task in tasks.items():
-            self.task_vectors[name], self.heads[name] = open_task_vector(
-                store_cfg, task["key"], self.base
+            self.sources[name], self.heads[name] = open_task_source(
+                store_cfg, task["key"], self.base_reader.tensors
             )
             self.splits[name] = load_task_data(
                 opened, task["dataset"], evaluation, f"tasks[{name}].dataset"
             )
+        self._specs = reader_specs(self.base_reader)
+        self._task_specs = {name: reader_specs(source) for name, source in self.sources.items()}
+        self.deltas = DeltaFiles()
+
+    @property
+    def base(self) -> dict[str, torch.Tensor]:
+        """θ0 as a state dict (read whole on first use: the tangent evaluator's)."""
+        return self._load_dense()[0]
+
+    @property
+    def task_vectors(self) -> dict[str, Any]:
+        """Each task vector as a mapping over θ0's tensors (read whole on first use)."""
+        return self._load_dense()[1]
+
+    def _load_dense(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        if self._dense is None:
+            reader = self.base_reader
+            base = {name: reader.read(name) for name in reader.names()}
+            vectors = {
+                task: source
+                if isinstance(source, LoraDelta)
+                else {name: source.read(name) for name in source.names()}
+                for task, source in self.sources.items()
+            }
+            self._dense = base, vectors
+        return self._dense
 
     def split_rows(self, split: str = "val") -> dict[str, int]:
         """Rows of ``split`` per task (after tokenizing)."""
@@ -76,42 +125,113 @@ class ScoringInputs:
         index = self._subsets[key]
         return x[index], y[index]
 
-    def merged(self, candidate: Candidate) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
-        """(task, merged state) pairs: one shared model, or one per task for retrieval methods."""
+    def merged(
+        self, candidate: Candidate, reuse_buffers: bool = False
+    ) -> Iterator[tuple[list[str], Iterator[tuple[str, torch.Tensor]]]]:
+        """(tasks, merged tensors) pairs: every task on one shared model, or one task each for
+        retrieval methods. The tensors are merged one at a time as they are read; with
+        ``reuse_buffers`` a yielded tensor may be overwritten by the next one."""
         statistics = statistics_params(
             self.store_cfg, self.keys, candidate.method, candidate.params, self._statistics
         )
-        by_task = task_params(candidate, list(self.task_vectors))
+        by_task = task_params(candidate, list(self.sources))
         if by_task is not None:
             for task, params in by_task.items():
-                yield (
-                    task,
-                    merge_state(
-                        candidate.method,
-                        self.base,
-                        self.task_vectors,
-                        candidate.coefficient,
-                        **params,
-                    ),
-                )
+                merged = self._merge(candidate, params, candidate.coefficient, None, reuse_buffers)
+                yield [task], merged
             return
-        state = merge_state(
-            candidate.method,
-            self.base,
-            self.task_vectors,
-            candidate.coefficient,
-            **candidate.params,
-            **statistics,
+        stats = statistics.get("statistics")
+        if (
+            isinstance(candidate.coefficient, int | float)
+            and get_method(candidate.method).scales_delta
+        ):
+            delta = self._delta(candidate, stats)
+            lam = float(candidate.coefficient)
+            yield list(self.sources), scaled_stream(self._specs, self.base_reader, delta, lam)
+            return
+        merged = self._merge(
+            candidate, candidate.params, candidate.coefficient, stats, reuse_buffers
         )
-        for task in self.task_vectors:
-            yield task, state
+        yield list(self.sources), merged
+
+    def _merge(
+        self,
+        candidate: Candidate,
+        params: dict[str, Any],
+        coefficient: Any,
+        statistics: Any,
+        reuse_buffers: bool,
+        zero: list[TensorSpec] | None = None,
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """The streamed merge of ``candidate``'s method with ``params`` and ``coefficient``
+        onto θ0, or onto zeros of the specs ``zero``."""
+        specs = self._specs if zero is None else zero
+        base = self.base_reader if zero is None else ZeroSource(zero)
+        plan = plan_merge(candidate.method, specs, self._task_specs, coefficient, params)
+        return merge_stream(
+            plan, base, self.sources, reuse_buffers=reuse_buffers, statistics=statistics
+        )
+
+    def _delta(self, candidate: Candidate, statistics: Any) -> SafetensorsReader:
+        """Δ of ``candidate``'s method and params (``scales_delta``): its merge at λ = 1 onto a
+        zero θ0 held in the compute dtype, so that finish(θ0, Δ, λ) is the merge at λ."""
+        zero = [TensorSpec(s.name, compute_dtype_of(s.dtype), s.shape) for s in self._specs]
+        key = json.dumps([candidate.method, candidate.params], sort_keys=True)
+        return self.deltas.get(
+            key, zero, lambda: self._merge(candidate, candidate.params, 1.0, statistics, True, zero)
+        )
+
+
+class DeltaFiles:
+    """The Δ of the last method and params scored with a shared coefficient, kept in a local
+    scratch file: a coefficient grid merges the task vectors once per method and params, and
+    each λ of it then reads θ0 and Δ only (memory stays one tensor of each)."""
+
+    def __init__(self) -> None:
+        self.key: str | None = None
+        self.reader: SafetensorsReader | None = None
+        self._scratch: ScratchDirectory | None = None
+
+    def get(
+        self,
+        key: str,
+        specs: list[TensorSpec],
+        stream: Callable[[], Iterable[tuple[str, torch.Tensor]]],
+    ) -> SafetensorsReader:
+        """Δ's reader for ``key``, written from ``stream`` (tensors in ``specs``' order) unless
+        it is the one kept."""
+        if key != self.key or self.reader is None:
+            self.close()
+            scratch = ScratchDirectory.of_this_process("mergeline-delta-")
+            entries = [(spec.name, spec.dtype, spec.shape) for spec in specs]
+            writer = ShardedWriter(scratch.path / "delta", entries, single_file=True)
+            try:
+                for name, tensor in stream():
+                    writer.write(name, tensor)
+                directory = writer.finish()
+            except BaseException:
+                writer.abort()
+                raise
+            self.key, self.reader, self._scratch = key, SafetensorsReader(directory), scratch
+        return self.reader
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+        self.key, self.reader, self._scratch = None, None, None
 
 
 class Evaluator(Protocol):
     """How a merged state is run when a candidate is scored."""
 
-    def model_at(self, state: dict[str, torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The model (a forward function) at the merged parameters ``state``."""
+    #: Whether :meth:`model_at` is done with each tensor before asking for the next (so the
+    #: merge may write the next one into the same buffer).
+    reuse_buffers: bool
+
+    def model_at(
+        self, tensors: Iterable[tuple[str, torch.Tensor]]
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The model (a forward function) at the merged parameters ``tensors``."""
         ...
 
 
@@ -138,15 +258,19 @@ class FastEvaluator(Evaluator, Protocol):
 
 class ForwardEvaluator:
     """Standard mode: a merged state is evaluated by a forward pass at it, on the scorer's
-    device (the backbone moves there once; each merged state is copied there)."""
+    device: each merged tensor is written into the backbone (already there, in the evaluation
+    dtype) as it is computed, and batches go there."""
+
+    reuse_buffers = True
 
     def __init__(self, inputs: ScoringInputs) -> None:
         self.inputs = inputs
-        if inputs.device.type != "cpu":
-            inputs.backbone.to(inputs.device)
 
-    def model_at(self, state: dict[str, torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
-        return at_state(self.inputs.backbone, state, self.inputs.device)
+    def model_at(
+        self, tensors: Iterable[tuple[str, torch.Tensor]]
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        write_weights(self.inputs.backbone, tensors)
+        return forward_on(self.inputs.backbone, self.inputs.device)
 
 
 class CandidateScorer:
@@ -237,12 +361,14 @@ class CandidateScorer:
         inputs = self.inputs
         metric = metric or inputs.settings["metric"]
         per_task: dict[str, float] = {}
-        for task, state in inputs.merged(candidate):
-            per_task[task] = inputs.kind.score(
-                self.evaluator.model_at(state),
-                inputs.heads[task],
-                *inputs.data(task, split, rows, seed),
-                metric,
-                inputs.settings,
-            )
+        for tasks, tensors in inputs.merged(candidate, self.evaluator.reuse_buffers):
+            model = self.evaluator.model_at(tensors)
+            for task in tasks:
+                per_task[task] = inputs.kind.score(
+                    model,
+                    inputs.heads[task],
+                    *inputs.data(task, split, rows, seed),
+                    metric,
+                    inputs.settings,
+                )
         return {"id": candidate.id, "accuracy": per_task}

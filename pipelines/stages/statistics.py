@@ -16,7 +16,8 @@ import torch
 from pipelines.stages.base import load_task_data, open_base, open_task_vector
 from pipelines.stages.jobs import Need, StatisticsJob
 from storage.objectstore import open_store_from
-from storage.taskvectors import find_statistics, read_statistics, write_statistics
+from storage.shards import FileTensors, SafetensorsReader
+from storage.taskvectors import find_statistics, statistics_file, write_statistics
 from workers.adapters import LoraDelta
 from workers.finetune.statistics import diagonal_fisher, gram_matrices
 from workers.search.evaluate import at_state
@@ -76,11 +77,15 @@ def statistics_job(job: StatisticsJob) -> dict[str, float]:
 
 def open_statistics(
     store_cfg: dict[str, Any], keys: dict[str, str], kind: str, rows: int
-) -> dict[str, dict[str, torch.Tensor]]:
+) -> dict[str, FileTensors]:
     """Each task's stored statistics ``{task: {name: tensor}}`` (``keys``: task -> its task
-    vector's key), verified against their manifests."""
+    vector's key), verified against their manifests; each tensor is read from the node-local
+    file when it is looked up, so a streamed merge holds one at a time."""
     store = open_store_from(store_cfg)
-    return {task: read_statistics(store, key, kind, rows) for task, key in keys.items()}
+    return {
+        task: FileTensors(SafetensorsReader(statistics_file(store, key, kind, rows)))
+        for task, key in keys.items()
+    }
 
 
 def statistics_params(

@@ -10,7 +10,7 @@ standard-mode ones.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
 
@@ -41,9 +41,13 @@ class TangentEvaluator:
         self.inputs, self.mode = inputs, mode
         self._fast_paths: dict[str, FastPath] = {}
 
-    def model_at(self, state: dict[str, torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    reuse_buffers = False  # the merged tensors are kept as a state dict
+
+    def model_at(
+        self, tensors: Iterable[tuple[str, torch.Tensor]]
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
         """In linear mode a merged state is scored as the linearized model it is served as."""
-        inputs = self.inputs
+        inputs, state = self.inputs, dict(tensors)
         if self.mode != "linear":
             return at_state(inputs.backbone, state)
         return linearized_at(inputs.backbone, inputs.base, delta_between(state, inputs.base))

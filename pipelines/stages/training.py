@@ -2,11 +2,14 @@
 
 The same function runs in a plain Ray task (one worker) and on every rank of a Ray Train worker
 group (``resources.num_workers > 1``). Every rank loads the data and θ0 itself and resumes from
-the newest checkpoint of the task vector's key; rank 0 alone writes checkpoints.
+the newest checkpoint of the task vector's key, reading only the parts of it that overlap what
+it holds. Every rank writes its own part of a checkpoint; rank 0 then writes the index and the
+manifest, which makes the checkpoint visible only once every part is in the store.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,13 +18,26 @@ import torch
 from pipelines.stages.base import kind_of, load_task_data, open_base
 from pipelines.stages.jobs import FinetuneJob
 from pipelines.stages.pause import pause_point
-from storage.checkpoints import latest_checkpoint, record_attempt, write_checkpoint
-from storage.objectstore import open_store_from
+from storage.checkpoints import (
+    delete_checkpoint,
+    latest_checkpoint,
+    record_attempt,
+    write_checkpoint,
+    write_checkpoint_part,
+)
+from storage.objectstore import ObjectStore, open_store_from
 from workers.adapters import lora_trainable
 from workers.finetune import LinearizedModel, TrainConfig
-from workers.finetune.checkpoint import decode_state, encode_state
+from workers.finetune.checkpoint import (
+    CHECKPOINT_FORMAT,
+    checkpoint_format,
+    decode_state,
+    index_files,
+    rank_files,
+)
 from workers.finetune.engine import Engine, StateDict, TorchEngine, TrainState
 from workers.finetune.loop import fit
+from workers.finetune.shards import ShardedState
 
 
 @dataclass(frozen=True)
@@ -50,9 +66,10 @@ class TrainRequest:
 
 @dataclass(frozen=True)
 class TrainOutcome:
-    """The trained parameters (consolidated fp32) and how the run got there."""
+    """The trained parameters (fp32, each assembled when it is looked up) and how the run got
+    there."""
 
-    model: StateDict
+    model: Mapping[str, torch.Tensor]
     history: list[dict[str, float]]
     engine: str
     resumed_from_step: int
@@ -108,7 +125,8 @@ def train_task(request: TrainRequest, keep_final: bool = False) -> TrainOutcome:
     start = load_latest(request)
     resumed = start.step if start else 0
     if start is not None and start.step >= config.steps:  # finished before it was handed over
-        return TrainOutcome(start.model, start.history, _engine_name(request), resumed)
+        weights = _weights(start)
+        return TrainOutcome(weights, start.history, _engine_name(request), resumed)
     engine = make_engine(model, request)
     if engine.rank == 0:
         record_attempt(store, request.key)
@@ -121,9 +139,8 @@ def train_task(request: TrainRequest, keep_final: bool = False) -> TrainOutcome:
     }
 
     def save(state: TrainState) -> None:
+        save_checkpoint(store, request.key, engine, state, meta | {"step": state.step})
         if engine.rank == 0:
-            files = encode_state(state, meta | {"step": state.step})
-            write_checkpoint(store, request.key, state.step, files, meta | {"step": state.step})
             pause_point(request.task, state.step, store.uri)
 
     model.train()
@@ -139,7 +156,23 @@ def train_task(request: TrainRequest, keep_final: bool = False) -> TrainOutcome:
         checkpoint_final=keep_final,
     )
     model.eval()
-    return TrainOutcome(engine.model_state(), history, engine.name, resumed)
+    # A worker group hands its weights over in the final checkpoint: none consolidates them.
+    weights = {} if keep_final else engine.model_state()
+    return TrainOutcome(weights, history, engine.name, resumed)
+
+
+def save_checkpoint(
+    store: ObjectStore, key: str, engine: Engine, state: TrainState, meta: dict[str, Any]
+) -> None:
+    """Store this rank's part of ``state`` (collective: every rank calls it). Each rank puts its
+    own files; rank 0, once it has every rank's file entries and ranges, writes the index and
+    the manifest that makes the checkpoint visible."""
+    entries = write_checkpoint_part(store, key, state.step, rank_files(state))
+    parts = engine.gather_json({"files": entries, "ranges": state.shards.ranges})
+    if engine.rank == 0:
+        ranges = [part["ranges"] for part in parts]
+        written = {name: entry for part in parts for name, entry in part["files"].items()}
+        write_checkpoint(store, key, state.step, index_files(state, ranges, meta), meta, written)
 
 
 def _engine_name(request: TrainRequest) -> str:
@@ -148,13 +181,23 @@ def _engine_name(request: TrainRequest) -> str:
 
 def load_latest(request: TrainRequest) -> TrainState | None:
     """The newest checkpoint of this task vector, or None (then training starts at step 0)."""
-    store = open_store_from(request.job.store)
-    found = latest_checkpoint(store, request.key)
-    if found is None:
-        return None
-    step, files = found
-    state, _ = decode_state(files, store.url(f"checkpoints/{request.key}/step-{step:09d}"))
-    return state
+    return load_checkpoint(open_store_from(request.job.store), request.key)
+
+
+def load_checkpoint(store: ObjectStore, key: str) -> TrainState | None:
+    """The newest checkpoint of ``key``, its parts read only where a range is needed; None if
+    there is none. One in another format (written by an older version) is deleted, ignored."""
+    while (found := latest_checkpoint(store, key)) is not None:
+        step, files = found
+        if checkpoint_format(files) == CHECKPOINT_FORMAT:
+            return decode_state(files, store.url(f"checkpoints/{key}/step-{step:09d}"))[0]
+        delete_checkpoint(store, key, step)
+    return None
+
+
+def _weights(state: TrainState) -> Mapping[str, torch.Tensor]:
+    shards = state.shards
+    return shards.weights() if isinstance(shards, ShardedState) else {}
 
 
 def read_final(request: TrainRequest) -> TrainOutcome:
@@ -164,4 +207,5 @@ def read_final(request: TrainRequest) -> TrainOutcome:
     if found is None or found[0] != request.finetune["steps"]:
         raise RuntimeError(f"{request.what}: the worker group ended without its final state")
     state, meta = decode_state(found[1], store.url(f"checkpoints/{request.key}"))
-    return TrainOutcome(state.model, state.history, meta["engine"], meta["resumed_from_step"])
+    weights = _weights(state)
+    return TrainOutcome(weights, state.history, meta["engine"], meta["resumed_from_step"])

@@ -18,7 +18,8 @@ from torch import nn
 
 from pipelines.run.pipeline import run_pipeline
 from pipelines.spec.load import validate_document
-from workers.search.evaluate import at_state
+from workers.models.weights import write_weights
+from workers.search.evaluate import at_state, forward_on
 
 pytestmark = [pytest.mark.gpu, pytest.mark.integration]
 
@@ -30,7 +31,9 @@ def test_the_forward_at_a_merged_state_on_cuda_matches_the_cpu() -> None:
     x = torch.randn(256, 64)
     on_cpu = at_state(model, state)(x)
     cuda = torch.device("cuda")
-    on_gpu = at_state(copy.deepcopy(model).to(cuda), state, cuda)(x)
+    on_device = copy.deepcopy(model).to(cuda)
+    write_weights(on_device, state.items())
+    on_gpu = forward_on(on_device, cuda)(x)
     assert on_gpu.device.type == "cpu"  # outputs come back to the host
     torch.testing.assert_close(on_gpu, on_cpu, atol=1e-4, rtol=1e-4)
 

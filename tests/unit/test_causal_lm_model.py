@@ -21,6 +21,7 @@ from workers.models.causal_lm import (
     causal_lm_files,
     causal_lm_from_files,
     export_directory,
+    export_weights,
     gguf_digest,
     load_causal_lm,
     tied_aliases,
@@ -175,6 +176,39 @@ def test_files_and_state_rebuild_the_same_model(
     batch = packed_batch()
     assert torch.equal(rebuilt(batch), model(batch))
     assert rebuilt.lm.generation_config.eos_token_id == 2
+
+
+def test_the_streamed_export_of_a_merged_file_loads_as_the_same_model(
+    model_dir: Path, model: CausalLM, tmp_path: Path
+) -> None:
+    """What publish does: the merged weights are a file on disk, copied tensor by tensor under
+    the Hugging Face names beside the base's config and tokenizer files."""
+    import shutil
+
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from storage.shards import SafetensorsReader
+
+    with torch.no_grad():
+        state = {name: value + 0.01 for name, value in model.state_dict().items()}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "merged.safetensors"))
+    out = tmp_path / "export"
+    with SafetensorsReader(tmp_path / "merged.safetensors") as merged:
+        export_weights(merged, out, max_shard_bytes=10_000)
+    for path in model_dir.iterdir():
+        if path.is_file() and not path.name.startswith("model"):
+            shutil.copyfile(path, out / path.name)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert "lm_head.weight" not in index["weight_map"]  # tied: stored once
+
+    served = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True).eval()
+    assert served.lm_head.weight.data_ptr() == served.model.embed_tokens.weight.data_ptr()
+    batch = packed_batch()
+    with torch.no_grad():
+        logits = served(input_ids=batch[:, 0, :7], attention_mask=batch[:, 1, :7]).logits
+    torch.testing.assert_close(logits, causal_lm_from_files(model_dir, state)(batch))
 
 
 def test_export_directory_loads_with_from_pretrained_and_generates(

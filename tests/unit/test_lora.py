@@ -234,7 +234,9 @@ def test_an_adapter_fine_tune_resumes_from_its_checkpoint_exactly() -> None:
         first = TorchEngine(trainable(mode), config, loss_fn=loss)
         fit(first, x, y, config, "t", checkpoint_every=3, on_checkpoint=saved.append)
         state = saved[0]
-        assert state.step == 3 and all(".lora_" in n or n.startswith("delta.") for n in state.model)
+        assert state.step == 3 and all(
+            ".lora_" in n or n.startswith("delta.") for n in state.shards.shapes
+        )
         resumed = TorchEngine(trainable(mode), config, loss_fn=loss)
         fit(resumed, x, y, config, "t", start=state)
         want, got = straight.model_state(), resumed.model_state()

@@ -20,6 +20,8 @@ from pipelines.spec.plan import TALL_MASKS_LAMS, Candidate, make_plan, statistic
 from pipelines.spec.search import resolve_search
 from storage.names import Name
 from tests.conftest import REPO, TINY_SPEC
+from tests.unit.test_merge_engine import CASES as ENGINE_CASES
+from tests.unit.test_merge_engine import make_base, make_statistics, make_task_vectors
 from workers.merge import LinearForm, get_method, list_methods, merge, registry
 from workers.merge.backbone import finish, prepare_vectors, split_coefficient, sum_tasks
 from workers.merge.engine import StateSource, merge_stream, plan_merge, specs_of
@@ -257,3 +259,39 @@ def test_no_call_site_decides_by_method_name() -> None:
     assert found == [], "decide by the registration (workers.merge.registry), not the name:\n" + (
         "\n".join(found)
     )
+
+
+SCALED = list(
+    {repr((m, p)): (m, p) for m, p, _ in ENGINE_CASES if get_method(m).scales_delta}.values()
+)
+
+
+@pytest.mark.parametrize(("method", "params"), SCALED, ids=[f"{m}-{p}" for m, p in SCALED])
+def test_a_scales_delta_method_is_theta0_plus_lambda_times_one_delta(method, params) -> None:
+    """``scales_delta``: the merge at any shared λ is finish(θ0, Δ, λ) with Δ the merge onto a
+    zero θ0 at λ = 1, bit for bit (a search reuses Δ across a coefficient grid)."""
+    base = make_base()
+    vectors = make_task_vectors(base)
+    stats = make_statistics(method, base)
+    extra = {} if stats is None else {"statistics": stats}
+    zeros = {
+        name: torch.zeros_like(t, dtype=torch.float64 if t.dtype == torch.float64 else None).to(
+            torch.float64 if t.dtype == torch.float64 else torch.float32
+        )
+        for name, t in base.items()
+    }
+    delta = merge(method, zeros, vectors, 1.0, **params, **extra)
+    for lam in (0.3, 1.7, -0.6):
+        merged = merge(method, base, vectors, lam, **params, **extra)
+        for name in base:
+            assert torch.equal(merged[name], finish(base[name], delta[name], lam)), (lam, name)
+
+
+def test_scales_delta_is_declared_by_exactly_the_methods_whose_merges_scale() -> None:
+    """slerp interpolates on the sphere and model_stock and tall_masks ignore λ: none scales
+    one delta; every other method does and says so."""
+    assert {m for m in list_methods() if get_method(m).scales_delta} == set(list_methods()) - {
+        "slerp",
+        "model_stock",
+        "tall_masks",
+    }

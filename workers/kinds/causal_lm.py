@@ -19,7 +19,14 @@ from torch import Tensor, nn
 
 from storage.errors import ModelError
 from storage.staged import ArtifactFile, ScratchDirectory
-from workers.kinds.registry import TRANSFORMERS, Forward, Head, Pretrained, register_kind
+from workers.kinds.registry import (
+    TRANSFORMERS,
+    Forward,
+    Head,
+    MergedWeights,
+    Pretrained,
+    register_kind,
+)
 
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_MAX_NEW_TOKENS = 16
@@ -126,11 +133,11 @@ class CausalLanguageModel:
         return Pretrained(model, files, digest_state(model.state_dict()))
 
     def from_files(
-        self, directory: Path, state: Mapping[str, Tensor], config: Mapping[str, Any]
+        self, directory: Path, state: Mapping[str, Tensor] | None, config: Mapping[str, Any]
     ) -> nn.Module:
         from workers.models import causal_lm
 
-        return causal_lm.causal_lm_from_files(directory, dict(state), config["attn_implementation"])
+        return causal_lm.causal_lm_from_files(directory, state, config["attn_implementation"])
 
     def encode(
         self, x: np.ndarray, tokenizer: Any, max_length: int, dataset: Mapping[str, Any], what: str
@@ -142,7 +149,7 @@ class CausalLanguageModel:
     def export(
         self,
         directory: Path,
-        merged: Mapping[str, Tensor] | None,
+        merged: MergedWeights | None,
         heads: Mapping[str, Head],
         config: Mapping[str, Any],
     ) -> dict[str, ArtifactFile]:
@@ -151,19 +158,21 @@ class CausalLanguageModel:
         (a linear-mode merge) the config and tokenizer files only."""
         from workers.models import causal_lm
 
-        if merged is None:
-            return {
-                f"{TRANSFORMERS}/{path.name}": path.read_bytes()
-                for path in sorted(directory.iterdir())
-                if path.is_file()
-            }
-        out = ScratchDirectory("mergeline-export-")  # lives as long as the files name it
-        causal_lm.export_directory(directory, dict(merged), out.path)
-        return {
-            f"{TRANSFORMERS}/{path.relative_to(out.path)}": out.file(path.relative_to(out.path))
-            for path in sorted(out.path.rglob("*"))
+        files: dict[str, ArtifactFile] = {
+            f"{TRANSFORMERS}/{path.name}": path.read_bytes()
+            for path in sorted(directory.iterdir())
             if path.is_file()
         }
+        if merged is None:
+            return files
+        out = ScratchDirectory("mergeline-export-")  # lives as long as the files name it
+        written = causal_lm.export_weights(merged, out.path / "weights")
+        files |= {
+            f"{TRANSFORMERS}/{path.name}": out.file(path.relative_to(out.path))
+            for path in sorted(written.iterdir())
+            if path.is_file()
+        }
+        return files
 
 
 register_kind(CausalLanguageModel())

@@ -12,9 +12,17 @@ import torch
 from torch import Tensor, nn
 
 from storage.errors import DataError
-from storage.staged import ArtifactFile, TensorFile
+from storage.shards import TensorView, write_view
+from storage.staged import ArtifactFile, ScratchDirectory, TensorFile
 from workers.finetune.engine import Classifier
-from workers.kinds.registry import TRANSFORMERS, Forward, Head, Pretrained, register_kind
+from workers.kinds.registry import (
+    TRANSFORMERS,
+    Forward,
+    Head,
+    MergedWeights,
+    Pretrained,
+    register_kind,
+)
 from workers.models import huggingface as hf
 from workers.models.heads import apply_head, fit_linear_probe
 
@@ -100,10 +108,10 @@ class Classification:
         )
 
     def from_files(
-        self, directory: Path, state: Mapping[str, Tensor], config: Mapping[str, Any]
+        self, directory: Path, state: Mapping[str, Tensor] | None, config: Mapping[str, Any]
     ) -> nn.Module:
         return hf.encoder_from_files(
-            directory, dict(state), config["pooling"], config["attn_implementation"]
+            directory, state, config["pooling"], config["attn_implementation"]
         )
 
     def encode(
@@ -114,19 +122,22 @@ class Classification:
     def export(
         self,
         directory: Path,
-        merged: Mapping[str, Tensor] | None,
+        merged: MergedWeights | None,
         heads: Mapping[str, Head],
         config: Mapping[str, Any],
     ) -> dict[str, ArtifactFile]:
-        """The encoder under its own names (``transformers/``) and the heads beside it:
-        ``heads.safetensors`` (``<task>.weight``, ``<task>.bias``) with ``heads.json``."""
-        files = {
+        """The encoder under its own names (``transformers/``, copied tensor by tensor) and the
+        heads beside it: ``heads.safetensors`` (``<task>.weight``, ``<task>.bias``) with
+        ``heads.json``."""
+        files: dict[str, ArtifactFile] = {
             f"{TRANSFORMERS}/{n}": data
             for n, data in hf.config_and_tokenizer_files(directory).items()
         }
         if merged is not None:
-            weights = {k: v.contiguous() for k, v in hf.hf_state_names(dict(merged)).items()}
-            files[f"{TRANSFORMERS}/{hf.WEIGHTS}"] = TensorFile(weights, {"format": "pt"})
+            out = ScratchDirectory("mergeline-export-")  # lives as long as the file names it
+            names = {name.removeprefix(self.hf_prefix): name for name in merged.names()}
+            write_view(TensorView(merged, names), out.path / "weights", single_file=True)
+            files[f"{TRANSFORMERS}/{hf.WEIGHTS}"] = out.file(f"weights/{hf.WEIGHTS}")
         files["heads.safetensors"] = TensorFile(
             {f"{task}.{part}": v for task, head in heads.items() for part, v in head.items()}
         )

@@ -13,12 +13,15 @@ import torch
 from torch import Tensor, nn
 
 from storage.errors import ModelError
+from storage.shards import SafetensorsReader, TensorView
 from storage.staged import ArtifactFile
 
 TRANSFORMERS = "transformers"  # the folder of a published merge that transformers loads
 #: outputs of the trainable model for a batch of inputs: features (classification) or logits
 Forward = Callable[[Tensor], Tensor]
 Head = dict[str, Tensor]
+#: a merged backbone on local disk, read tensor by tensor (what a kind's ``export`` copies)
+MergedWeights = SafetensorsReader | TensorView
 
 
 class TaskKind(Protocol):
@@ -100,9 +103,10 @@ class HFKind(Protocol):
         ...
 
     def from_files(
-        self, directory: Path, state: Mapping[str, Tensor], config: Mapping[str, Any]
+        self, directory: Path, state: Mapping[str, Tensor] | None, config: Mapping[str, Any]
     ) -> nn.Module:
-        """The network from stored config files and a state (θ0 or merged)."""
+        """The network from stored config files and a state (θ0 or merged); with ``state``
+        None, the architecture only, its weights to be filled by the caller."""
         ...
 
     def encode(
@@ -114,12 +118,13 @@ class HFKind(Protocol):
     def export(
         self,
         directory: Path,
-        merged: Mapping[str, Tensor] | None,
+        merged: MergedWeights | None,
         heads: Mapping[str, Head],
         config: Mapping[str, Any],
     ) -> dict[str, ArtifactFile]:
         """The published files beside a merge: a transformers directory and what serves it.
-        ``merged`` is None where no plain transformers model computes the merge."""
+        ``merged`` reads the merged backbone (pipeline names) from local disk, one tensor at a
+        time; None where no plain transformers model computes the merge."""
         ...
 
 

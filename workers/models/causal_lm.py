@@ -31,8 +31,10 @@ import torch
 from torch import nn
 
 from storage.errors import ModelError
+from storage.shards import SafetensorsReader, TensorView, write_view
 
 EAGER = "eager"
+LM_PREFIX = "lm."  # CausalLM holds the Hugging Face model as ``lm``: its state names start so
 #: Channels of a packed batch: token ids, attention mask, completion mask.
 IDS, MASK, COMPLETION = 0, 1, 2
 
@@ -229,12 +231,13 @@ def _from_gguf(config: Any) -> bool:
 
 
 def causal_lm_from_files(
-    directory: str | Path, state: Mapping[str, torch.Tensor], attention: str | None = EAGER
+    directory: str | Path, state: Mapping[str, torch.Tensor] | None, attention: str | None = EAGER
 ) -> CausalLM:
     """The architecture in ``directory/config.json`` with the weights ``state`` (θ0 or merged).
 
     ``state`` is named as :meth:`CausalLM.state_dict` names it (``lm.<name>``, tied tensors
-    once) and is loaded strictly. ``attention=None`` is the library's default implementation.
+    once) and is loaded strictly; None leaves the initial weights, for the caller to fill.
+    ``attention=None`` is the library's default implementation.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
@@ -252,6 +255,8 @@ def causal_lm_from_files(
     if (folder / "generation_config.json").is_file():
         lm.generation_config = GenerationConfig.from_pretrained(str(folder))
     model = CausalLM(lm)
+    if state is None:
+        return model.eval()
     try:
         model.load_state_dict(dict(state))
     except RuntimeError as error:  # torch lists every mismatch on its own line: join them
@@ -260,6 +265,23 @@ def causal_lm_from_files(
             f"base_model: the weights do not fit the config in {str(folder)!r} ({detail[:240]})"
         ) from None
     return model.eval()
+
+
+#: what a published merge's ``transformers/`` shards hold at most (as save_pretrained's limit)
+EXPORT_SHARD_BYTES = 200 * 1000**2
+
+
+def export_weights(
+    merged: SafetensorsReader | TensorView,
+    out_dir: str | Path,
+    max_shard_bytes: int = EXPORT_SHARD_BYTES,
+) -> Path:
+    """The merged weights (named as :class:`CausalLM` names them: ``lm.<name>``, tied tensors
+    once) as the shards and index ``from_pretrained`` loads, copied tensor by tensor under the
+    Hugging Face model's names (tied aliases left out, as ``save_pretrained`` leaves them).
+    The config and tokenizer files are the caller's to add. Returns ``out_dir``."""
+    names = {name.removeprefix(LM_PREFIX): name for name in merged.names()}
+    return write_view(TensorView(merged, names), out_dir, max_shard_bytes=max_shard_bytes)
 
 
 def export_directory(

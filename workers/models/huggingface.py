@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -119,16 +120,21 @@ def load_encoder(
 
 
 def encoder_from_files(
-    directory: str | Path, state: dict[str, torch.Tensor], pooling: str, attention: str
+    directory: str | Path,
+    state: Mapping[str, torch.Tensor] | None,
+    pooling: str,
+    attention: str,
 ) -> EncoderBackbone:
-    """The architecture in ``directory/config.json`` with the weights ``state`` (θ0 or merged)."""
+    """The architecture in ``directory/config.json`` with the weights ``state`` (θ0 or merged);
+    None leaves the initial weights, for the caller to fill."""
     from transformers import AutoConfig, AutoModel
 
     config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
     config._attn_implementation = attention
     encoder = AutoModel.from_config(config, attn_implementation=attention)
     backbone = EncoderBackbone(encoder, pooling)
-    backbone.load_state_dict(state)
+    if state is not None:
+        backbone.load_state_dict(dict(state))
     return backbone.eval()
 
 
@@ -220,8 +226,3 @@ def weights_digest(directory: Path) -> str:
 
     with SafetensorsReader(directory) as reader:
         return digest_model(TensorView(reader, {BACKBONE_PREFIX + n: n for n in reader.names()}))
-
-
-def hf_state_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Backbone state (``encoder.<name>``) -> the encoder's own names, as transformers saves."""
-    return {name.removeprefix(BACKBONE_PREFIX): tensor for name, tensor in state.items()}

@@ -32,24 +32,30 @@ def accuracy(
     return int((logits.argmax(dim=1) == labels).sum()) / max(len(labels), 1)
 
 
-def at_state(
-    backbone: nn.Module, state: dict[str, torch.Tensor], device: torch.device | None = None
-):
-    """The backbone's forward at parameters ``state`` (its own weights untouched). With a
-    ``device`` other than the CPU (the backbone already there), ``state`` is copied there once
-    and each batch goes there and its outputs come back to the host."""
-    if device is None or device.type == "cpu":
+def at_state(backbone: nn.Module, state: dict[str, torch.Tensor]):
+    """The backbone's forward at parameters ``state`` (its own weights untouched)."""
+
+    def forward(inputs: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return functional_call(backbone, state, (inputs,))
+
+    return forward
+
+
+def forward_on(backbone: nn.Module, device: torch.device):
+    """The backbone's own forward, without gradients; on a device other than the CPU each batch
+    goes there and its outputs come back to the host in float32."""
+    if device.type == "cpu":
 
         def forward(inputs: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
-                return functional_call(backbone, state, (inputs,))
+                return backbone(inputs)
 
         return forward
-    placed = {name: tensor.to(device, non_blocking=True) for name, tensor in state.items()}
 
     def forward_on_device(inputs: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return functional_call(backbone, placed, (inputs.to(device),)).float().cpu()
+            return backbone(inputs.to(device)).float().cpu()
 
     return forward_on_device
 
