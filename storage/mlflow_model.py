@@ -215,6 +215,37 @@ def log_and_register(
         return mlflow.register_model(info.model_uri, registered_model, tags=tags)
 
 
+def log_stored_transformers(
+    store_cfg: dict[str, Any],
+    prefix: str,
+    tracking_uri: str,
+    run_id: str,
+    registered_model: str,
+    tags: dict[str, str],
+    model_config: dict[str, Any] | None = None,
+) -> ModelVersion:
+    """:func:`log_and_register_transformers` of the stored merged model at ``prefix``: its
+    ``transformers/`` folder read in place from a local store, else copied (verified) to a
+    temporary folder here. Publish runs it on a worker, so the driver never loads the model."""
+    import tempfile
+    from pathlib import Path
+
+    from storage.localfiles import copy_artifact
+    from storage.objectstore import open_store_from
+
+    store = open_store_from(store_cfg)
+    local = store.local_path(f"{prefix}/transformers")
+    if local is not None:
+        return log_and_register_transformers(
+            tracking_uri, run_id, local, registered_model, tags, model_config=model_config
+        )
+    with tempfile.TemporaryDirectory(prefix="mergeline-transformers-") as scratch:
+        folder = copy_artifact(store, prefix, Path(scratch) / "model", folder="transformers")
+        return log_and_register_transformers(
+            tracking_uri, run_id, str(folder), registered_model, tags, model_config=model_config
+        )
+
+
 def log_and_register_transformers(
     tracking_uri: str,
     run_id: str,

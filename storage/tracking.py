@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +31,6 @@ from storage.mlflow_model import (
     flatten,
     is_number,
     log_and_register,
-    log_and_register_transformers,
     quiet_run_links,
     redact_uri,
     serving_example,
@@ -46,6 +45,10 @@ from storage.mlflow_model import (
 __all__ = ["DatasetInfo", "MlflowTracker", "PublishedModel", "redact_uri"]
 
 CHECK_TIMEOUT_S = 3.0
+
+#: Logs and registers a model with MLflow's transformers flavor: (tracking URI, run id,
+#: registered name, tags, generation settings) -> the registered version.
+TransformersLogger = Callable[[str, str, str, dict[str, str], dict[str, Any] | None], ModelVersion]
 
 
 @dataclass(frozen=True)
@@ -232,16 +235,19 @@ class MlflowTracker:
         metrics: dict[str, float],
         pip_requirements: list[str] | None = None,
         serving: tuple[int, dict[str, str]] | None = None,
-        transformers_dir: str | None = None,
+        log_transformers: TransformersLogger | None = None,
         generation: dict[str, Any] | None = None,
     ) -> PublishedModel:
         """Child run ``publish``: log a pyfunc model from code, register it, tag and alias it.
 
         Nothing is pickled: the model class is read from ``code_path`` when loaded, and the
         files of ``model_dir`` are its artifact ``model``. ``serving`` = (input width, inference
-        params with their defaults) gives the model a signature. With ``transformers_dir`` (a
-        Hugging Face causal-LM directory) the model is logged with MLflow's ``transformers``
-        flavor instead (task ``text-generation``).
+        params with their defaults) gives the model a signature. With ``log_transformers``
+        the model is logged with MLflow's ``transformers`` flavor instead (task
+        ``text-generation``), by that function: (tracking URI, run id, registered name, tags,
+        generation settings) -> the registered version. Publish runs it on a worker
+        (:func:`storage.mlflow_model.log_stored_transformers` in a Ray task), since the flavor
+        loads the whole model.
         """
         signature = serving_signature(*serving) if serving else None
         example = serving_example(serving[0]) if serving else None
@@ -249,15 +255,8 @@ class MlflowTracker:
         with self._child("publish", tags) as run_id:
             self._log(run_id, {}, to_metrics(metrics))
             with quiet_run_links(self._has_password):
-                if transformers_dir is not None:
-                    version = log_and_register_transformers(
-                        self.uri,
-                        run_id,
-                        transformers_dir,
-                        registered_model,
-                        tags,
-                        model_config=generation,
-                    )
+                if log_transformers is not None:
+                    version = log_transformers(self.uri, run_id, registered_model, tags, generation)
                 else:
                     version = log_and_register(
                         self.uri,

@@ -200,13 +200,13 @@ def run_merge(
 ) -> dict[str, Any]:
     """Resolve, verify and merge; returns the merge's figures (see ``merge_files``)."""
     from pipelines.commands.merge_files import (
-        AdapterReader,
         hf_side_files,
         merge_files,
         provenance,
         split_unmerged,
     )
     from pipelines.spec.plan import code_version
+    from pipelines.stages.streamed_merge import AdapterReader
     from storage.localfiles import verified_paths
     from storage.objectstore import open_store
     from storage.shards import DEFAULT_SHARD_BYTES

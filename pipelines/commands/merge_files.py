@@ -1,9 +1,9 @@
 """Merge safetensors files into a sharded model directory with the streaming engine.
 
-This joins the pure engine (``workers.merge.engine``) to the file readers and the sharded
-writer (``storage.shards``): θ0 and each task vector are read one tensor at a time and each
-merged tensor is written as soon as it is computed. An adapter task vector (LoRA factors) is
-an :class:`AdapterReader`: each ΔW = s·B·A is computed when the engine reads that tensor.
+θ0 and each task vector are read one tensor at a time and each merged tensor is written as
+soon as it is computed (:mod:`pipelines.stages.streamed_merge`, shared with the publish stage).
+An adapter task vector (LoRA factors) is a ``streamed_merge.AdapterReader``: each ΔW = s·B·A
+is computed when the engine reads that tensor.
 """
 
 from __future__ import annotations
@@ -17,22 +17,10 @@ from typing import Any
 
 import torch
 
-from storage.shards import (
-    DEFAULT_SHARD_BYTES,
-    SafetensorsReader,
-    ShardedWriter,
-    TensorInfo,
-    TensorView,
-)
-from workers.adapters.factors import Factor, LoraDelta
+from pipelines.stages.streamed_merge import TaskReader, start_merge
+from storage.shards import DEFAULT_SHARD_BYTES, SafetensorsReader, ShardedWriter, TensorView
+from workers.adapters.factors import Factor
 from workers.merge.backbone import Coefficient
-from workers.merge.engine import (
-    TensorSpec,
-    election_majority,
-    merge_stream,
-    plan_merge,
-    trim_thresholds,
-)
 from workers.models.huggingface import BACKBONE_PREFIX
 
 #: Files of a Hugging Face model directory copied beside the merged shards.
@@ -48,36 +36,6 @@ HF_SIDE_FILES = (
     "vocab.json",
     "merges.txt",
 )
-
-
-class AdapterReader:
-    """An adapter task vector read like a task-vector file: under every name of the base, ΔW =
-    s·B·A where an adapter sits (computed when read, one tensor at a time), zeros elsewhere.
-
-    ``base`` is a reader's ``tensors`` (names, dtypes, shapes); no tensor of it is read.
-    """
-
-    def __init__(self, factors: Mapping[str, Factor], base: Mapping[str, TensorInfo]) -> None:
-        self.delta = LoraDelta(factors, base)
-        self.tensors = {
-            name: TensorSpec(name, dtype, shape) for name, dtype, shape in self.delta.specs()
-        }
-
-    def names(self) -> list[str]:
-        return list(self.tensors)
-
-    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
-        return self.delta.read(name, out=out)
-
-    def close(self) -> None:
-        """The factors are in memory: nothing to close."""
-
-
-TaskReader = SafetensorsReader | TensorView | AdapterReader
-
-
-def reader_specs(reader: TaskReader) -> list[TensorSpec]:
-    return [TensorSpec(i.name, i.dtype, i.shape) for i in reader.tensors.values()]
 
 
 def merge_files(
@@ -100,30 +58,12 @@ def merge_files(
     directory becomes visible. ``statistics``: what a data-aware method reads, per task.
     """
     started = time.perf_counter()
-    plan = plan_merge(
-        method,
-        reader_specs(base),
-        {task: reader_specs(reader) for task, reader in tasks.items()},
-        coefficient,
-        params,
-    )
-    thresholds = trim_thresholds(plan, tasks)
-    majority = election_majority(plan, tasks, thresholds)
+    merge = start_merge(method, base, tasks, coefficient, params, statistics)
     extra = dict(extra_tensors or {})
-    specs = [(s.name, s.dtype, s.shape) for s in plan.tensors]
-    specs += [(name, t.dtype, tuple(t.shape)) for name, t in extra.items()]
+    specs = merge.specs() + [(name, t.dtype, tuple(t.shape)) for name, t in extra.items()]
     writer = ShardedWriter(out, specs, max_shard_bytes=max_shard_bytes)
     try:
-        stream = merge_stream(
-            plan,
-            base,
-            tasks,
-            thresholds=thresholds,
-            majority=majority,
-            reuse_buffers=True,
-            statistics=statistics,
-        )
-        for name, tensor in stream:
+        for name, tensor in merge.tensors():
             writer.write(name, tensor)
         for name, tensor in extra.items():
             writer.write(name, tensor)
@@ -144,8 +84,8 @@ def merge_files(
         "tensors": len(specs),
         "shards": len(set(writer.weight_map.values())),
         "task_vector_bytes": read_bytes,
-        "global_thresholds": thresholds,
-        "global_majority": majority,
+        "global_thresholds": merge.thresholds,
+        "global_majority": merge.majority,
         "seconds": time.perf_counter() - started,
     }
 

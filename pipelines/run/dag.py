@@ -15,6 +15,7 @@ from typing import Any
 import ray
 from ray import ObjectRef
 
+from pipelines.run.raysession import get
 from pipelines.run.scheduling import actor_options, finetune_options
 from pipelines.spec.plan import Plan
 from pipelines.spec.refs import BaseModelRef
@@ -27,7 +28,9 @@ from pipelines.stages.search import CandidateScorer, Evaluator, ForwardEvaluator
 from pipelines.stages.statistics import statistics_job
 from pipelines.stages.tangent_search import TangentEvaluator, disentanglement_job
 from storage.artifacts import verify_artifact
+from storage.mlflow_model import log_stored_transformers
 from storage.objectstore import open_store_from
+from storage.tracking import TransformersLogger
 
 # Made remote once: Ray exports each function to the cluster once, not once per submission.
 _pretrain = ray.remote(pretrain_base_job)
@@ -35,6 +38,26 @@ _finetune = ray.remote(run_finetune_job)
 _statistics = ray.remote(statistics_job)
 _publish = ray.remote(merge_and_store_job)
 _disentanglement = ray.remote(disentanglement_job)
+_log_transformers = ray.remote(log_stored_transformers)
+
+
+def transformers_logger(store_cfg: dict[str, Any], prefix: str) -> TransformersLogger:
+    """Stage 7's MLflow transformers flavor, logged by a Ray task: the flavor loads the whole
+    merged model (a transformers pipeline) and copies its weights, which the driver must not."""
+
+    def log(
+        tracking_uri: str,
+        run_id: str,
+        registered_model: str,
+        tags: dict[str, str],
+        model_config: dict[str, Any] | None,
+    ) -> Any:
+        task = _log_transformers.options(num_cpus=1, max_retries=0).remote(
+            store_cfg, prefix, tracking_uri, run_id, registered_model, tags, model_config
+        )
+        return get(task, "publish: MLflow transformers flavor")
+
+    return log
 
 
 def verify_job(store_cfg: dict[str, Any], prefix: str) -> str | None:

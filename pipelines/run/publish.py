@@ -8,17 +8,17 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.run.context import RunContext
-from pipelines.run.dag import submit_publish
+from pipelines.run.dag import submit_publish, transformers_logger
 from pipelines.run.raysession import get
 from pipelines.search.selection import champion_score, decide_promotion
 from pipelines.spec.plan import Candidate, Plan
 from pipelines.spec.refs import BaseModelRef, MergedModelRef, TaskVectorRef
 from pipelines.stages.base import kind_of
 from pipelines.stages.jobs import PublishJob
-from storage.artifacts import find_artifact
+from storage.artifacts import find_artifact, read_manifest
 from storage.digest import digest_json
-from storage.localfiles import copy_artifact
 from storage.objectstore import FsspecStore
+from storage.stored_model import reference_files
 from storage.taskvectors import model_prefix
 from storage.tracking_guard import GuardedTracker
 from workers.kinds.registry import TRANSFORMERS
@@ -137,10 +137,11 @@ def publish(
         earlier = tracker.find_run_version(name, previous.run_id)
         if earlier is not None:
             return result | _unchanged(earlier, previous.run_id, previous_score, score)
-    kind = kind_of(base.config)
-    with _local_copy(store, stored.prefix) as model_dir:
-        hf_dir = model_dir / TRANSFORMERS
-        flavor = kind.mlflow_task is not None and any(hf_dir.glob("*.safetensors"))
+    flavor = kind_of(base.config).mlflow_task is not None and has_transformers_weights(
+        store, stored.prefix
+    )
+    log_transformers = transformers_logger(store_cfg, stored.prefix) if flavor else None
+    with logged_model_dir(store, store_cfg, stored) as model_dir:
         published = tracker.publish(
             str(model_dir),
             str(SERVING_TEXT_CODE if base.input_dim == 0 else SERVING_CODE),
@@ -149,7 +150,7 @@ def publish(
             aliases,
             {f"test_{k}": v for k, v in test_scores.items()},
             serving=(base.input_dim, {"task": plan.task_names[0]}),
-            transformers_dir=str(hf_dir) if flavor else None,
+            log_transformers=log_transformers,
             generation={"max_new_tokens": plan.spec.evaluation.max_new_tokens, "do_sample": False},
         )
     if published is None:  # tracking failed just now, under tracking.on_error: warn
@@ -261,19 +262,34 @@ def _promotion(promoted: bool, reason: str, champion: float | None, score: float
     return {"promoted": promoted, "reason": reason, "champion_score": champion, "score": score}
 
 
-class _local_copy:
-    """The model's files as a local directory (the store's own path when it is local); a
-    remote model is copied with every file its manifest lists, sub-folders included."""
+def has_transformers_weights(store: FsspecStore, prefix: str) -> bool:
+    """Whether the stored model's ``transformers/`` folder holds weights (its manifest says)."""
+    manifest = read_manifest(store, prefix) or {"files": {}}
+    inside = f"{TRANSFORMERS}/"
+    return any(n.startswith(inside) and n.endswith(".safetensors") for n in manifest["files"])
 
-    def __init__(self, store: FsspecStore, prefix: str) -> None:
-        self.store, self.prefix, self._temporary = store, prefix, None
+
+class logged_model_dir:
+    """The directory MLflow logs as the pyfunc model (removed after): the stored model's
+    pointer and config (:mod:`storage.stored_model`), so the driver reads no weights and MLflow
+    copies none. (The transformers flavor, which loads the whole model, is logged by a Ray
+    task: :func:`pipelines.run.dag.transformers_logger`.)"""
+
+    def __init__(
+        self, store: FsspecStore, store_cfg: dict[str, Any], stored: MergedModelRef
+    ) -> None:
+        self.store, self.store_cfg, self.stored = store, store_cfg, stored
+        self._temporary: tempfile.TemporaryDirectory[str] | None = None
 
     def __enter__(self) -> Path:
-        local = self.store.local_path(self.prefix)
-        if local is not None:
-            return Path(local)
         self._temporary = tempfile.TemporaryDirectory(prefix="mergeline-model-")
-        return copy_artifact(self.store, self.prefix, Path(self._temporary.name) / "model")
+        model = Path(self._temporary.name) / "model"
+        model.mkdir()
+        endpoint = self.store_cfg.get("endpoint_url")
+        prefix, sha256 = self.stored.prefix, self.stored.sha256
+        for name, data in reference_files(self.store, endpoint, prefix, sha256).items():
+            (model / name).write_bytes(data)
+        return model
 
     def __exit__(self, *exc: object) -> None:
         if self._temporary is not None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from pipelines.spec.plan import Plan
-from storage.errors import SpecError
 
 #: Ray's retries of a fine-tune task whose worker died; each retry resumes from a checkpoint.
 FINETUNE_RETRIES = 2
@@ -15,16 +14,8 @@ def finetune_options(plan: Plan) -> dict[str, Any]:
     """``.options()`` of a task's fine-tune job.
 
     With several workers the job only coordinates a Ray Train worker group, which holds the
-    CPUs and GPUs; the job itself asks for none, so it cannot starve its own workers. Raises
-    :class:`SpecError` for a ZeRO stage the engine cannot consolidate (3), before any work.
+    CPUs and GPUs; the job itself asks for none, so it cannot starve its own workers.
     """
-    deepspeed = plan.spec.finetune.deepspeed
-    if deepspeed is not None and deepspeed.zero_stage not in (0, 1, 2):
-        raise SpecError(
-            f"finetune.deepspeed.zero_stage {deepspeed.zero_stage} is not supported for "
-            "fine-tuning yet: use 0, 1 or 2 (ZeRO-2 already shards gradients and optimizer "
-            "state over the workers)"
-        )
     resources = plan.spec.finetune.resources
     coordinator = resources.num_workers > 1
     return {

@@ -15,8 +15,9 @@ import torch
 
 from pipelines.spec.plan import Candidate
 from storage.artifacts import ArtifactRef
+from storage.modeldir import merged_tensors
 from storage.objectstore import ObjectStore
-from storage.staged import TensorFile
+from storage.staged import ArtifactFile, TensorFile
 from storage.tall import write_tall_artifact
 from storage.taskvectors import model_prefix
 from workers.merge.compression import compress_tall, compression_ratio
@@ -34,18 +35,15 @@ def write_tall_model(
     candidate: Candidate,
     config: dict[str, Any],
     meta: dict[str, Any],
-    extra_files: dict[str, bytes] | None = None,
+    extra_files: dict[str, ArtifactFile] | None = None,
 ) -> ArtifactRef:
     """Compress with the candidate's λ_t and write the model; meta records the ratio."""
     params = dict(candidate.params)
     compressed = compress_tall(
         base, vectors, params.get("lam", 0.4), use_ties=bool(params.get("use_ties", False))
     )
-    tensors = dict(base)
-    for task, head in heads.items():
-        tensors |= {f"heads.{task}.{k}": v for k, v in head.items()}
     model_files = {
-        "model.safetensors": TensorFile(tensors),
+        "model.safetensors": TensorFile(merged_tensors(base, heads)),
         "config.json": json.dumps(config, indent=1, sort_keys=True).encode(),
         **(extra_files or {}),
     }
