@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -10,7 +11,12 @@ import torch
 from pipelines.spec.plan import finetune_config_for_key
 from pipelines.stages.base import load_task_data, open_base
 from pipelines.stages.jobs import FinetuneJob
-from pipelines.stages.training import TrainRequest, build_model, train_task
+from pipelines.stages.training import (
+    TrainRequest,
+    build_model,
+    train_task,
+    trains_on_callers_base,
+)
 from storage.checkpoints import count_attempts, delete_checkpoints
 from storage.objectstore import open_store_from
 from storage.taskvectors import find_task_vector, write_adapter_task_vector, write_task_vector
@@ -57,24 +63,28 @@ def run_finetune_job(job: FinetuneJob) -> dict[str, Any]:
 
         outcome = train_with_ray_train(request)
     else:
-        outcome = train_task(request)
-    model = build_model(backbone, theta0, request)
-    load_trained(model, outcome.model)
+        # One worker on the CPU trains on this task's base: θ0 is held once in the process.
+        outcome = train_task(request, base=base if trains_on_callers_base(request) else None)
+    model = outcome.module
+    if model is None:
+        model = build_model(backbone, theta0, request)
+        load_trained(model, outcome.model)
+    outcome = replace(outcome, model={}, module=None)  # the trained values live in `model`
     history = outcome.history
     factors = None
     if finetune.get("adapter") is not None:  # LoRA: τ is s·B·A (linear mode: its tangent)
         factors = adapter_factors(model, finetune["mode"])
+        del model  # the adapted copy of the base: its factors are all that is kept
         view = LoraDelta(factors, theta0)
-        delta = dict(view)  # one dense model, to score the fine-tune
         if finetune["mode"] == "linear":
-            tuned = linearized_at(backbone, theta0, delta)
-        else:
-            tuned = at_state(backbone, {n: theta0[n] + delta[n] for n in theta0})
+            tuned = linearized_at(backbone, theta0, dict(view))
+        else:  # θ0 + τ tensor by tensor: no dense τ beside it
+            tuned = at_state(backbone, {n: theta0[n] + view[n] for n in theta0})
     elif finetune["mode"] == "linear":  # train f(x; θ0) + J f(x; θ0)·δ; score that model too
         delta = network_of(model).task_vector()
         tuned = linearized_at(backbone, theta0, delta)
     else:
-        theta = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
+        theta = {k: v.detach() for k, v in backbone.state_dict().items()}  # not used after
         tuned = at_state(backbone, theta)
         delta = {name: theta[name] - theta0[name] for name in theta0}
     finetuned = scores(tuned)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from pipelines.stages.base import kind_of, load_task_data, open_base
+from pipelines.stages.base import Base, kind_of, load_task_data, open_base
 from pipelines.stages.jobs import FinetuneJob
 from pipelines.stages.pause import pause_point
 from storage.checkpoints import (
@@ -73,6 +73,7 @@ class TrainOutcome:
     history: list[dict[str, float]]
     engine: str
     resumed_from_step: int
+    module: torch.nn.Module | None = None  # trained in this process on a base handed in
 
 
 def train_config(finetune: dict[str, Any]) -> TrainConfig:
@@ -109,18 +110,25 @@ def make_engine(model: torch.nn.Module, request: TrainRequest) -> Engine:
     return TorchEngine(model, config, "cuda" if gpus else "cpu", loss)
 
 
-def train_task(request: TrainRequest, keep_final: bool = False) -> TrainOutcome:
+def train_task(
+    request: TrainRequest, keep_final: bool = False, base: Base | None = None
+) -> TrainOutcome:
     """Train (or resume training) one task on this worker; collective over all workers.
 
     ``keep_final``: rank 0 also stores the final state as a checkpoint (how a worker group
-    hands its result to the coordinating task).
+    hands its result to the coordinating task). ``base``: the base the caller already holds
+    (one worker on the CPU, torch engine: see :func:`trains_on_callers_base`); the model is
+    built on it as :func:`build_model` builds it and handed back as ``module``, so that the
+    process holds θ0 once. Without it, this worker opens its own and trains on it in place.
     """
     job = request.job
     store = open_store_from(job.store)
-    base = open_base(job.store, job.base.key, job.base.meta)
+    private = base is None
+    if base is None:
+        base = open_base(job.store, job.base.key, job.base.meta)
     backbone, theta0 = base.backbone, base.theta0
     data = load_task_data(base, job.dataset.source, job.evaluation, job.dataset.what)
-    model = build_model(backbone, theta0, request, private=True)
+    model = build_model(backbone, theta0, request, private=private)
     config = train_config(request.finetune)
     start = load_latest(request)
     resumed = start.step if start else 0
@@ -157,8 +165,21 @@ def train_task(request: TrainRequest, keep_final: bool = False) -> TrainOutcome:
     )
     model.eval()
     # A worker group hands its weights over in the final checkpoint: none consolidates them.
-    weights = {} if keep_final else engine.model_state()
-    return TrainOutcome(weights, history, engine.name, resumed)
+    # A model handed back holds its trained values itself.
+    weights = {} if keep_final or not private else engine.model_state()
+    return TrainOutcome(weights, history, engine.name, resumed, None if private else model)
+
+
+def trains_on_callers_base(request: TrainRequest) -> bool:
+    """Whether the coordinating task can hand its own base to :func:`train_task`: one worker,
+    the torch engine on the CPU (DeepSpeed and a GPU move or recast the model they train)."""
+    finetune = request.finetune
+    resources = finetune["resources"]
+    return (
+        resources.get("num_workers", 1) == 1
+        and finetune.get("deepspeed") is None
+        and not (resources.get("num_gpus", 0) > 0 and torch.cuda.is_available())
+    )
 
 
 def save_checkpoint(
