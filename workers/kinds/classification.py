@@ -21,10 +21,16 @@ from workers.kinds.registry import (
     Head,
     MergedWeights,
     Pretrained,
+    batched,
     register_kind,
 )
 from workers.models import huggingface as hf
 from workers.models.heads import apply_head, fit_linear_probe
+
+#: Rows per forward pass when features are computed for a head or a score: a split of up to
+#: this many rows is one pass, as before; a larger one is cut into passes of this size, so that
+#: the activations stay bounded (an encoder's grow with rows × sequence length).
+ROWS_PER_PASS = 1024
 
 
 class Classification:
@@ -42,7 +48,7 @@ class Classification:
     def fit_head(
         self, forward: Forward, x: np.ndarray, y: np.ndarray, num_classes: int, what: str
     ) -> Head:
-        features = forward(torch.as_tensor(x))
+        features = batched(forward, x, ROWS_PER_PASS)
         if not torch.isfinite(features).all():
             raise DataError(
                 f"{what}: the base model's features of its training inputs are not finite: "
@@ -92,8 +98,8 @@ class Classification:
         metric: str,
         settings: Mapping[str, Any],
     ) -> float:
-        """Top-1 accuracy of ``head`` on the features (all rows in one pass, as always)."""
-        logits = apply_head(head, forward(torch.as_tensor(x)))
+        """Top-1 accuracy of ``head`` on the features (passes of :data:`ROWS_PER_PASS` rows)."""
+        logits = apply_head(head, batched(forward, x, ROWS_PER_PASS))
         labels = torch.as_tensor(y)
         return int((logits.argmax(dim=1) == labels).sum()) / max(len(labels), 1)
 

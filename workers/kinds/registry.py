@@ -166,4 +166,6 @@ def batched(forward: Forward, x: np.ndarray, batch_size: int) -> Tensor:
     """``forward`` over ``x`` in batches of ``batch_size`` rows, concatenated."""
     inputs = torch.as_tensor(x)
     size = max(int(batch_size), 1)
+    if len(inputs) <= size:  # one pass (also an empty split)
+        return forward(inputs)
     return torch.cat([forward(inputs[i : i + size]) for i in range(0, len(inputs), size)])
