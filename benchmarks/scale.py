@@ -3,6 +3,7 @@
     python benchmarks/scale.py                      # this tree -> benchmarks/results/scale.json
     python benchmarks/scale.py --before 512fd42     # also the code of a git revision ("before")
     python benchmarks/scale.py --only publish       # one figure (scorer, publish)
+    python benchmarks/scale.py --only grid --grid-tasks 2 8   # a ties grid of 11 coefficients
 
 The setup (built once into ``--workdir``, default ``.mergeline/scale``, about 19 GB):
 - θ0: a Llama-architecture causal LM of 1.07B parameters (hidden 2048, 22 layers, MLP 5632,
@@ -23,6 +24,8 @@ also given against the stored bfloat16 model.
 
 - scorer: build a ``CandidateScorer`` (θ0 into the model, the readers, the data), time one
   forward pass over every task's rows at θ0, then score 5 candidates one at a time;
+- grid (``--only grid``): the same scorer over what a search scores, ties (global trim) at 11
+  coefficients: Δ is merged once, then scaled per coefficient;
 - publish: ``merge_and_store_job`` of one candidate into the store.
 
 "before" (``--before REV``) runs the same children on the code of REV, exported to a temporary
@@ -66,6 +69,10 @@ CANDIDATES = [
     ("ties", {"density": 0.2, "scope": "per_tensor"}, 0.8),
     ("ties", {"density": 0.2}, 1.0),  # a global trim: three passes over the inputs
 ]
+#: ``--only grid``: what a search scores, one method's params at 11 coefficients. ties with a
+#: global trim is the costliest merge above; its result is λ·Δ, so the scorer computes Δ for
+#: the first coefficient and scales it for the other ten (``scales_delta``).
+GRID = [("ties", {"density": 0.2}, round(0.5 + 0.1 * i, 1)) for i in range(11)]
 
 STATUS = """
 def status():
@@ -415,10 +422,14 @@ def run_child(
     return result | {"wall_s": round(time.perf_counter() - started, 1)}
 
 
-def with_tasks(job: dict[str, Any], count: int) -> dict[str, Any]:
+def with_tasks(
+    job: dict[str, Any],
+    count: int,
+    candidates_in: list[tuple[str, dict[str, Any], Any]] = CANDIDATES,
+) -> dict[str, Any]:
     tasks = dict(list(job["tasks"].items())[:count])
     candidates = []
-    for method, params, coefficient in CANDIDATES:
+    for method, params, coefficient in candidates_in:
         if isinstance(coefficient, dict):  # per task: every task named
             coefficient = {t: coefficient.get(t, 0.4) for t in tasks}
         candidates.append((method, params, coefficient))
@@ -471,7 +482,10 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=REPO / ".mergeline" / "scale")
     parser.add_argument("--rows", type=int, default=8, help="validation rows per task (≤ 32)")
     parser.add_argument("--before", help="a git revision to measure as 'before'")
-    parser.add_argument("--only", choices=["scorer", "publish", "run", "matmul"])
+    parser.add_argument("--only", choices=["scorer", "grid", "publish", "run", "matmul"])
+    parser.add_argument(
+        "--grid-tasks", type=int, nargs="+", default=[2], help="task vectors of --only grid"
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--memory-cap-gb", type=float, default=16.0)
     parser.add_argument("--setup-only", action="store_true")
@@ -508,6 +522,13 @@ def main() -> None:
                 result = run_child(scorer_code, with_tasks(job, count), root, cap)
                 section[f"scorer_{count}_task_vectors"] = figures(result, parameters)
                 print(label, count, json.dumps(section[f"scorer_{count}_task_vectors"]), flush=True)
+        if args.only == "grid" and label == "after":
+            for count in args.grid_tasks:
+                result = run_child(scorer_code, with_tasks(job, count, GRID), root, cap)
+                section[f"scorer_{count}_task_vectors_grid"] = figures(result, parameters) | {
+                    "grid": GRID
+                }
+                print(label, "grid", count, json.dumps(result), flush=True)
         if args.only in (None, "publish"):
             publish_job = with_tasks(job, TASKS) | {"run_id": f"scale-{label.split(' ')[0]}"}
             section["publish_8_task_vectors"] = figures(
