@@ -20,7 +20,13 @@ from pipelines.stages.training import (
 from storage.checkpoints import count_attempts, delete_checkpoints
 from storage.objectstore import open_store_from
 from storage.taskvectors import find_task_vector, write_adapter_task_vector, write_task_vector
-from workers.adapters import Factor, LoraDelta, factors_to_tensors, trained_factors
+from workers.adapters import (
+    Factor,
+    LoraDelta,
+    factors_to_tensors,
+    trained_factors,
+    without_lora,
+)
 from workers.finetune.engine import Classifier, load_trained
 from workers.search.evaluate import at_state, linearized_at
 
@@ -74,7 +80,8 @@ def run_finetune_job(job: FinetuneJob) -> dict[str, Any]:
     factors = None
     if finetune.get("adapter") is not None:  # LoRA: τ is s·B·A (linear mode: its tangent)
         factors = adapter_factors(model, finetune["mode"])
-        del model  # the adapted copy of the base: its factors are all that is kept
+        del model  # its factors are all that is kept of the adapted model
+        without_lora(backbone)  # trained in place: the plain base again, weights θ0
         view = LoraDelta(factors, theta0)
         if finetune["mode"] == "linear":
             tuned = linearized_at(backbone, theta0, dict(view))

@@ -118,8 +118,9 @@ def train_task(
     ``keep_final``: rank 0 also stores the final state as a checkpoint (how a worker group
     hands its result to the coordinating task). ``base``: the base the caller already holds
     (one worker on the CPU, torch engine: see :func:`trains_on_callers_base`); the model is
-    built on it as :func:`build_model` builds it and handed back as ``module``, so that the
-    process holds θ0 once. Without it, this worker opens its own and trains on it in place.
+    built on it in place and handed back as ``module``, so that the process holds the base
+    once (an adapter's LoRA layers stay in ``base.backbone`` until the caller removes them
+    with :func:`~workers.adapters.without_lora`). Without it, this worker opens its own.
     """
     job = request.job
     store = open_store_from(job.store)
@@ -128,7 +129,7 @@ def train_task(
         base = open_base(job.store, job.base.key, job.base.meta)
     backbone, theta0 = base.backbone, base.theta0
     data = load_task_data(base, job.dataset.source, job.evaluation, job.dataset.what)
-    model = build_model(backbone, theta0, request, private=private)
+    model = build_model(backbone, theta0, request, private=True)
     config = train_config(request.finetune)
     start = load_latest(request)
     resumed = start.step if start else 0

@@ -25,6 +25,7 @@ from workers.adapters import (
     lora_trainable,
     trained_factors,
     with_lora,
+    without_lora,
 )
 from workers.adapters.lora import adapter_names
 from workers.finetune.linearized import LinearizedModel, linearized_forward
@@ -90,6 +91,31 @@ def test_a_trained_adapter_is_the_base_network_at_theta0_plus_s_b_a() -> None:
         state = {name: theta0[name] + delta[name] for name in theta0}
         got = functional_call(network, state, (packed,))
     assert relative_error(got, want) < 1e-5
+
+
+def test_an_adapter_trained_in_place_is_read_then_removed_leaving_the_base_at_theta0() -> None:
+    """How a one-worker fine-tune holds the base once: LoRA in the base's own modules, its
+    factors read, then the layers put back, the weights θ0 as they were (same tensors)."""
+    network = llama()
+    theta0 = {name: t.clone() for name, t in network.state_dict().items()}
+    q_weight = network.get_submodule("lm.model.layers.0.self_attn.q_proj").weight
+    adapted = with_lora(network, SETTINGS, seed=0, in_place=True)
+    assert adapted is network and adapter_names(network)
+    randomize(adapted, seed=1)
+    factors = trained_factors(adapted, {})
+    assert without_lora(network) is network
+    assert not any(".lora_" in n for n, _ in network.named_parameters())
+    assert network.get_submodule("lm.model.layers.0.self_attn.q_proj").weight is q_weight
+    assert type(network.get_submodule("lm.model.layers.0.self_attn.q_proj")) is torch.nn.Linear
+    assert list(network.state_dict()) == list(theta0)
+    assert all(torch.equal(network.state_dict()[n], t) for n, t in theta0.items())
+    packed = packed_split(0, 1, 6)
+    with torch.no_grad():  # the plain network at θ0 + τ is the adapter's forward (a copy)
+        delta = LoraDelta(factors, theta0)
+        state = {name: theta0[name] + delta[name] for name in theta0}
+        reference = with_lora(llama(), SETTINGS, seed=0)
+        randomize(reference, seed=1)
+        assert relative_error(functional_call(network, state, (packed,)), reference(packed)) < 1e-5
 
 
 def test_tangent_space_lora_is_the_weight_space_linearization_at_its_task_vector() -> None:

@@ -14,6 +14,7 @@ from workers.adapters.lora import (
     lora_trainable,
     trained_factors,
     with_lora,
+    without_lora,
 )
 
 __all__ = [
@@ -28,4 +29,5 @@ __all__ = [
     "lora_trainable",
     "trained_factors",
     "with_lora",
+    "without_lora",
 ]

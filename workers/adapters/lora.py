@@ -122,6 +122,16 @@ def lora_trainable(
     return LinearizedModel(adapted, adapted.state_dict(), frozen_outside_adapter(adapted))
 
 
+def without_lora(model: nn.Module) -> nn.Module:
+    """``model`` with each LoRA layer put back to the layer it wraps (PEFT's base layer, whose
+    weights the adapter never changed): undoes :func:`with_lora` ``in_place`` once the adapter's
+    factors have been read. Returns ``model``."""
+    for name, layer in _lora_layers(model).items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer.get_base_layer())
+    return model
+
+
 def _lora_layers(model: nn.Module) -> dict[str, nn.Module]:
     from peft.tuners.lora import LoraLayer
 
