@@ -39,6 +39,18 @@ class Choice:
         return next(row for row in self.rows if row["id"] == self.best.id)
 
 
+def warn_unnormalizable(finetuned_val: dict[str, float], console: Console) -> None:
+    """One line per task whose fine-tuned model scores 0 on val: its normalized accuracy
+    divides by zero (by 1e-12), so that task alone decides mean_normalized_accuracy."""
+    for task, score in finetuned_val.items():
+        if score <= 0:
+            console.print(
+                f"warning: task '{task}': its fine-tuned model scores {score} on val, so its "
+                "normalized accuracy is undefined and outweighs every other task's; consider "
+                "merge.objective: mean_accuracy (its task vector stays cached)"
+            )
+
+
 def choose_merge(
     plan: Plan,
     scorers: Scorers,
@@ -51,6 +63,8 @@ def choose_merge(
     spec warm-starts from it), the best on val, then its test scores."""
     spec = plan.spec
     finetuned_val = {task: meta["finetuned"]["val"] for task, meta in reference.items()}
+    if spec.merge.objective == "mean_normalized_accuracy":
+        warn_unnormalizable(finetuned_val, console)
     info: dict[str, Any] = {}
     extra: list[Candidate] = []
     if spec.merge.search.warm_start == "champion":
