@@ -468,6 +468,13 @@ def matmul_gflops(threads: int) -> dict[str, float]:
     return found
 
 
+def commit() -> str:
+    """This tree's commit, with ``+`` if its Python files have changes."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True)
+    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "*.py"], cwd=REPO).returncode
+    return head.stdout.decode().strip() + ("+" if dirty else "")
+
+
 def export(revision: str) -> Path:
     target = Path(tempfile.mkdtemp(prefix="mergeline-before-"))
     archive = subprocess.run(
@@ -517,22 +524,23 @@ def main() -> None:
     for label, root, scorer_code in runs:
         section = results.setdefault(label.split(" ")[0], {"code": label})
         section["command"] = results["command"]
+        # beside each figure: what made it
+        made = {"command": results["command"], "commit": commit() if root == REPO else args.before}
         if args.only in (None, "scorer"):
             for count in (2, TASKS):
                 result = run_child(scorer_code, with_tasks(job, count), root, cap)
-                section[f"scorer_{count}_task_vectors"] = figures(result, parameters)
+                section[f"scorer_{count}_task_vectors"] = figures(result, parameters) | made
                 print(label, count, json.dumps(section[f"scorer_{count}_task_vectors"]), flush=True)
         if args.only == "grid" and label == "after":
             for count in args.grid_tasks:
                 result = run_child(scorer_code, with_tasks(job, count, GRID), root, cap)
-                section[f"scorer_{count}_task_vectors_grid"] = figures(result, parameters) | {
-                    "grid": GRID
-                }
+                grid = figures(result, parameters) | {"grid": GRID} | made
+                section[f"scorer_{count}_task_vectors_grid"] = grid
                 print(label, "grid", count, json.dumps(result), flush=True)
         if args.only in (None, "publish"):
             publish_job = with_tasks(job, TASKS) | {"run_id": f"scale-{label.split(' ')[0]}"}
-            section["publish_8_task_vectors"] = figures(
-                run_child(PUBLISH, publish_job, root, cap), parameters
+            section["publish_8_task_vectors"] = (
+                figures(run_child(PUBLISH, publish_job, root, cap), parameters) | made
             )
             print(label, "publish", json.dumps(section["publish_8_task_vectors"]), flush=True)
         if args.only in (None, "run") and label == "after":
@@ -542,7 +550,8 @@ def main() -> None:
             if "failed" not in result:
                 summary = json.loads((args.workdir / "summary.json").read_text())
                 result |= {"best": summary.get("best", {}).get("method"), "status": "completed"}
-            section["driver_whole_run"] = result
+                result |= {"timings": summary.get("timings")}
+            section["driver_whole_run"] = result | made
             print(label, "run", json.dumps(result), flush=True)
         RESULTS.write_text(json.dumps(results, indent=1) + "\n")
 
