@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import torch
 
+from tests.conftest import REPO
 from workers.kinds import get_kind
 from workers.kinds.classification import ROWS_PER_PASS
 
@@ -38,3 +42,16 @@ def test_a_split_larger_than_one_pass_is_scored_in_passes_with_the_whole_splits_
         whole = apply_head(head, network(torch.as_tensor(x))).argmax(dim=1)
     assert accuracy == int((whole == torch.as_tensor(y)).sum()) / rows
     assert kind.score(forward, head, x[:0], y[:0], "accuracy", {}) == 0.0  # an empty split
+
+
+def test_a_kind_module_imported_first_leaves_the_other_kinds_findable() -> None:
+    """Importing one kind's module registers that kind only; get_kind still finds the others
+    (a fresh interpreter, so that no other test has filled the registry)."""
+    code = (
+        "import workers.kinds.classification\n"
+        "from workers.kinds import get_kind\n"
+        "print(get_kind('causal_lm').name)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "causal_lm"

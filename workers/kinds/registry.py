@@ -147,8 +147,9 @@ def register_kind(kind: TaskKind) -> TaskKind:
 
 
 def get_kind(name: str) -> TaskKind:
-    """The registered kind ``name`` (every file of the package is imported on first use)."""
-    if not KINDS:
+    """The registered kind ``name`` (every file of the package is imported when a name is not
+    registered yet: one kind's module imported directly registers that kind only)."""
+    if name not in KINDS:
         for stem in _FILES:
             importlib.import_module(f"workers.kinds.{stem}")
     if name not in KINDS:
