@@ -84,23 +84,31 @@ def reset_peak():
         handle.write("5")
 """
 
-SCORER = (
+#: Both scorer children start alike: build a ``CandidateScorer`` (θ0 into the model, the
+#: readers, the data) from the job in argv, timed and with the peak reset first.
+LOAD_SCORER = (
     STATUS
     + """
 import json, sys, time
-import torch
 from pipelines.spec.plan import Candidate
 from pipelines.stages.search import CandidateScorer
-from workers.search.evaluate import forward_on
 
 job = json.loads(sys.argv[1])
 reset_peak()
 started = time.perf_counter()
 scorer = CandidateScorer(job["store"], job["base_key"], job["base_meta"], job["tasks"],
                          job["evaluation"], threads=job["threads"])
-inputs = scorer.inputs
 load_s = time.perf_counter() - started
 after_load = status()
+"""
+)
+
+SCORER = (
+    LOAD_SCORER
+    + """
+from workers.search.evaluate import forward_on
+
+inputs = scorer.inputs
 started = time.perf_counter()
 model = forward_on(inputs.backbone, inputs.device)
 for task in job["tasks"]:
@@ -120,19 +128,8 @@ print(json.dumps({"load_s": load_s, "forward_s": forward_s, "candidate_s": secon
 )
 
 SCORER_BEFORE = (
-    STATUS
+    LOAD_SCORER
     + """
-import json, sys, time
-from pipelines.spec.plan import Candidate
-from pipelines.stages.search import CandidateScorer
-
-job = json.loads(sys.argv[1])
-reset_peak()
-started = time.perf_counter()
-scorer = CandidateScorer(job["store"], job["base_key"], job["base_meta"], job["tasks"],
-                         job["evaluation"], threads=job["threads"])
-load_s = time.perf_counter() - started
-after_load = status()
 method, params, coefficient = job["candidates"][0]
 started = time.perf_counter()
 merged = list(scorer.inputs.merged(Candidate(method, params, coefficient)))
