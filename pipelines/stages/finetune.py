@@ -91,7 +91,8 @@ def run_finetune_job(job: FinetuneJob) -> dict[str, Any]:
         delta = network_of(model).task_vector()
         tuned = linearized_at(backbone, theta0, delta)
     else:
-        theta = {k: v.detach() for k, v in backbone.state_dict().items()}  # not used after
+        # the trained backbone's own tensors: nothing trains it any more, so no copy
+        theta = {k: v.detach() for k, v in backbone.state_dict().items()}
         tuned = at_state(backbone, theta)
         delta = {name: theta[name] - theta0[name] for name in theta0}
     finetuned = scores(tuned)

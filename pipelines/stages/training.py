@@ -85,7 +85,8 @@ def build_model(
 ) -> torch.nn.Module:
     """backbone (or its linearization around θ0) as the task's kind trains it (e.g. through
     the frozen head). With ``finetune.adapter``: a LoRA copy of it, trained (or linearized) in
-    the adapter's parameters only (on ``backbone`` itself if it is ``private``: not used after)."""
+    the adapter's parameters only (in ``backbone``'s own modules if ``private``: its owner
+    removes the adapter after, or drops the backbone)."""
     kind = kind_of(request.job.base.config)
     mode, adapter = request.finetune["mode"], request.finetune.get("adapter")
     if adapter is not None:  # LoRA (PEFT); linear mode linearizes in its parameters only
@@ -124,7 +125,7 @@ def train_task(
     """
     job = request.job
     store = open_store_from(job.store)
-    private = base is None
+    handed_in = base is not None  # the caller keeps the trained model itself
     if base is None:
         base = open_base(job.store, job.base.key, job.base.meta)
     backbone, theta0 = base.backbone, base.theta0
@@ -167,8 +168,8 @@ def train_task(
     model.eval()
     # A worker group hands its weights over in the final checkpoint: none consolidates them.
     # A model handed back holds its trained values itself.
-    weights = {} if keep_final or not private else engine.model_state()
-    return TrainOutcome(weights, history, engine.name, resumed, None if private else model)
+    weights = {} if keep_final or handed_in else engine.model_state()
+    return TrainOutcome(weights, history, engine.name, resumed, model if handed_in else None)
 
 
 def trains_on_callers_base(request: TrainRequest) -> bool:
