@@ -43,6 +43,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -392,6 +393,45 @@ def run_spec(workdir: Path, job: dict[str, Any]) -> Path:
     return path
 
 
+class PeakSampler:
+    """The largest processes of a cgroup while a run lasts: each process's own peak (``VmHWM``,
+    which the kernel keeps, so a sample each second misses only its last second's growth),
+    named by its command line (Ray names a worker ``ray::<task>``), and the cgroup's peak."""
+
+    def __init__(self, cap: Path, every_s: float = 1.0):
+        self.cap, self.every_s, self.peaks, self._stop = cap, every_s, {}, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> PeakSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        import psutil  # a Ray dependency
+
+        while not self._stop.wait(self.every_s):
+            for pid in (self.cap / "cgroup.procs").read_text().split():
+                try:
+                    process = psutil.Process(int(pid))
+                    name = " ".join(process.cmdline())[:80] or process.name()
+                    peak = process.memory_info().rss
+                    for line in open(f"/proc/{pid}/status"):
+                        if line.startswith("VmHWM:"):
+                            peak = int(line.split()[1]) * 1024
+                except (psutil.Error, OSError, ValueError):
+                    continue
+                key = f"{pid} {name}"
+                self.peaks[key] = max(self.peaks.get(key, 0), peak)
+
+    def largest(self, count: int = 5) -> list[dict[str, Any]]:
+        top = sorted(self.peaks.items(), key=lambda item: -item[1])[:count]
+        return [{"process": key.split(" ", 1)[1], "peak_mb": round(b / 2**20)} for key, b in top]
+
+
 def run_child(
     code: str, job: dict[str, Any] | list[str], root: Path, cap: Path | None = None
 ) -> dict[str, Any]:
@@ -543,7 +583,15 @@ def main() -> None:
         if args.only in (None, "run") and label == "after":
             spec = run_spec(args.workdir, job)
             command = ["run", str(spec), "--summary", str(args.workdir / "summary.json")]
-            result = run_child(RUN, command, root, cap)
+            if cap is not None:
+                (cap / "memory.max_usage_in_bytes").write_text("0")  # the cgroup's peak, reset
+                with PeakSampler(cap) as sampler:
+                    result = run_child(RUN, command, root, cap)
+                result["largest_processes"] = sampler.largest()
+                usage = int((cap / "memory.max_usage_in_bytes").read_text())
+                result["cgroup_peak_mb_with_page_cache"] = round(usage / 2**20)
+            else:
+                result = run_child(RUN, command, root, cap)
             if "failed" not in result:
                 summary = json.loads((args.workdir / "summary.json").read_text())
                 result |= {"best": summary.get("best", {}).get("method"), "status": "completed"}
