@@ -268,3 +268,51 @@ def test_an_adapter_fine_tune_resumes_from_its_checkpoint_exactly() -> None:
         want, got = straight.model_state(), resumed.model_state()
         assert set(got) == set(want)
         assert all(torch.equal(got[n], want[n]) for n in want), mode
+
+
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [("task_arithmetic", {}), ("ties", {"density": 0.3}), ("ties", {"scope": "per_tensor"})],
+)
+def test_adapter_task_vectors_merge_large_weights_in_blocks_of_rows(
+    monkeypatch, method, params
+) -> None:
+    """A weight over the engine's block size (an LLM's embedding) is merged by rows with
+    adapter task vectors too: each block reads s·B[rows]·A, never the whole ΔW (the 1B run's
+    ties scorer held all T dense embeddings at once), and the result is the whole one's."""
+    from workers.merge import blocks
+    from workers.merge.engine import StateSource, merge_stream, plan_merge, specs_of
+
+    generator = torch.Generator().manual_seed(3)
+    theta0 = {"emb": torch.randn(40, 6), "w": torch.randn(6, 5), "bias": torch.randn(6)}
+    tasks = {
+        t: {
+            name: Factor(
+                torch.randn(2, theta0[name].shape[1], generator=generator),
+                torch.randn(theta0[name].shape[0], 2, generator=generator),
+                0.5,
+            )
+            for name in names
+        }
+        for t, names in (("a", ("emb", "w")), ("b", ("emb",)), ("c", ("w",)))
+    }
+    views = {t: LoraDelta(f, theta0) for t, f in tasks.items()}
+    coefficient = 0.7
+    want = merge(method, theta0, {t: dict(v) for t, v in views.items()}, coefficient, **params)
+
+    read_whole: list[str] = []
+    for view in views.values():  # a whole read of the large weight fails the test
+        whole = view.read
+        monkeypatch.setattr(
+            view,
+            "read",
+            lambda name, out=None, whole=whole: read_whole.append(name) or whole(name, out),
+        )
+    monkeypatch.setattr(blocks, "BLOCK_BYTES", 4 * 6 * 8)  # 8 rows of emb per block
+    plan = plan_merge(
+        method, specs_of(theta0), {t: specs_of(theta0) for t in views}, coefficient, params
+    )
+    got = {name: t.clone() for name, t in merge_stream(plan, StateSource(theta0), views)}
+    assert "emb" not in read_whole
+    for name in theta0:
+        assert torch.equal(got[name], want[name]), (method, name)

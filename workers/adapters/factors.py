@@ -39,6 +39,10 @@ class Factor:
     def delta(self) -> Tensor:
         return (self.b.float() @ self.a.float()) * self.scale
 
+    def delta_rows(self, start: int, stop: int) -> Tensor:
+        """Rows ``start:stop`` of :meth:`delta`, from those rows of ``b`` only."""
+        return (self.b[start:stop].float() @ self.a.float()) * self.scale
+
 
 def factors_to_tensors(factors: Mapping[str, Factor]) -> dict[str, Tensor]:
     """The stored layout: ``<W>.lora_A``, ``<W>.lora_B`` and ``<W>.lora_scale`` per weight."""
@@ -114,7 +118,20 @@ class LoraDelta(Mapping[str, Tensor]):
         return len(self.shapes)
 
     def read(self, name: str, out: Tensor | None = None) -> Tensor:
+        if out is not None and name not in self.factors:
+            return out.zero_()
         tensor = self[name]
+        return tensor if out is None else out.copy_(tensor)
+
+    def read_rows(self, name: str, start: int, stop: int, out: Tensor | None = None) -> Tensor:
+        """Rows ``start:stop`` of ΔW, so that the engine merges a large weight (an LLM's
+        embedding) in blocks of rows with adapter task vectors too, never whole."""
+        shape, dtype = self.shapes[name]
+        factor = self.factors.get(name)
+        if factor is None:
+            rows = (stop - start, *shape[1:])
+            return torch.zeros(rows, dtype=dtype) if out is None else out.zero_()
+        tensor = factor.delta_rows(start, stop).to(dtype)
         return tensor if out is None else out.copy_(tensor)
 
     def specs(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
