@@ -417,19 +417,21 @@ class PeakSampler:
             for pid in (self.cap / "cgroup.procs").read_text().split():
                 try:
                     process = psutil.Process(int(pid))
-                    name = " ".join(process.cmdline())[:80] or process.name()
-                    peak = process.memory_info().rss
-                    for line in open(f"/proc/{pid}/status"):
-                        if line.startswith("VmHWM:"):
-                            peak = int(line.split()[1]) * 1024
-                except (psutil.Error, OSError, ValueError):
+                    name = " ".join(process.cmdline())[:80].strip() or process.name()
+                    peak = next(
+                        int(line.split()[1]) * 1024
+                        for line in open(f"/proc/{pid}/status")
+                        if line.startswith("VmHWM:")
+                    )
+                except (psutil.Error, OSError, ValueError, StopIteration):
                     continue
-                key = f"{pid} {name}"
-                self.peaks[key] = max(self.peaks.get(key, 0), peak)
+                # one entry per process (Ray renames a worker per task): its name at its peak
+                if peak > self.peaks.get(pid, (0, ""))[0]:
+                    self.peaks[pid] = (peak, name)
 
     def largest(self, count: int = 5) -> list[dict[str, Any]]:
-        top = sorted(self.peaks.items(), key=lambda item: -item[1])[:count]
-        return [{"process": key.split(" ", 1)[1], "peak_mb": round(b / 2**20)} for key, b in top]
+        top = sorted(self.peaks.values(), reverse=True)[:count]
+        return [{"process": name, "peak_mb": round(peak / 2**20)} for peak, name in top]
 
 
 def run_child(

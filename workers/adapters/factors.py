@@ -37,7 +37,7 @@ class Factor:
         return int(self.a.shape[0])
 
     def delta(self) -> Tensor:
-        return (self.b.float() @ self.a.float()) * self.scale
+        return self.delta_rows(0, int(self.b.shape[0]))
 
     def delta_rows(self, start: int, stop: int) -> Tensor:
         """Rows ``start:stop`` of :meth:`delta`, from those rows of ``b`` only."""
