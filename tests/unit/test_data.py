@@ -71,3 +71,52 @@ def test_transforms_change_the_digest_and_are_permutations() -> None:
     moved = load_dataset(DIGITS | {"transform": {"kind": "permute", "seed": 1}}, EVAL, "t")
     assert plain.digest() != moved.digest()
     assert np.array_equal(plain.y_test, moved.y_test)
+
+
+def test_a_bundled_dataset_is_read_from_the_local_cache_without_importing_sklearn(
+    tmp_path, monkeypatch
+) -> None:
+    """The first read caches scikit-learn's arrays; later processes parse the same splits from
+    the cache and never import scikit-learn (about 2 CPU-seconds in every job and scorer)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    code = (
+        "import sys, hashlib\n"
+        "from pipelines.stages.datasets import load_dataset\n"
+        "config = {'source': 'sklearn', 'name': 'wine', 'pool': 'tasks'}\n"
+        "s = load_dataset(config, {'split_seed': 3}, 'task')\n"
+        "arrays = (s.x_train, s.y_train, s.x_val, s.y_val, s.x_test, s.y_test)\n"
+        "print(hashlib.sha256(b''.join(a.tobytes() for a in arrays)).hexdigest(),"
+        " 'sklearn' in sys.modules)\n"
+    )
+    env = {"MERGELINE_CACHE": str(tmp_path), "PATH": "/usr/bin:/bin"}
+
+    def run() -> list[str]:
+        result = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stdout.split()
+
+    first, second = run(), run()
+    assert first[1] == "True" and second == [first[0], "False"]
+    monkeypatch.setenv("MERGELINE_CACHE", str(tmp_path))
+    direct = load_dataset(
+        {"source": "sklearn", "name": "wine", "pool": "tasks"}, {"split_seed": 3}, "t"
+    )
+    cached = next(tmp_path.glob("datasets/scikit-learn-*/wine.npz"))
+    cached.write_bytes(b"not a zip file")  # a damaged cache is read again, not trusted
+    assert run() == [first[0], "True"] and run() == second
+    from pipelines.stages.datasets import load_dataset as load_at_the_edge
+
+    edge = load_at_the_edge(
+        {"source": "sklearn", "name": "wine", "pool": "tasks"}, {"split_seed": 3}, "t"
+    )
+    assert np.array_equal(edge.x_train, direct.x_train) and np.array_equal(
+        edge.y_test, direct.y_test
+    )
+    with pytest.raises(DataError, match="unknown sklearn dataset 'mnist'"):
+        load_at_the_edge({"source": "sklearn", "name": "mnist"}, {}, "task 'a'")

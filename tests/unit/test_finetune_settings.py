@@ -5,6 +5,8 @@ bit."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -12,6 +14,7 @@ import pytest
 import torch
 
 from storage.errors import MergelineError
+from tests.conftest import REPO
 from tests.lm_fixtures import tiny_llama
 from workers.finetune import TrainConfig
 from workers.finetune.checkpoint import decode_state, encode_state
@@ -101,6 +104,34 @@ def test_warmup_then_the_schedule_gives_the_expected_lr_at_every_step(schedule: 
         }
         expected.append(0.1 * decay[schedule])
     assert [s["lr"] for s in seen] == pytest.approx(expected, abs=1e-12)
+
+
+def test_a_constant_rate_without_warmup_imports_no_transformers() -> None:
+    """The default schedule is a factor of 1 at every step; transformers (about 3 CPU-seconds
+    of import in every fine-tune process) is only imported for the others."""
+    code = (
+        "import sys, torch\n"
+        "from workers.finetune import TrainConfig\n"
+        "from workers.finetune.settings import make_scheduler\n"
+        "model = torch.nn.Linear(2, 2)\n"
+        "for schedule, warmup in (('constant', 0), ('constant', 2)):\n"
+        "    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)\n"
+        "    config = TrainConfig(steps=5, batch_size=1, lr=0.1, warmup_steps=warmup)\n"
+        "    scheduler = make_scheduler(optimizer, config)\n"
+        "    rates = []\n"
+        "    for _ in range(5):\n"
+        "        rates.append(optimizer.param_groups[0]['lr'])\n"
+        "        optimizer.step()\n"
+        "        scheduler.step()\n"
+        "    print(rates, 'transformers' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
+    )
+    assert result.stdout.splitlines() == [
+        "[0.1, 0.1, 0.1, 0.1, 0.1] False",
+        "[0.0, 0.05, 0.1, 0.1, 0.1] True",
+    ]
 
 
 def test_two_micro_batches_of_b_step_as_one_batch_of_2b() -> None:

@@ -51,10 +51,15 @@ def make_scheduler(
     optimizer: torch.optim.Optimizer, config: TrainConfig
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """``config.lr_schedule`` over ``config.steps`` optimizer steps, after ``warmup_steps`` of
-    linear warmup from 0 (transformers' schedules: step s of warmup runs at lr·s/warmup)."""
+    linear warmup from 0 (transformers' schedules: step s of warmup runs at lr·s/warmup).
+
+    A constant rate without warmup is a factor of 1 at every step, which needs no library:
+    importing transformers' schedules costs a fine-tune process about 3 CPU-seconds."""
+    name = config.lr_schedule
+    if name == "constant" and not config.warmup_steps:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, _constant)
     from transformers import get_scheduler
 
-    name = config.lr_schedule
     if name == "constant" and config.warmup_steps:
         name = "constant_with_warmup"
     return get_scheduler(
@@ -63,6 +68,10 @@ def make_scheduler(
         num_warmup_steps=config.warmup_steps,
         num_training_steps=config.steps,
     )
+
+
+def _constant(step: int) -> float:
+    return 1.0
 
 
 def scheduler_state(scheduler: torch.optim.lr_scheduler.LRScheduler) -> dict[str, Any]:
