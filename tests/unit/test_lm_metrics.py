@@ -258,3 +258,42 @@ def test_generation_needs_a_prompt() -> None:
     packed = _pack([([], [10, EOS])], length=3)
     with pytest.raises(DataError, match="empty prompt"):
         generate_greedy(_oracle({(): [10]}), packed, 1, 2, EOS)
+
+
+def test_greedy_generation_with_a_kv_cache_matches_generation_without(llama) -> None:
+    """The forward of a causal LM at some weights offers a KV cache: each prompt then runs once
+    and each step one token per row (rows of different lengths, an eos stopping one early), and
+    the tokens are those of the uncached generation and of ``generate()``."""
+    from workers.models.causal_lm import CausalLM
+    from workers.search.evaluate import at_state, forward_on
+
+    model = CausalLM(llama).eval()
+    packed = np.concatenate([_llama_rows(0), _llama_rows(1)])
+    state = dict(model.named_parameters())
+    steps = 5
+    for forward in (at_state(model, state), forward_on(model, torch.device("cpu"))):
+        assert forward.kv_cache
+        widths: list[int] = []
+
+        def counted(inputs, _forward=forward, _widths=widths, **cached):
+            _widths.append(inputs.shape[-1])
+            return _forward(inputs, **cached)
+
+        counted.kv_cache = True
+        uncached = generate_greedy(lambda p, _f=forward: _f(p), packed, 4, steps, eos_id=None)
+        eos = uncached[1][1]  # row 1 stops after its second token
+        expected = generate_greedy(lambda p, _f=forward: _f(p), packed, 4, steps, eos_id=eos)
+        assert generate_greedy(counted, packed, 4, steps, eos_id=eos) == expected
+        assert expected[1] == uncached[1][:2] and any(len(ids) == steps for ids in expected)
+        assert widths.count(1) == 2 * (steps - 1) and len(widths) == 2 * steps  # 2 batches
+    for row, ids in zip(packed, expected, strict=True):
+        prompt = torch.as_tensor(row[0][(row[1] == 1) & (row[2] == 0)])[None]
+        reference = llama.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            do_sample=False,
+            max_new_tokens=steps,
+            eos_token_id=eos,
+            pad_token_id=eos,
+        )
+        assert ids == reference[0, prompt.shape[1] :].tolist()

@@ -52,11 +52,28 @@ class CausalLM(nn.Module):
         self.register_state_dict_post_hook(_drop_tied_aliases)
         self.register_load_state_dict_pre_hook(_restore_tied_aliases)
 
+    #: greedy generation may pass a KV cache (``workers.search.lm_metrics``)
+    takes_kv_cache = True
+
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: Any = None,
     ) -> torch.Tensor:
-        input_ids, attention_mask = _trimmed(input_ids, attention_mask)
-        output = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        if past_key_values is None:
+            input_ids, attention_mask = _trimmed(input_ids, attention_mask)
+            output = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            return output.logits.float()
+        # a step of cached generation: the mask spans the cache and these ids, untrimmed
+        output = self.lm(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=True,
+        )
         return output.logits.float()
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from torch import nn
@@ -33,31 +35,41 @@ def accuracy(
 
 
 def at_state(backbone: nn.Module, state: dict[str, torch.Tensor]):
-    """The backbone's forward at parameters ``state`` (its own weights untouched)."""
+    """The backbone's forward at parameters ``state`` (its own weights untouched). For a causal
+    LM it also takes a KV cache's keywords (``kv_cache``: ``workers.search.lm_metrics``)."""
 
-    def forward(inputs: torch.Tensor) -> torch.Tensor:
+    def forward(inputs: torch.Tensor, **cached: Any) -> torch.Tensor:
         with torch.no_grad():
-            return functional_call(backbone, state, (inputs,))
+            return functional_call(backbone, state, (inputs,), cached)
 
+    forward.kv_cache = _takes_kv_cache(backbone)  # type: ignore[attr-defined]
     return forward
 
 
 def forward_on(backbone: nn.Module, device: torch.device):
     """The backbone's own forward, without gradients; on a device other than the CPU each batch
-    goes there and its outputs come back to the host in float32."""
+    goes there and its outputs come back to the host in float32. Takes a KV cache's keywords
+    like :func:`at_state`."""
     if device.type == "cpu":
 
-        def forward(inputs: torch.Tensor) -> torch.Tensor:
+        def forward(inputs: torch.Tensor, **cached: Any) -> torch.Tensor:
             with torch.no_grad():
-                return backbone(inputs)
+                return backbone(inputs, **cached)
 
+        forward.kv_cache = _takes_kv_cache(backbone)  # type: ignore[attr-defined]
         return forward
 
-    def forward_on_device(inputs: torch.Tensor) -> torch.Tensor:
+    def forward_on_device(inputs: torch.Tensor, **cached: Any) -> torch.Tensor:
+        moved = {k: v.to(device) if torch.is_tensor(v) else v for k, v in cached.items()}
         with torch.no_grad():
-            return backbone(inputs.to(device)).float().cpu()
+            return backbone(inputs.to(device), **moved).float().cpu()
 
+    forward_on_device.kv_cache = _takes_kv_cache(backbone)  # type: ignore[attr-defined]
     return forward_on_device
+
+
+def _takes_kv_cache(backbone: nn.Module) -> bool:
+    return bool(getattr(backbone, "takes_kv_cache", False))
 
 
 def linearized_at(

@@ -8,12 +8,13 @@ are ``(rows, 3 * C, length)``: channels 0..2 are the right choice, so every metr
 :func:`choice_accuracy` reads them as a plain split; each further block of three is a wrong
 choice (empty: no attention, no completion, where a row has fewer; ``workers.data.prompts``).
 
-Greedy generation keeps rows right-padded and runs the whole prefix at every step, without a
-KV cache (a ``logits_fn`` is a plain function): each row's next token is read at its own last
-real position. Left padding would shift the positions of a shorter prompt's tokens, since
-Hugging Face's Llama numbers positions ``0..L'-1`` whatever the mask, and ``logits_fn`` passes no
-position ids; right padding gives every row the positions it has alone, so a batch generates
-what each prompt generates by itself.
+Greedy generation keeps rows right-padded: each row's next token is read at its own last real
+position, and every row keeps the positions it has alone, so a batch generates what each prompt
+generates by itself. A ``logits_fn`` whose ``kv_cache`` attribute is true (the forward of a plain
+causal LM at some weights, ``workers.search.evaluate``) also takes ``attention_mask``,
+``position_ids`` and ``past_key_values`` keywords: it then runs each prompt once and one token
+per step, the padding masked out where it sits in the cache. Any other ``logits_fn`` (a
+linearized model, a test's function) runs the whole prefix again at every step.
 """
 
 from __future__ import annotations
@@ -171,13 +172,16 @@ def generate_greedy(
 ) -> list[list[int]]:
     """Greedy continuation ids of each row's prompt, eos included, as ``generate()`` returns.
 
-    A row stops after an ``eos_id`` token or ``max_new_tokens`` tokens. No KV cache: see the
-    module docstring for why rows stay right-padded.
+    A row stops after an ``eos_id`` token or ``max_new_tokens`` tokens. With a KV cache where
+    ``logits_fn`` offers one (see the module docstring).
     """
     stops = _stop_ids(eos_id)
     generated: list[list[int]] = []
     for batch in _batches(packed, batch_size):
         prompts = prompts_of(batch)
+        if getattr(logits_fn, "kv_cache", False):
+            generated.extend(_generate_cached(logits_fn, prompts, max_new_tokens, stops))
+            continue
         lengths = torch.tensor([len(p) for p in prompts])
         rows = torch.zeros(len(prompts), 3, int(lengths.max()) + max_new_tokens, dtype=torch.int64)
         for row, prompt in zip(rows, prompts, strict=True):
@@ -200,6 +204,43 @@ def generate_greedy(
             active = [i for i in active if new[i][-1] not in stops]
         generated.extend(new)
     return generated
+
+
+def _generate_cached(
+    logits_fn: Callable[..., Tensor], prompts: list[Tensor], max_new_tokens: int, stops: set[int]
+) -> list[list[int]]:
+    """:func:`generate_greedy` of one batch with a KV cache: the right-padded prompts run once,
+    then each step feeds one token per row at that row's own next position. A finished row
+    keeps being fed (its tokens are dropped) so the batch keeps its shape."""
+    from transformers import DynamicCache
+
+    lengths = torch.tensor([len(p) for p in prompts])
+    rows, width = len(prompts), int(lengths.max())
+    ids = torch.zeros(rows, width, dtype=torch.int64)
+    mask = torch.zeros(rows, width, dtype=torch.int64)
+    for row, prompt in enumerate(prompts):
+        ids[row, : len(prompt)], mask[row, : len(prompt)] = prompt, 1
+    positions = torch.arange(width).expand(rows, width)
+    cache = DynamicCache()
+    logits = logits_fn(ids, attention_mask=mask, position_ids=positions, past_key_values=cache)
+    chosen = logits[torch.arange(rows), (lengths - 1).to(logits.device)].argmax(dim=-1).cpu()
+    new: list[list[int]] = [[] for _ in prompts]
+    active = set(range(rows))
+    for step in range(max_new_tokens):
+        for row in sorted(active):
+            new[row].append(int(chosen[row]))
+        active = {row for row in active if new[row][-1] not in stops}
+        if not active or step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones(rows, 1, dtype=mask.dtype)], dim=1)
+        logits = logits_fn(
+            chosen[:, None],
+            attention_mask=mask,
+            position_ids=(lengths + step)[:, None],
+            past_key_values=cache,
+        )
+        chosen = logits[:, -1].argmax(dim=-1).cpu()
+    return new
 
 
 def greedy_completions(
