@@ -108,15 +108,14 @@ def main() -> None:
             "interrupted: nothing half-written is visible; rerun the same command to resume"
         )
         sys.exit(130)
-    except Exception as error:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(error, click.exceptions.ClickException):
-            error.show()
-            sys.exit(2)
-        if isinstance(error, click.exceptions.Abort):
-            sys.exit(130)
-        raise
+    except typer.Abort:
+        sys.exit(130)
+    except typer.TyperException as error:  # usage errors (typer's own click) in this mode
+        show = getattr(error, "show", None)
+        if show is None:
+            raise
+        show()
+        sys.exit(2)
 
 
 if __name__ == "__main__":

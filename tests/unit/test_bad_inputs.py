@@ -218,3 +218,23 @@ def test_bad_input_gets_one_clear_error(argv, fragment: str, tmp_path: Path, mon
 def test_the_table_is_large_enough() -> None:
     assert len(CASES) >= 40
     assert len({c[0] for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["run", "spec.yaml", "--bogus"], "No such option: --bogus"),
+        (["bogus"], "No such command 'bogus'"),
+        (["run"], "Missing argument"),
+    ],
+)
+def test_a_command_line_typo_gets_usage_and_exit_2_not_a_traceback(
+    argv: list[str], fragment: str, monkeypatch, capsys
+) -> None:
+    monkeypatch.setattr(sys, "argv", ["mergeline", *argv])
+    with pytest.raises(SystemExit) as caught:
+        main()
+    out, err = capsys.readouterr()
+    assert caught.value.code == 2, err
+    assert fragment in err and "Traceback" not in out + err
+    assert err.startswith("Usage: mergeline") and len(err.splitlines()) <= 5, err
