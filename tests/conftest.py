@@ -115,13 +115,24 @@ def session_pause_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def local_ray(session_pause_folder: Path):
     """One local Ray for the whole session (the pipeline reuses an initialised Ray).
 
-    Its workers see the session's pause folder, inert until a test arms :func:`pause`.
+    Its workers see the session's pause folder, inert until a test arms :func:`pause`. It keeps
+    up to 6 worker processes (Ray's default is one per CPU, 2 here, and it ends idle ones above
+    that within a second): each test's scorer actors would otherwise push the task workers out,
+    and the next test would pay a fresh worker's imports (torch, transformers) again. Four
+    integration files took 183 s alone, 94 s with the warm workers. Only the tests' Ray: a
+    ``mergeline run`` keeps Ray's default, so idle workers never hold a large model's memory.
     """
     import ray
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(ENVIRONMENT_VARIABLE, str(session_pause_folder))
-        ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
+        ray.init(
+            address="local",
+            num_cpus=2,
+            include_dashboard=False,
+            configure_logging=False,
+            _system_config={"num_workers_soft_limit": 6},
+        )
     yield
     ray.shutdown()
 
