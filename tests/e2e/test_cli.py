@@ -16,8 +16,15 @@ pytestmark = pytest.mark.e2e
 QUICKSTART = REPO / "examples" / "quickstart.yaml"
 
 
+#: Ray's worker pool for the CLI's local Ray in these tests (Ray reads ``RAY_<setting>``): up to
+#: 6 worker processes instead of one per CPU, so the publish tasks after the search reuse the
+#: fine-tune workers instead of starting (and importing torch in) fresh ones. It changes where
+#: tasks run, not what they do; a user's run keeps Ray's default.
+WARM_WORKERS = {"RAY_num_workers_soft_limit": "6"}
+
+
 def mergeline(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    env = os.environ | {"COLUMNS": "120", "NO_COLOR": "1"}
+    env = os.environ | {"COLUMNS": "120", "NO_COLOR": "1"} | WARM_WORKERS
     return subprocess.run(
         [sys.executable, "-m", "pipelines.cli", *args],
         cwd=cwd,
