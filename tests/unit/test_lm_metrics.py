@@ -178,6 +178,20 @@ def test_metrics_do_not_depend_on_the_batch_size(llama) -> None:
     assert token_accuracy(logits_fn, packed, 1) == token_accuracy(logits_fn, packed, 3)
 
 
+def _generated_by_transformers(llama, row: np.ndarray, steps: int, eos: int) -> list[int]:
+    """Greedy ``generate()`` of one packed row's prompt alone: the reference."""
+    prompt = torch.as_tensor(row[0][(row[1] == 1) & (row[2] == 0)])[None]
+    generated = llama.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        do_sample=False,
+        max_new_tokens=steps,
+        eos_token_id=eos,
+        pad_token_id=eos,
+    )
+    return generated[0, prompt.shape[1] :].tolist()
+
+
 def test_greedy_generation_matches_transformers_generate(llama) -> None:
     packed = _llama_rows()
     logits_fn = _llama_fn(llama)
@@ -190,16 +204,7 @@ def test_greedy_generation_matches_transformers_generate(llama) -> None:
     assert ours[0][-1] == eos and len(ours[0]) <= 3
     assert any(len(ids) == steps for ids in ours)
     for row, ids in zip(packed, ours, strict=True):
-        prompt = torch.as_tensor(row[0][(row[1] == 1) & (row[2] == 0)])[None]
-        expected = llama.generate(
-            prompt,
-            attention_mask=torch.ones_like(prompt),
-            do_sample=False,
-            max_new_tokens=steps,
-            eos_token_id=eos,
-            pad_token_id=eos,
-        )
-        assert ids == expected[0, prompt.shape[1] :].tolist()
+        assert ids == _generated_by_transformers(llama, row, steps, eos)
     decode = " ".join
     texts = greedy_completions(logits_fn, packed, 2, steps, eos, lambda ids: decode(map(str, ids)))
     assert texts == [decode(map(str, ids)) for ids in ours]
@@ -287,13 +292,4 @@ def test_greedy_generation_with_a_kv_cache_matches_generation_without(llama) -> 
         assert expected[1] == uncached[1][:2] and any(len(ids) == steps for ids in expected)
         assert widths.count(1) == 2 * (steps - 1) and len(widths) == 2 * steps  # 2 batches
     for row, ids in zip(packed, expected, strict=True):
-        prompt = torch.as_tensor(row[0][(row[1] == 1) & (row[2] == 0)])[None]
-        reference = llama.generate(
-            prompt,
-            attention_mask=torch.ones_like(prompt),
-            do_sample=False,
-            max_new_tokens=steps,
-            eos_token_id=eos,
-            pad_token_id=eos,
-        )
-        assert ids == reference[0, prompt.shape[1] :].tolist()
+        assert ids == _generated_by_transformers(llama, row, steps, eos)
