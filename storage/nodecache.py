@@ -23,9 +23,14 @@ _checked: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha2
 _lock = threading.Lock()
 
 
+def cache_home() -> Path:
+    """This node's mergeline cache: ``$MERGELINE_CACHE``, default ``~/.cache/mergeline``."""
+    return Path(os.environ.get("MERGELINE_CACHE", "~/.cache/mergeline")).expanduser()
+
+
 def cache_root() -> Path:
     """Where node-local copies live: ``$MERGELINE_CACHE/objects``."""
-    return Path(os.environ.get("MERGELINE_CACHE", "~/.cache/mergeline")).expanduser() / "objects"
+    return cache_home() / "objects"
 
 
 def local_file(store: ObjectStore, prefix: str, name: str) -> Path:

@@ -8,7 +8,6 @@ tokenizer, stored beside θ0 so workers on any node need nothing but the store).
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from storage.artifacts import find_artifact
 from storage.digest import digest_state
 from storage.errors import DataError
 from storage.localfiles import copy_artifact
+from storage.nodecache import cache_home
 from storage.objectstore import FsspecStore, open_store_from
 from storage.shards import SafetensorsReader, TensorInfo
 from storage.taskvectors import (
@@ -247,7 +247,7 @@ def base_files(store_cfg: dict[str, Any], key: str, base_meta: dict[str, Any]) -
     local = store.local_path(f"{prefix}/{TRANSFORMERS}")
     if local is not None and Path(local).is_dir():
         return Path(local)
-    cache = Path(os.environ.get("MERGELINE_CACHE", "~/.cache/mergeline")).expanduser()
+    cache = cache_home()
     target = cache / "bases" / hashlib.sha256(store.url(prefix).encode()).hexdigest()[:24]
     if not target.is_dir():
         target.parent.mkdir(parents=True, exist_ok=True)

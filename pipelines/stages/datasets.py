@@ -19,13 +19,13 @@ import os
 import tempfile
 import zipfile
 from importlib.metadata import version
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from storage.files import read_bytes
 from storage.hubdata import read_hub_splits
+from storage.nodecache import cache_home
 from workers.data import Splits
 from workers.data import load_dataset as parse_dataset
 from workers.data.files import split_uris
@@ -58,17 +58,13 @@ def read_sklearn_bundle(name: str, what: str) -> dict[str, Any]:
     whole under a temporary name and renamed, so concurrent jobs never read half a file."""
     if name not in SKLEARN_DATASETS:
         return sklearn_bundle(name, what)  # the one-line DataError naming the known ones
-    root = Path(os.environ.get("MERGELINE_CACHE", "~/.cache/mergeline")).expanduser()
+    root = cache_home()
     path = root / "datasets" / f"scikit-learn-{version('scikit-learn')}" / f"{name}.npz"
     try:
         with np.load(path, allow_pickle=False) as stored:
             return {"data": stored["data"], "target": stored["target"]}
-    except (
-        OSError,
-        ValueError,
-        KeyError,
-        zipfile.BadZipFile,
-    ):  # not cached yet, or unreadable: read it again
+    # not cached yet, or unreadable: read it again
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
         pass
     arrays = sklearn_bundle(name, what)
     try:

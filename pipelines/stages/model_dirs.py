@@ -9,11 +9,11 @@ other location that is not a directory is a Hugging Face Hub id, snapshotted (ne
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from pathlib import Path
 
 from storage.errors import ModelError
+from storage.nodecache import cache_home
 from storage.objectstore import open_store
 from workers.models import huggingface as hf
 
@@ -51,7 +51,7 @@ def resolve_model_dir(
 def _copy_s3_dir(location: str, endpoint_url: str | None, gguf_file: str | None = None) -> Path:
     """Copy the model files under an s3:// prefix to the local cache (same URI, same folder)."""
     prefix = location.rstrip("/")
-    cache = Path(os.environ.get("MERGELINE_CACHE", "~/.cache/mergeline")).expanduser()
+    cache = cache_home()
     target = cache / "models" / hashlib.sha256(prefix.encode()).hexdigest()[:24]
     store = open_store(prefix, endpoint_url)
     if gguf_file is not None:
