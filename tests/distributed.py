@@ -90,7 +90,13 @@ def _rank(
         every = STOP_AT if action == "checkpoint" else None
         fit(engine, *data(), CONFIG, "t", start, every, stop)
     except _Stop:
-        return
-    weights = engine.model_state()  # collective: every rank takes part
-    if rank == 0:
-        save_file(weights, out)
+        pass
+    else:
+        weights = engine.model_state()  # collective: every rank takes part
+        if rank == 0:
+            save_file(weights, out)
+    # Leave together, and end the group before the interpreter does: gloo's threads that
+    # outlive the group at exit abort the process ("terminate called without an active
+    # exception", pytorch/pytorch#190489) when the other rank is slower to finish.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
