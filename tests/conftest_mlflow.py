@@ -87,6 +87,9 @@ def _start_server(root: Path) -> tuple[subprocess.Popen[bytes], str] | None:
         "--artifacts-destination", str(root / "artifacts"),
     ]  # fmt: skip
     env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
+    # The server's job runner (GenAI jobs mergeline never submits) would fork a Huey consumer
+    # per job queue, each importing mlflow and polling the database for the whole session.
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
     log_path = root / "server.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
