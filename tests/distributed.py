@@ -67,15 +67,14 @@ def _rank(
         DS_ACCELERATOR="cpu",
     )
     torch.set_num_threads(1)
-    import deepspeed
     from safetensors.torch import save_file
 
     from pipelines.stages.training import load_checkpoint, save_checkpoint
     from storage.objectstore import open_store
-    from workers.finetune.deepspeed_engine import DeepSpeedEngine
+    from workers.finetune.deepspeed_engine import DeepSpeedEngine, import_deepspeed
     from workers.finetune.loop import fit
 
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    import_deepspeed().init_distributed(dist_backend="gloo", verbose=False)
     store = open_store(store_uri)
     engine = DeepSpeedEngine(model(), CONFIG, stage)
     start = load_checkpoint(store, KEY) if action == "resume" else None

@@ -158,6 +158,19 @@ def test_deepspeed_accumulates_schedules_and_clips_like_the_plain_loop(
     _assert_same(resumed.model_state(), expected, atol=1e-5)
 
 
+def test_deepspeed_on_cpu_compiles_no_inference_kernel(process_group_env: None) -> None:
+    """DeepSpeed's CPU backend would compile a shared-memory all-reduce kernel on its first
+    start (about 90 s) that only tensor-parallel inference uses: training never builds it."""
+    from deepspeed import comm
+
+    from workers.finetune.deepspeed_engine import DeepSpeedEngine
+
+    x, y = _data()
+    engine = DeepSpeedEngine(_model("standard"), CONFIG, 2)
+    fit(engine, x, y, CONFIG, "t")
+    assert comm.comm.cdb is not None and comm.comm.cdb.shm_comm_op is None
+
+
 def test_deepspeed_bf16_trains_on_cpu_with_fp32_master_weights(process_group_env: None) -> None:
     from workers.finetune.deepspeed_engine import DeepSpeedEngine
 

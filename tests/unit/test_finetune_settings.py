@@ -255,9 +255,9 @@ def test_gradient_checkpointing_recomputes_a_hugging_face_model_to_the_same_step
 
 
 def test_deepspeed_refuses_fp16_where_its_accelerator_has_none() -> None:
-    from workers.finetune.deepspeed_engine import DeepSpeedEngine, _deepspeed
+    from workers.finetune.deepspeed_engine import DeepSpeedEngine, import_deepspeed
 
-    _deepspeed()
+    import_deepspeed()
     from deepspeed.accelerator import get_accelerator
 
     if get_accelerator().is_fp16_supported():

@@ -4,7 +4,7 @@ DeepSpeed engine with ZeRO stage 0 to 3, on one process or data-parallel over se
 The DeepSpeed config is *generated* from the typed spec (:func:`deepspeed_config`): batch size,
 accumulation, optimizer, clipping and precision have one source of truth; the LR schedule is the
 torch engine's scheduler, which DeepSpeed steps. On CPU it uses the gloo backend and torch's own
-Adam, so nothing but DeepSpeed's small communication op is ever compiled. ``finetune.precision``
+Adam, and DeepSpeed compiles nothing (:func:`_without_cpu_inference_kernel`). ``finetune.precision``
 bf16 or fp16 uses DeepSpeed's own mixed precision, with ZeRO 1-2 only: there DeepSpeed keeps
 fp32 master weights we can consolidate; its stage-0 paths keep them where no public API reaches.
 
@@ -104,7 +104,7 @@ def ensure_process_group() -> None:
             RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
         )
         try:
-            _deepspeed().init_distributed(dist_backend=_backend(), verbose=False)
+            import_deepspeed().init_distributed(dist_backend=_backend(), verbose=False)
             return
         except dist.DistNetworkError as error:
             if "EADDRINUSE" not in str(error) or attempt == 4:
@@ -115,7 +115,7 @@ def _backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def _deepspeed():
+def import_deepspeed():
     if not torch.cuda.is_available():  # DeepSpeed's own detection logs a warning first
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
@@ -125,7 +125,30 @@ def _deepspeed():
             f"finetune.deepspeed needs the deepspeed package ({error}): install it, or set "
             "finetune.deepspeed to null for the plain PyTorch loop"
         ) from None
+    _without_cpu_inference_kernel(deepspeed)
     return deepspeed
+
+
+#: DeepSpeed's CPU shared-memory all-reduce kernel (its op builder's NAME)
+SHM_COMM_OP = "deepspeed_shm_comm"
+
+
+def _without_cpu_inference_kernel(deepspeed: Any) -> None:
+    """Keep DeepSpeed's CPU backend from compiling its shared-memory all-reduce kernel.
+
+    DeepSpeed builds it (ninja and a C++ compiler: about 90 s on a fresh machine, 66 CPU-s)
+    when its torch backend starts on the CPU accelerator, but only tensor-parallel inference
+    calls it (``inference_all_reduce``, which falls back to torch.distributed without it).
+    Training's collectives are torch.distributed's (gloo) either way. DeepSpeed asks
+    ``deepspeed.ops.__compatible_ops__`` whether the op can be built; marking it unbuildable
+    there, before the backend starts, skips the build. Nothing changes on a GPU (the CUDA
+    accelerator has no such op) or if a DeepSpeed release renames the op.
+    """
+    if deepspeed.get_accelerator().device_name() != "cpu":
+        return
+    compatible = deepspeed.ops.__compatible_ops__
+    if SHM_COMM_OP in compatible:
+        compatible[SHM_COMM_OP] = False
 
 
 def gather_json(value: Any, rank: int, world_size: int, device: torch.device) -> list[Any]:
@@ -174,7 +197,7 @@ class DeepSpeedEngine:
     ) -> None:
         import torch.distributed as dist
 
-        deepspeed = _deepspeed()
+        deepspeed = import_deepspeed()
         if zero_stage not in (0, 1, 2, 3):
             raise MergelineError(
                 f"finetune.deepspeed.zero_stage {zero_stage} is not supported: use 0, 1, 2 or 3"
@@ -250,7 +273,7 @@ class DeepSpeedEngine:
 
         for name, parameter in self.parameters.items():
             if self.stage == 3:
-                with _deepspeed().zero.GatheredParameters([parameter]):
+                with import_deepspeed().zero.GatheredParameters([parameter]):
                     value = parameter.detach().float().cpu().clone()
             else:
                 full = safe_get_full_fp32_param(parameter) if self.partitioned else None
