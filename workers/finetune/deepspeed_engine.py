@@ -271,9 +271,11 @@ class DeepSpeedEngine:
         """Each trained parameter's whole fp32 value in turn, on the CPU (collective)."""
         from deepspeed.utils import safe_get_full_fp32_param
 
+        gathered = import_deepspeed().zero.GatheredParameters
+
         for name, parameter in self.parameters.items():
             if self.stage == 3:
-                with import_deepspeed().zero.GatheredParameters([parameter]):
+                with gathered([parameter]):
                     value = parameter.detach().float().cpu().clone()
             else:
                 full = safe_get_full_fp32_param(parameter) if self.partitioned else None
